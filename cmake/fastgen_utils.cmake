@@ -1,0 +1,50 @@
+# Helpers for fastgen's CMakeLists.txt. Each one is small and documented with an example.
+
+# fastgen_use_ccache()
+#   Route C++ and CUDA compiles through ccache when it is installed; rebuilds then cost seconds.
+#   Example: fastgen_use_ccache()
+function(fastgen_use_ccache)
+  find_program(CCACHE_PROGRAM ccache)
+  if(CCACHE_PROGRAM)
+    message(STATUS "fastgen: using ccache (${CCACHE_PROGRAM})")
+    set(CMAKE_CXX_COMPILER_LAUNCHER "${CCACHE_PROGRAM}" PARENT_SCOPE)
+    set(CMAKE_CUDA_COMPILER_LAUNCHER "${CCACHE_PROGRAM}" PARENT_SCOPE)
+  endif()
+endfunction()
+
+# fastgen_cpu_flags(<target> NATIVE <ON|OFF>)
+#   Optimisation flags for the C++ kernels. NATIVE ON adds -march=native (AVX-512 / AVX2 where the
+#   building machine has them), as llama.cpp does by default; turn it off for a portable build.
+#   OpenMP is not used: CPU kernels parallelise with at::parallel_for, on torch's thread pool.
+#   Example: fastgen_cpu_flags(fastgen_kernels NATIVE ON)
+function(fastgen_cpu_flags target)
+  cmake_parse_arguments(ARG "" "NATIVE" "" ${ARGN})
+  set(flags -O3 -Wall -Wno-unused-function)
+  if(ARG_NATIVE)
+    list(APPEND flags -march=native)
+  endif()
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${flags}>)
+endfunction()
+
+# fastgen_cuda_flags(<target>)
+#   nvcc flags for the CUDA kernels: fast math off (numerics are tested against fp32 references),
+#   line info for profilers, relaxed constexpr for the bf16/fp16 helpers.
+#   Example: fastgen_cuda_flags(fastgen_kernels)
+function(fastgen_cuda_flags target)
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-O3 -lineinfo --expt-relaxed-constexpr -Xcompiler=-fPIC>)
+endfunction()
+
+# fastgen_find_wheel_cuda_libs()
+#   torch's CUDA wheels carry nvrtc (and NCCL) in site-packages/nvidia/..., not in the toolkit's
+#   lib64; torch's CMake config links nvrtc, so point it there before find_package(Torch).
+#   Call after find_package(Python). Sets CUDA_nvrtc_LIBRARY and FASTGEN_NCCL_ROOT when found.
+#   Example: fastgen_find_wheel_cuda_libs()
+function(fastgen_find_wheel_cuda_libs)
+  file(GLOB wheel_lib_dirs "${Python_SITELIB}/nvidia/*/lib")
+  find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
+               HINTS ${CUDAToolkit_ROOT}/lib64 ${wheel_lib_dirs})
+  if(EXISTS "${Python_SITELIB}/nvidia/nccl/include/nccl.h")
+    set(FASTGEN_NCCL_ROOT "${Python_SITELIB}/nvidia/nccl" CACHE PATH "NCCL from torch's wheel")
+  endif()
+endfunction()

@@ -1,0 +1,23 @@
+// Torch-free CPU launchers: raw pointers and sizes in, no at::Tensor. The tensor adapters in each
+// csrc/cpu/<family>.cpp call these, and so does the microbenchmark in bench/kernels.
+// T is float, c10::Half or c10::BFloat16; math is done in float32.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+namespace fastgen::cpu {
+
+template <typename T>
+void rms_norm_launch(T* out,           // [num_tokens, hidden]
+                     const T* input,   // [num_tokens, hidden], rows input_stride apart
+                     const T* weight,  // [hidden]
+                     float epsilon, int64_t num_tokens, int64_t hidden, int64_t input_stride);
+
+template <typename T>
+void fused_add_rms_norm_launch(T* input,         // [num_tokens, hidden], becomes the norm
+                               T* residual,      // [num_tokens, hidden], becomes input + residual
+                               const T* weight,  // [hidden]
+                               float epsilon, int64_t num_tokens, int64_t hidden);
+
+}  // namespace fastgen::cpu

@@ -1,0 +1,33 @@
+// The tensor adapters behind every op: one declaration per op and backend. The schemas (the
+// contract, with shapes) are in torch_bindings.cpp; both backends implement the same signature.
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+#define FASTGEN_DECLARE_OPS                                                                      \
+  void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,             \
+                double epsilon);                                                                 \
+  void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,    \
+                          double epsilon);                                                       \
+  void silu_and_mul(at::Tensor& out, const at::Tensor& input);                                  \
+  void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,        \
+                        int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox);      \
+  void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, \
+                         at::Tensor& value_cache, const at::Tensor& slot_mapping);              \
+  void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,         \
+                 const at::Tensor& value_cache, const at::Tensor& cu_seqlens_q,                 \
+                 const at::Tensor& seq_lens_k, const at::Tensor& block_tables,                  \
+                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,                      \
+                 std::optional<int64_t> sliding_window, std::optional<int64_t> chunk_size);
+
+namespace fastgen::cpu {
+FASTGEN_DECLARE_OPS
+}  // namespace fastgen::cpu
+
+#ifdef FASTGEN_WITH_CUDA
+namespace fastgen::cuda {
+FASTGEN_DECLARE_OPS
+}  // namespace fastgen::cuda
+#endif
