@@ -1,5 +1,6 @@
-// placeholder: implemented by the cache kernel work
-#include "ops.h"
+// PLACEHOLDER (to be replaced by the real cache kernels)
 #include <c10/util/Exception.h>
+#include "ops.h"
 namespace fastgen::cpu {
-}
+void reshape_and_cache(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "not implemented yet"); }
+}  // namespace fastgen::cpu

@@ -9,7 +9,7 @@
 
 #include "core/checks.h"
 #include "core/dispatch.h"
-#include "cpu/launchers.h"
+#include "cpu/norm.h"
 #include "ops.h"
 
 namespace fastgen::cpu {

@@ -7,7 +7,7 @@
 #include "core/checks.h"
 #include "core/dispatch.h"
 #include "cuda/common.cuh"
-#include "cuda/launchers.h"
+#include "cuda/norm.h"
 #include "ops.h"
 
 namespace fastgen::cuda {

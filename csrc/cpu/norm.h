@@ -1,5 +1,6 @@
-// Torch-free CPU launchers: raw pointers and sizes in, no at::Tensor. The tensor adapters in each
-// csrc/cpu/<family>.cpp call these, and so does the microbenchmark in bench/kernels.
+// RMSNorm's torch-free CPU launchers: raw pointers and sizes in, no at::Tensor. Every kernel
+// family has such a header (csrc/cpu/<family>.h); its adapter in <family>.cpp and the
+// microbenchmark in bench/kernels call these.
 // T is float, c10::Half or c10::BFloat16; math is done in float32.
 #pragma once
 

@@ -1,6 +1,7 @@
-// Torch-free CUDA launchers: raw device pointers, sizes and a stream in, a cudaError_t out. The
-// tensor adapters in each csrc/cuda/<family>.cu call these with torch's current stream, and so
-// does the microbenchmark in bench/kernels. T is float, __half or __nv_bfloat16.
+// RMSNorm's torch-free CUDA launchers: raw device pointers, sizes and a stream in, a cudaError_t
+// out. Every kernel family has such a header (csrc/cuda/<family>.h); its adapter in <family>.cu
+// calls these with torch's current stream, and so does the microbenchmark in bench/kernels.
+// T is float, __half or __nv_bfloat16.
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,23 @@
+"""fastgen: an LLM inference engine: hand-written CPU and CUDA kernels under a small Python layer.
+
+    from fastgen import LLM, SamplingParams
+    llm = LLM("smollm2")
+    print(llm.chat([{"role": "user", "content": "What is the capital of France?"}])[0].text)
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+
+
+def __getattr__(name: str):
+    # Imported lazily so `import fastgen` (e.g. for fastgen.ops in a kernel test) stays light.
+    if name in ("LLM", "RequestOutput"):
+        from fastgen.entrypoints import llm
+
+        return getattr(llm, name)
+    if name == "SamplingParams":
+        from fastgen.config import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'fastgen' has no attribute {name!r}")

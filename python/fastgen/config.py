@@ -1,0 +1,89 @@
+"""Configuration dataclasses that every layer above reads. Defaults live here, once; the CLI and
+the Python API take theirs from these classes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+class LoadFormat(enum.Enum):
+    AUTO = "auto"      # safetensors folder or .gguf file, by what the path holds
+    RANDOM = "random"  # the config's shapes with random weights (benchmarks)
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. temperature == 0 means greedy; top_k / top_p of None mean off."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None for off), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache: blocks of block_size tokens; its size is set by the engine."""
+
+    block_size: int = 16
+    cpu_kv_cache_gib: float = 1.0       # on CPU, memory given to the cache
+    gpu_memory_utilization: float = 0.9  # on CUDA, fraction of device memory the engine may use
+
+
+@dataclass
+class EngineConfig:
+    """What `LLM(...)` and the CLIs construct: which model, where, and how it is run."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    device: str = "auto"  # auto | cpu | cuda
+    load_format: LoadFormat = LoadFormat.AUTO
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    seed: int = 0  # seeds random weights for load_format=random
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: bfloat16, float16, float32")
+        return DTYPES[self.dtype]

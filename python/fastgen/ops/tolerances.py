@@ -1,0 +1,17 @@
+"""Numerics policy: how far a kernel's output may be from its float32 reference, per dtype.
+Tests import this table; no test picks its own tolerance. The low-precision bounds are a few units
+of the dtype's rounding error (bf16 keeps 8 significant bits, fp16 11) on values of order one."""
+
+import torch
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 1.6e-2, "rtol": 1.6e-2},
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """torch.testing.assert_close with the tolerance of ``dtype`` (default: actual's dtype)."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), **tol)
