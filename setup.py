@@ -76,4 +76,5 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, env=env, check=True)
 
 
-setup(ext_modules=[Extension("fastgen._C", sources=[])], cmdclass={"build_ext": CMakeBuild})
+if __name__ == "__main__":
+    setup(ext_modules=[Extension("fastgen._C", sources=[])], cmdclass={"build_ext": CMakeBuild})
