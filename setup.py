@@ -69,6 +69,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DFASTGEN_OUTPUT_DIR={out_dir}",
             f"-DFASTGEN_CUDA={'ON' if cuda else 'OFF'}",
+            "-DFASTGEN_BENCH=OFF",  # the microbenchmark is built by scripts/dev_build.sh
             *configure_cuda,
         ]
         subprocess.run(configure, cwd=build_dir, env=env, check=True)
