@@ -1,0 +1,160 @@
+"""End-to-end benchmark: fastgen against Hugging Face transformers on the same model and prompts,
+in the same process, plus the machine's copy bandwidth so decode can be read as a fraction of the
+memory roofline.
+
+    python bench/e2e/bench_e2e.py                       # default model, bf16, CPU
+    python bench/e2e/bench_e2e.py --device cuda --json out.json
+
+Decode rate is measured as the difference between generating 1 and 1 + N tokens (greedy,
+ignore_eos), so prefill and start-up cancel out. Weight bandwidth = parameter bytes read per
+decode step / step time; its fraction is taken against a measured copy (read + write) bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from fastgen import LLM, SamplingParams
+from fastgen.config import DTYPES, DEFAULT_MODEL
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three prime numbers greater than 100.",
+    "Translate 'good morning' into Spanish and German.",
+    "Why is the sky blue?",
+    "Give me a short recipe for pancakes.",
+    "What does a compiler do?",
+]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 29) -> float:
+    """Bytes read + written per second by a large tensor copy (GB/s)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device, repeats=5)
+    return 2 * nbytes / seconds / 1e9
+
+
+class FastgenRunner:
+    def __init__(self, args):
+        self.llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format)
+        self.tokenizer = self.llm.tokenizer
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.llm.model.parameters())
+
+    def generate(self, prompt_ids: list[list[int]], max_tokens: int) -> None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        outputs = self.llm.generate(prompt_ids, params, use_tqdm=False)
+        assert all(len(o.token_ids) == max_tokens for o in outputs)
+
+
+class HFRunner:
+    def __init__(self, args, model_dir, tokenizer):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device).eval()
+        self.device = args.device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[list[int]], max_tokens: int) -> None:
+        width = max(len(p) for p in prompt_ids)  # left padding, as batched HF generation needs
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
+                                  min_new_tokens=max_tokens, pad_token_id=self.pad)
+        assert out.shape[1] == width + max_tokens
+
+
+def measure(runner, prompts: list[list[int]], decode_tokens: int, device: str, repeats: int) -> dict:
+    first = timed(lambda: runner.generate(prompts, 1), device, repeats)
+    full = timed(lambda: runner.generate(prompts, 1 + decode_tokens), device, repeats)
+    step = (full - first) / decode_tokens
+    return {"time_to_first_token_s": first, "decode_step_s": step, "decode_tok_s": len(prompts) / step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "random"])
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth(args.device)
+    fastgen = FastgenRunner(args)
+    runners = {"fastgen": fastgen}
+    if not args.no_hf:
+        runners["hf"] = HFRunner(args, fastgen.llm.model_dir, fastgen.tokenizer)
+    tokenizer = fastgen.tokenizer
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False) for p in CHAT_PROMPTS]
+    long_prompt = torch.randint(100, tokenizer.vocab_size - 100, (args.prefill_tokens,),
+                                generator=torch.Generator().manual_seed(0)).tolist()
+
+    results = {"model": args.model, "dtype": args.dtype, "device": args.device,
+               "threads": torch.get_num_threads(), "copy_bandwidth_gb_s": bandwidth,
+               "param_bytes": fastgen.param_bytes, "prefill": {}, "decode": {}}
+    for name, runner in runners.items():
+        seconds = timed(lambda: runner.generate([long_prompt], 1), args.device, args.repeats)
+        results["prefill"][name] = {"tokens": args.prefill_tokens, "seconds": seconds,
+                                    "tok_s": args.prefill_tokens / seconds}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        prompts = [chats[i % len(chats)] for i in range(batch)]
+        row = {}
+        for name, runner in runners.items():
+            row[name] = measure(runner, prompts, args.decode_tokens, args.device, args.repeats)
+            weight_gb_s = fastgen.param_bytes / row[name]["decode_step_s"] / 1e9
+            row[name]["weight_gb_s"] = weight_gb_s
+            row[name]["fraction_of_copy_bw"] = weight_gb_s / bandwidth
+        results["decode"][str(batch)] = row
+
+    print(f"model {args.model}  dtype {args.dtype}  device {args.device}  threads {results['threads']}")
+    print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s   weights: {fastgen.param_bytes / 1e6:.0f} MB")
+    print(f"{'':24}" + "".join(f"{n:>14}" for n in runners) + ("        ratio" if "hf" in runners else ""))
+    prefill = results["prefill"]
+    line = f"{'prefill tok/s (' + str(args.prefill_tokens) + ')':24}" + "".join(f"{prefill[n]['tok_s']:14.1f}" for n in runners)
+    print(line + (f"{prefill['fastgen']['tok_s'] / prefill['hf']['tok_s']:12.2f}x" if "hf" in runners else ""))
+    for batch, row in results["decode"].items():
+        line = f"{'decode tok/s, batch ' + batch:24}" + "".join(f"{row[n]['decode_tok_s']:14.1f}" for n in runners)
+        print(line + (f"{row['fastgen']['decode_tok_s'] / row['hf']['decode_tok_s']:12.2f}x" if "hf" in runners else ""))
+        print(f"{'  weight GB/s (% copy)':24}" + "".join(
+            f"{row[n]['weight_gb_s']:8.1f} ({100 * row[n]['fraction_of_copy_bw']:3.0f}%)" for n in runners))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
