@@ -1,0 +1,156 @@
+"""Linear layers that own their tensor-parallel sharding rule (as in nano-vllm and vLLM).
+
+A column-parallel layer keeps rank r's slice of the output features; a row-parallel layer keeps
+rank r's slice of the input features and sums the partial products across ranks. Each parameter
+carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that copies the rank's slice of a
+full checkpoint tensor into it, so the model's load_weights never repeats the sharding arithmetic.
+With tp_size == 1 (the default) every layer is a plain F.linear over the whole weight.
+
+Shape letters: T tokens, I input features, O output features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) does not split over tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+def _check_shape(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"the layer expects {tuple(param.shape)}")
+
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b).   weight: [O_local, I_local]; bias: [O_local]"""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, I_local] -> [T, O_local]"""
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(input_size, output_size, bias, tp_rank, tp_size)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        _check_shape(param, loaded_weight)
+        param.data.copy_(loaded_weight)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split over ranks: rank r keeps rows r*O/tp .. (r+1)*O/tp of W."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(input_size, _divide(output_size, tp_size, "output size"), bias,
+                         tp_rank, tp_size)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        rows = param.shape[0]
+        shard = loaded_weight.narrow(0, self.tp_rank * rows, rows)
+        _check_shape(param, shard)
+        param.data.copy_(shard)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input fused into one matmul, e.g. an MLP's
+    gate and up projections (shards 0 and 1): each rank keeps its slice of every part."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        index = int(shard_id)  # shard ids are the part's index: 0 / "0" for gate, 1 / "1" for up
+        local_sizes = [size // self.tp_size for size in self.output_sizes]
+        offset, rows = sum(local_sizes[:index]), local_sizes[index]
+        shard = loaded_weight.narrow(0, self.tp_rank * rows, rows)
+        target = param.data.narrow(0, offset, rows)
+        _check_shape(target, shard)
+        target.copy_(shard)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The query, key and value projections fused: output rows are [q | k | v] per rank.
+    Heads split over ranks; when there are fewer KV heads than ranks, each KV head is replicated
+    on tp_size / Hkv ranks (as in vLLM)."""
+
+    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
+                 total_num_kv_heads: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        self.head_size = head_size
+        self.num_heads = _divide(total_num_heads, tp_size, "query heads")
+        if total_num_kv_heads >= tp_size:
+            self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "KV heads")
+            self.kv_shard_rank = tp_rank
+        else:
+            self.num_kv_heads = 1
+            self.kv_shard_rank = tp_rank // _divide(tp_size, total_num_kv_heads, "ranks per KV head")
+        self.q_size = self.num_heads * head_size
+        self.kv_size = self.num_kv_heads * head_size
+        # Sized per rank already, so skip ColumnParallelLinear's division of the output size.
+        LinearBase.__init__(self, hidden_size, self.q_size + 2 * self.kv_size, bias, tp_rank, tp_size)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        if shard_id == "q":
+            offset, rows, rank = 0, self.q_size, self.tp_rank
+        elif shard_id == "k":
+            offset, rows, rank = self.q_size, self.kv_size, self.kv_shard_rank
+        elif shard_id == "v":
+            offset, rows, rank = self.q_size + self.kv_size, self.kv_size, self.kv_shard_rank
+        else:
+            raise ValueError(f"QKVParallelLinear shard must be 'q', 'k' or 'v', got {shard_id!r}")
+        shard = loaded_weight.narrow(0, rank * rows, rows)
+        target = param.data.narrow(0, offset, rows)
+        _check_shape(target, shard)
+        target.copy_(shard)
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split over ranks: rank r keeps columns r*I/tp .. (r+1)*I/tp of W, and the
+    partial products are summed across ranks (the bias is added once, on rank 0)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(_divide(input_size, tp_size, "input size"), output_size, bias,
+                         tp_rank, tp_size)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        if param.dim() == 2:
+            cols = param.shape[1]
+            loaded_weight = loaded_weight.narrow(1, self.tp_rank * cols, cols)
+        _check_shape(param, loaded_weight)
+        param.data.copy_(loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, I_local] -> [T, O]"""
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self.tp_size > 1:
+            torch.distributed.all_reduce(y)
+        return y
