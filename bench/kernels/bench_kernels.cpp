@@ -1,1 +1,290 @@
-int main() { return 0; }
+// fastgen_bench_kernels: times every kernel through its torch-free launcher (raw pointers, no
+// at::Tensor) and prints latency, achieved GB/s, and the fraction of a copy bandwidth measured in
+// the same run (memcpy on the CPU, device-to-device cudaMemcpy on the GPU).
+//
+//   build/dev/fastgen_bench_kernels                 # CPU kernels, bf16
+//   build/dev/fastgen_bench_kernels --device cuda   # CUDA kernels (needs a GPU)
+//
+// Sizes are the shapes the engine runs: SmolLM2-135M (H 576, 9/3 heads, D 64) and Llama-3-8B
+// (H 4096, 32/8 heads, D 128), at decode (few tokens) and prefill (many tokens) batch sizes.
+// Bytes counted are the bytes each kernel must read and write at least once.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include "cpu/activation.h"
+#include "cpu/cache.h"
+#include "cpu/norm.h"
+#include "cpu/rotary.h"
+
+#ifdef FASTGEN_WITH_CUDA
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/activation.h"
+#include "cuda/cache.h"
+#include "cuda/norm.h"
+#include "cuda/rotary.h"
+#endif
+
+namespace {
+
+enum class Device { kCpu, kCuda };
+
+// A buffer of `count` elements of T on the chosen device, filled with small random values.
+template <typename T>
+class Buffer {
+ public:
+  Buffer(Device device, size_t count, bool randomize = true) : device_(device), count_(count) {
+    std::vector<T> host(count);
+    if (randomize) {
+      std::mt19937 rng(static_cast<unsigned>(count));
+      std::normal_distribution<float> dist(0.f, 1.f);
+      for (auto& v : host) v = static_cast<T>(dist(rng));
+    }
+    if (device == Device::kCpu) {
+      host_ = std::move(host);
+      ptr_ = host_.data();
+      return;
+    }
+#ifdef FASTGEN_WITH_CUDA
+    cudaMalloc(&ptr_, count * sizeof(T));
+    cudaMemcpy(ptr_, host.data(), count * sizeof(T), cudaMemcpyHostToDevice);
+#endif
+  }
+  Buffer(Device device, const std::vector<T>& values) : Buffer(device, values.size(), false) {
+    if (device == Device::kCpu) {
+      host_ = values;
+      ptr_ = host_.data();
+      return;
+    }
+#ifdef FASTGEN_WITH_CUDA
+    cudaMemcpy(ptr_, values.data(), values.size() * sizeof(T), cudaMemcpyHostToDevice);
+#endif
+  }
+  ~Buffer() {
+#ifdef FASTGEN_WITH_CUDA
+    if (device_ == Device::kCuda) cudaFree(ptr_);
+#endif
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* get() const { return ptr_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+
+ private:
+  Device device_;
+  size_t count_;
+  std::vector<T> host_;
+  T* ptr_ = nullptr;
+};
+
+// Median time of fn in microseconds over enough repetitions to fill ~0.2 s.
+double time_us(Device device, const std::function<void()>& fn) {
+  auto now_us = [&] {
+#ifdef FASTGEN_WITH_CUDA
+    if (device == Device::kCuda) cudaDeviceSynchronize();
+#endif
+    return std::chrono::duration<double, std::micro>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+  };
+  fn();  // warm-up
+  double start = now_us();
+  fn();
+  const double once = std::max(now_us() - start, 1.0);
+  const int reps = std::clamp(static_cast<int>(200000.0 / once / 5), 1, 1000);
+  std::vector<double> samples;
+  for (int s = 0; s < 5; ++s) {
+    start = now_us();
+    for (int r = 0; r < reps; ++r) fn();
+    samples.push_back((now_us() - start) / reps);
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
+struct Reporter {
+  double copy_gb_s = 0;
+  void row(const std::string& kernel, const std::string& shape, double us, double bytes) const {
+    const double gb_s = bytes / us / 1e3;
+    std::printf("%-22s %-34s %10.2f us %9.1f GB/s %6.0f%%\n", kernel.c_str(), shape.c_str(), us,
+                gb_s, 100.0 * gb_s / copy_gb_s);
+  }
+};
+
+// Read + write bandwidth of a plain 256 MiB copy: the roofline the kernels are measured against.
+double copy_bandwidth(Device device) {
+  const size_t bytes = size_t{256} << 20;
+  Buffer<uint8_t> src(device, bytes, false), dst(device, bytes, false);
+  double us;
+  if (device == Device::kCpu) {
+    us = time_us(device, [&] {
+      at::parallel_for(0, bytes, 1 << 20, [&](int64_t begin, int64_t end) {
+        std::memcpy(dst.get() + begin, src.get() + begin, end - begin);
+      });
+    });
+  } else {
+#ifdef FASTGEN_WITH_CUDA
+    us = time_us(device, [&] { cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice); });
+#endif
+  }
+  return 2.0 * bytes / us / 1e3;
+}
+
+struct ModelShape {
+  const char* name;
+  int64_t hidden, inter, heads, kv_heads, head_dim;
+};
+constexpr ModelShape kShapes[] = {{"smollm2", 576, 1536, 9, 3, 64}, {"llama3-8b", 4096, 14336, 32, 8, 128}};
+
+// Each backend calls its own launchers; the cases in run_cases() are written once for both.
+template <typename T>
+struct CpuKernels {
+  static constexpr Device device = Device::kCpu;
+  void rms_norm(T* out, const T* in, const T* w, int64_t tokens, int64_t hidden) const {
+    fastgen::cpu::rms_norm_launch<T>(out, in, w, 1e-5f, tokens, hidden, hidden);
+  }
+  void fused_add_rms_norm(T* in, T* res, const T* w, int64_t tokens, int64_t hidden) const {
+    fastgen::cpu::fused_add_rms_norm_launch<T>(in, res, w, 1e-5f, tokens, hidden);
+  }
+  void silu_and_mul(T* out, const T* in, int64_t tokens, int64_t inter) const {
+    fastgen::cpu::silu_and_mul_launch<T>(out, in, tokens, inter, 2 * inter);
+  }
+  void rotary(const int64_t* pos, T* q, T* k, const float* cache, int64_t tokens, const ModelShape& m) const {
+    const int64_t qkv = (m.heads + 2 * m.kv_heads) * m.head_dim;  // q and k are slices of a fused qkv row
+    fastgen::cpu::rotary_embedding_launch<T>(pos, q, k, cache, tokens, m.heads, m.kv_heads, m.head_dim,
+                                             m.head_dim, qkv, qkv, true);
+  }
+  void cache(const T* k, const T* v, T* kc, T* vc, const int64_t* slots, int64_t tokens, int64_t,
+             const ModelShape& m) const {
+    const int64_t row = m.kv_heads * m.head_dim;
+    fastgen::cpu::reshape_and_cache_launch<T>(k, v, kc, vc, slots, tokens, m.kv_heads, m.head_dim, row, row);
+  }
+};
+
+#ifdef FASTGEN_WITH_CUDA
+template <typename T>
+struct CudaKernels {
+  static constexpr Device device = Device::kCuda;
+  void rms_norm(T* out, const T* in, const T* w, int64_t tokens, int64_t hidden) const {
+    fastgen::cuda::rms_norm_launch<T>(out, in, w, 1e-5f, tokens, hidden, hidden, nullptr);
+  }
+  void fused_add_rms_norm(T* in, T* res, const T* w, int64_t tokens, int64_t hidden) const {
+    fastgen::cuda::fused_add_rms_norm_launch<T>(in, res, w, 1e-5f, tokens, hidden, nullptr);
+  }
+  void silu_and_mul(T* out, const T* in, int64_t tokens, int64_t inter) const {
+    fastgen::cuda::silu_and_mul_launch<T>(out, in, tokens, inter, 2 * inter, nullptr);
+  }
+  void rotary(const int64_t* pos, T* q, T* k, const float* cache, int64_t tokens, const ModelShape& m) const {
+    const int64_t qkv = (m.heads + 2 * m.kv_heads) * m.head_dim;
+    fastgen::cuda::rotary_embedding_launch<T>(pos, q, k, cache, tokens, m.heads, m.kv_heads, m.head_dim,
+                                              m.head_dim, qkv, qkv, true, nullptr);
+  }
+  void cache(const T* k, const T* v, T* kc, T* vc, const int64_t* slots, int64_t tokens, int64_t num_slots,
+             const ModelShape& m) const {
+    const int64_t row = m.kv_heads * m.head_dim;
+    fastgen::cuda::reshape_and_cache_launch<T>(k, v, kc, vc, slots, tokens, num_slots, m.kv_heads, m.head_dim,
+                                               row, row, nullptr);
+  }
+};
+#endif
+
+template <typename T, typename Kernels>
+void run_cases(const Kernels& kernels, const Reporter& report) {
+  constexpr Device dev = Kernels::device;
+  const int64_t token_counts[] = {1, 8, 512, 4096};
+  for (const ModelShape& m : kShapes) {
+    for (int64_t tokens : token_counts) {
+      const std::string shape = std::string(m.name) + ", " + std::to_string(tokens) + " tokens";
+      const double e = sizeof(T);
+      {  // norms: read x (and the residual), write the result (and the residual)
+        Buffer<T> x(dev, tokens * m.hidden), res(dev, tokens * m.hidden), out(dev, tokens * m.hidden),
+            w(dev, m.hidden);
+        report.row("rms_norm", shape, time_us(dev, [&] { kernels.rms_norm(out.get(), x.get(), w.get(), tokens, m.hidden); }),
+                   2.0 * tokens * m.hidden * e);
+        report.row("fused_add_rms_norm", shape,
+                   time_us(dev, [&] { kernels.fused_add_rms_norm(x.get(), res.get(), w.get(), tokens, m.hidden); }),
+                   4.0 * tokens * m.hidden * e);
+      }
+      {  // silu_and_mul: read [T, 2I], write [T, I]
+        Buffer<T> in(dev, tokens * 2 * m.inter), out(dev, tokens * m.inter);
+        report.row("silu_and_mul", shape,
+                   time_us(dev, [&] { kernels.silu_and_mul(out.get(), in.get(), tokens, m.inter); }),
+                   3.0 * tokens * m.inter * e);
+      }
+      {  // rotary: q and k heads read and written in place inside the fused qkv rows
+        const int64_t max_pos = 8192, qkv = (m.heads + 2 * m.kv_heads) * m.head_dim;
+        std::vector<int64_t> positions(tokens);
+        std::iota(positions.begin(), positions.end(), 0);
+        for (auto& p : positions) p %= max_pos;
+        Buffer<int64_t> pos(dev, positions);
+        Buffer<T> fused(dev, tokens * qkv);
+        Buffer<float> cos_sin(dev, max_pos * m.head_dim);
+        report.row("rotary_embedding", shape, time_us(dev, [&] {
+                     kernels.rotary(pos.get(), fused.get(), fused.get() + m.heads * m.head_dim, cos_sin.get(), tokens, m);
+                   }),
+                   2.0 * tokens * (m.heads + m.kv_heads) * m.head_dim * e);
+      }
+      {  // reshape_and_cache: read k and v rows, write them to shuffled slots
+        const int64_t row = m.kv_heads * m.head_dim, num_slots = std::max<int64_t>(tokens, 4096);
+        std::vector<int64_t> slot_ids(num_slots);
+        std::iota(slot_ids.begin(), slot_ids.end(), 0);
+        std::shuffle(slot_ids.begin(), slot_ids.end(), std::mt19937(0));
+        slot_ids.resize(tokens);
+        Buffer<int64_t> slots(dev, slot_ids);
+        Buffer<T> k(dev, tokens * row), v(dev, tokens * row), kc(dev, num_slots * row), vc(dev, num_slots * row);
+        report.row("reshape_and_cache", shape, time_us(dev, [&] {
+                     kernels.cache(k.get(), v.get(), kc.get(), vc.get(), slots.get(), tokens, num_slots, m);
+                   }),
+                   4.0 * tokens * row * e);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Device device = Device::kCpu;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--device" && i + 1 < argc) {
+      const std::string name = argv[++i];
+      if (name == "cuda") {
+#ifdef FASTGEN_WITH_CUDA
+        device = Device::kCuda;
+#else
+        std::fprintf(stderr, "fastgen_bench_kernels: built without CUDA\n");
+        return 2;
+#endif
+      } else if (name != "cpu") {
+        std::fprintf(stderr, "fastgen_bench_kernels: unknown device %s (cpu or cuda)\n", name.c_str());
+        return 2;
+      }
+    } else {
+      std::fprintf(stderr, "usage: fastgen_bench_kernels [--device cpu|cuda]\n");
+      return 2;
+    }
+  }
+  Reporter report;
+  report.copy_gb_s = copy_bandwidth(device);
+  std::printf("device %s, %d threads, bf16; copy bandwidth (read + write) %.1f GB/s\n",
+              device == Device::kCpu ? "cpu" : "cuda", at::get_num_threads(), report.copy_gb_s);
+  std::printf("%-22s %-34s %13s %14s %7s\n", "kernel", "shape", "latency", "achieved", "of copy");
+  if (device == Device::kCpu) {
+    run_cases<c10::BFloat16>(CpuKernels<c10::BFloat16>{}, report);
+  } else {
+#ifdef FASTGEN_WITH_CUDA
+    run_cases<__nv_bfloat16>(CudaKernels<__nv_bfloat16>{}, report);
+#endif
+  }
+  return 0;
+}
