@@ -1,0 +1,141 @@
+"""The offline API, shaped like vLLM's:
+
+    from fastgen import LLM, SamplingParams
+    llm = LLM("smollm2", dtype="bfloat16")
+    outs = llm.generate(["The sky is"], SamplingParams(max_tokens=16, temperature=0))
+    print(outs[0].text)
+    print(llm.chat([{"role": "user", "content": "What is the capital of France?"}])[0].text)
+
+All prompts of a call are queued at once and run with continuous batching; outputs come back one
+per prompt, in order. String prompts are tokenized with the tokenizer's special tokens (BOS);
+chat conversations are rendered with its chat template (add_generation_prompt=True) and tokenized
+without adding them again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from fastgen.config import DEFAULT_MODEL, CacheConfig, EngineConfig, LoadFormat, SamplingParams
+from fastgen.engine.engine import LLMEngine
+from fastgen.engine.sequence import FinishReason
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result."""
+
+    prompt: str | None          # None when the prompt was given as token ids
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "bfloat16", device: str = "auto",
+                 load_format: str | LoadFormat = "auto", **kwargs):
+        """kwargs: any other EngineConfig field (max_model_len, max_num_seqs, seed, ...) or
+        CacheConfig field (block_size, cpu_kv_cache_gib, gpu_memory_utilization)."""
+        cache_names = {f.name for f in fields(CacheConfig)}
+        engine_names = {f.name for f in fields(EngineConfig)} - {"cache"}
+        unknown = sorted(set(kwargs) - cache_names - engine_names)
+        if unknown:
+            raise TypeError(f"LLM() got unknown arguments: {', '.join(unknown)}")
+        cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_names})
+        try:
+            load_format = LoadFormat(load_format)
+        except ValueError:
+            raise ValueError(f"unknown load_format {load_format!r}; choose one of: "
+                             f"{', '.join(f.value for f in LoadFormat)}") from None
+        config = EngineConfig(model=model, dtype=dtype, device=device, load_format=load_format,
+                              cache=cache,
+                              **{k: v for k, v in kwargs.items() if k in engine_names})
+        config.torch_dtype  # noqa: B018  (raises ValueError on an unknown dtype before loading)
+        self.engine = LLMEngine(config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model(self):
+        return self.engine.loaded.model
+
+    @property
+    def model_dir(self) -> Path:
+        return self.engine.loaded.model_dir
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Completes each prompt (text, or token ids) and returns their outputs in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        token_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return self._run(texts, token_ids, sampling_params, use_tqdm)
+
+    def chat(self, messages: Conversation | list[Conversation],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answers one conversation (a list of {"role", "content"} messages) or several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                 for c in conversations]
+        token_ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return self._run(texts, token_ids, sampling_params, use_tqdm)
+
+    def _run(self, texts: list[str | None], token_ids: list[list[int]],
+             sampling_params: SamplingParams | list[SamplingParams] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(token_ids)
+        if len(sampling_params) != len(token_ids):
+            raise ValueError(f"{len(token_ids)} prompts but {len(sampling_params)} sampling params")
+        engine = self.engine
+        order: dict[int, int] = {}  # request id -> prompt index
+        try:
+            for index, (text, ids, params) in enumerate(zip(texts, token_ids, sampling_params)):
+                try:
+                    order[engine.add_request(ids, params, text)] = index
+                except ValueError as e:
+                    raise ValueError(f"prompt {index}: {e}" if len(token_ids) > 1 else str(e)) \
+                        from None
+            results: list[RequestOutput | None] = [None] * len(token_ids)
+            progress = _progress_bar(len(token_ids), use_tqdm)
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished:
+                        results[order.pop(out.request_id)] = RequestOutput(
+                            out.prompt, out.prompt_token_ids, out.text, out.token_ids,
+                            out.finish_reason)
+                        if progress is not None:
+                            progress.update(1)
+            if progress is not None:
+                progress.close()
+            return results
+        finally:
+            for request_id in order:  # interrupted, or a later prompt was refused
+                engine.abort_request(request_id)
+
+
+def _progress_bar(total: int, use_tqdm: bool):
+    # Only worth drawing for more than a handful of prompts.
+    if not use_tqdm or total < 2:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", unit="prompt", dynamic_ncols=True)

@@ -1,0 +1,171 @@
+"""fastgen-run: answer prompts from the command line.
+
+    fastgen-run --prompt "What is the capital of France?"
+    echo "Once upon a time" | fastgen-run --no-chat --max-tokens 64 --temperature 0
+    fastgen-run --prompt "Hi" --prompt "Name a prime" --json
+    fastgen-run --backend hf --prompt "Hi"         # the same request through HF transformers
+
+Prompts are sent as a user message through the model's chat template unless --no-chat. One prompt
+on a terminal streams its answer token by token; several are generated as one batch and printed
+in order; --json prints one object per prompt per line ({"prompt", "text", "token_ids",
+"finish_reason"}). Defaults come from EngineConfig and SamplingParams: sampling at temperature 1.0
+(vLLM's default; pass --temperature 0 for greedy answers), up to 256 new tokens.
+
+A user error (unknown model, unreadable checkpoint, bad option value, a prompt longer than the
+context) prints one line, `fastgen-run: error: ...`, on stderr and exits with status 1 (2 for
+unusable arguments); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from fastgen.config import DTYPES, EngineConfig, SamplingParams
+
+PROG = "fastgen-run"
+
+
+class UsageError(Exception):
+    """A bad command line; reported like argparse's own errors."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage too; one line is the contract
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    engine, sampling = EngineConfig(), SamplingParams()
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--model", default=engine.model,
+                   help=f"model name, Hugging Face folder, or .gguf file (default: {engine.model})")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt (repeat for several); with none, one prompt is read from stdin")
+    p.add_argument("--max-tokens", type=int, default=sampling.max_tokens,
+                   help=f"most new tokens per prompt (default: {sampling.max_tokens})")
+    p.add_argument("--temperature", type=float, default=sampling.temperature,
+                   help=f"0 means greedy (default: {sampling.temperature})")
+    p.add_argument("--top-k", type=int, default=sampling.top_k, help="sample from the k most "
+                   "likely tokens (default: off)")
+    p.add_argument("--top-p", type=float, default=sampling.top_p, help="sample from the smallest "
+                   "set of tokens with probability mass >= p (default: off)")
+    p.add_argument("--seed", type=int, default=sampling.seed,
+                   help="makes sampling reproducible (default: none)")
+    p.add_argument("--dtype", default=engine.dtype, help=f"bfloat16, float16 or float32 "
+                   f"(default: {engine.dtype})")
+    p.add_argument("--device", default=engine.device, choices=["auto", "cpu", "cuda"],
+                   help=f"(default: {engine.device}: CUDA when there is one)")
+    p.add_argument("--no-chat", action="store_true",
+                   help="complete the raw prompt instead of answering it as a chat message")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
+    p.add_argument("--backend", default="fastgen", choices=["fastgen", "hf"],
+                   help="fastgen, or Hugging Face transformers as a baseline (default: fastgen)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return _fail(str(e), status=2)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in logs and pipes
+    from fastgen.loader import ModelLoadError
+
+    try:
+        return _run(args)
+    except (ModelLoadError, ValueError, UsageError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, status: int = 1) -> int:
+    lines = message.strip().splitlines() or ["failed"]
+    print(f"{PROG}: error: {lines[0]}", file=sys.stderr)
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {args.dtype!r}; choose one of: bfloat16, float16, float32")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA device is available")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    prompts = args.prompt or [_read_stdin()]
+    if args.backend == "hf":
+        outputs = _run_hf(args, prompts, params)
+    else:
+        outputs = _run_fastgen(args, prompts, params)
+    if outputs is not None:
+        _print(args, prompts, outputs)
+    return 0
+
+
+def _read_stdin() -> str:
+    prompt = sys.stdin.read().strip()
+    if not prompt:
+        raise UsageError("no prompt: pass --prompt or write one on stdin")
+    return prompt
+
+
+def _run_fastgen(args, prompts: list[str], params: SamplingParams):
+    from fastgen.entrypoints.llm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    stream = len(prompts) == 1 and not args.json and sys.stdout.isatty()
+    if not stream:
+        if args.no_chat:
+            return llm.generate(prompts, params, use_tqdm=False)
+        return llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                        use_tqdm=False)
+    tokenizer = llm.tokenizer
+    if args.no_chat:
+        ids = tokenizer.encode(prompts[0])
+    else:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}],
+                                             add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    for out in llm.engine.stream(ids, params, prompts[0]):
+        sys.stdout.write(out.delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return None
+
+
+def _run_hf(args, prompts: list[str], params: SamplingParams):
+    import torch
+
+    from fastgen import loader
+    from fastgen.entrypoints.hf_backend import HFBackend
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=device)
+    model_dir = loader.resolve_model_dir(config)
+    backend = HFBackend(model_dir, args.dtype, device)
+    return backend.generate(prompts, params, chat=not args.no_chat)
+
+
+def _print(args, prompts: list[str], outputs) -> None:
+    for prompt, out in zip(prompts, outputs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason.value}, ensure_ascii=False))
+        elif len(outputs) == 1:
+            print(out.text)
+        else:
+            print(f"> {prompt}\n{out.text}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

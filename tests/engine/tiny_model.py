@@ -1,0 +1,60 @@
+"""A tiny, self-contained Llama checkpoint for engine and entrypoint tests: a byte-level BPE
+tokenizer trained here on a few sentences (with multi-byte characters, so some characters split
+across tokens), a ChatML chat template, and random float32 weights saved with save_pretrained.
+No network, a few seconds to build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The capital of France is Paris. The capital of Germany is Berlin.",
+    "Once upon a time there was a small model that answered questions.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000, and punctuation: !?.,;:-()[]{}",
+    "Café, naïve, résumé, Straße, 日本語, 中文, Ελληνικά, русский, emoji 🙂🚀",
+    "def hello(): return 'world'  # code, too",
+]
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer (GPT-2 style) wrapped as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def save_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """An HF Llama folder (config, safetensors, tokenizer, generation config) at path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                         initializer_range=0.25)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
