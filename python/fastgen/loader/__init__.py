@@ -1,0 +1,123 @@
+"""Loading a model for the engine: resolve the name to a Hugging Face folder (hub.py), read its
+config, build the registered model class directly in the target dtype and device, stream the
+weights in (hf.py), and bring the tokenizer and the end-of-sequence ids along.
+
+    from fastgen.config import EngineConfig
+    loaded = load_model(EngineConfig(model="smollm2", dtype="float32", device="cpu"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastgen.config import EngineConfig, LoadFormat
+from fastgen.loader.gguf import convert_gguf
+from fastgen.loader.hf import (ModelLoadError, eos_token_ids, iter_safetensors, load_hf_config,
+                               load_tokenizer)
+from fastgen.loader.hub import resolve_model
+from fastgen.models.registry import get_model_class
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_model", "convert_gguf"]
+
+RANDOM_WEIGHT_STD = 0.02
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module            # on its device and dtype, in eval mode
+    hf_config: object           # transformers PretrainedConfig
+    tokenizer: object           # transformers tokenizer, with the chat template
+    eos_token_ids: list[int]
+    model_dir: Path             # the Hugging Face folder (for a GGUF model, the converted one)
+    max_model_len: int
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Builds config.model on its device in its dtype with its weights (or random weights when
+    config.load_format is RANDOM). Every user-facing failure raises ModelLoadError."""
+    device = _device(config.device)
+    dtype = _dtype(config, device)
+    random_weights = config.load_format is LoadFormat.RANDOM
+    model_dir = resolve_model(config.model, weights=not random_weights)
+    hf_config = load_hf_config(model_dir)
+    try:
+        model_class = get_model_class(hf_config)
+    except ValueError as e:
+        raise ModelLoadError(f"{model_dir}: {e}") from None
+
+    with _default_dtype(dtype), torch.device(device):
+        try:
+            model = model_class(hf_config)
+        except ValueError as e:  # a config the architecture cannot express (e.g. hidden_act)
+            raise ModelLoadError(f"cannot build {model_class.__name__} from {model_dir}: {e}") from None
+    model.requires_grad_(False)
+    with torch.no_grad():
+        if random_weights:
+            _init_random(model, config.seed)
+        else:
+            try:
+                model.load_weights(iter_safetensors(model_dir))
+            except ValueError as e:
+                raise ModelLoadError(f"checkpoint in {model_dir} does not fit "
+                                     f"{model_class.__name__}: {e}") from None
+    model.eval()
+
+    tokenizer = load_tokenizer(model_dir)
+    max_positions = int(hf_config.max_position_embeddings)
+    max_model_len = config.max_model_len or max_positions
+    if max_model_len > max_positions:
+        raise ModelLoadError(f"max_model_len {max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({max_positions})")
+    return LoadedModel(model=model, hf_config=hf_config, tokenizer=tokenizer,
+                       eos_token_ids=eos_token_ids(model_dir, hf_config, tokenizer),
+                       model_dir=model_dir, max_model_len=max_model_len)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def _dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    try:
+        dtype = config.torch_dtype
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError("bfloat16 is not available on this GPU; use dtype float16 or float32")
+    return dtype
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Parameters are created in the target dtype (no float32 copy of a large model first);
+    buffers that need float32, like the rotary cos/sin cache, ask for it explicitly."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _init_random(model: nn.Module, seed: int) -> None:
+    """Norm weights one, biases zero, everything else normal(0, 0.02), reproducibly from seed."""
+    devices = {p.device for p in model.parameters()}
+    generator = torch.Generator(device=devices.pop() if devices else "cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name.split(".")[-2]:
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, RANDOM_WEIGHT_STD, generator=generator)
