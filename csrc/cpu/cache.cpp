@@ -1,6 +1,95 @@
-// PLACEHOLDER (to be replaced by the real cache kernels)
-#include <c10/util/Exception.h>
+// Paged KV cache writes on the CPU: each token's [Hkv, D] key and value rows are copied whole
+// (one memcpy each) into their slot. Tokens are split across torch's thread pool only when each
+// task gets enough bytes to pay for the hand-off (decode batches of a few tokens run inline).
+// key / value may be row slices of the fused qkv tensor, so rows are addressed by their strides.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "core/checks.h"
+#include "core/dispatch.h"
+#include "cpu/cache.h"
 #include "ops.h"
+
 namespace fastgen::cpu {
-void reshape_and_cache(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "not implemented yet"); }
+
+namespace {
+
+// Below this many bytes copied per task, threading costs more than it saves.
+constexpr int64_t kMinBytesPerTask = 64 * 1024;
+
+}  // namespace
+
+template <typename T>
+void reshape_and_cache_launch(const T* key, const T* value, T* key_cache, T* value_cache,
+                              const int64_t* slot_mapping, int64_t num_tokens,
+                              int64_t num_kv_heads, int64_t head_size, int64_t key_stride,
+                              int64_t value_stride) {
+  const int64_t row = num_kv_heads * head_size;
+  const int64_t row_bytes = std::max<int64_t>(row * static_cast<int64_t>(sizeof(T)), 1);
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / (2 * row_bytes));
+  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = slot_mapping[t];
+      std::memcpy(key_cache + slot * row, key + t * key_stride, row * sizeof(T));
+      std::memcpy(value_cache + slot * row, value + t * value_stride, row * sizeof(T));
+    }
+  });
+}
+
+#define FASTGEN_INSTANTIATE(T)                                                                  \
+  template void reshape_and_cache_launch<T>(const T*, const T*, T*, T*, const int64_t*,       \
+                                            int64_t, int64_t, int64_t, int64_t, int64_t);
+FASTGEN_INSTANTIATE(float)
+FASTGEN_INSTANTIATE(c10::Half)
+FASTGEN_INSTANTIATE(c10::BFloat16)
+#undef FASTGEN_INSTANTIATE
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  constexpr const char* op = "reshape_and_cache";
+  FASTGEN_CHECK_DIM(op, key, 3);
+  FASTGEN_CHECK_DIM(op, key_cache, 4);
+  FASTGEN_CHECK_DIM(op, slot_mapping, 1);
+  FASTGEN_CHECK_DTYPE(op, slot_mapping, at::ScalarType::Long);
+  FASTGEN_CHECK_SAME_DTYPE(op, value, key);
+  FASTGEN_CHECK_SAME_DTYPE(op, key_cache, key);
+  FASTGEN_CHECK_SAME_DTYPE(op, value_cache, key);
+  FASTGEN_CHECK_CONTIGUOUS(op, key_cache);
+  FASTGEN_CHECK_CONTIGUOUS(op, value_cache);
+  FASTGEN_CHECK_CONTIGUOUS(op, slot_mapping);
+  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value shape ", value.sizes(),
+              " != key shape ", key.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op, ": value_cache shape ",
+              value_cache.sizes(), " != key_cache shape ", key_cache.sizes());
+  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), head_size = key.size(2);
+  TORCH_CHECK(key_cache.size(2) == num_kv_heads && key_cache.size(3) == head_size, op,
+              ": caches must be [N, S, ", num_kv_heads, ", ", head_size, "], got ",
+              key_cache.sizes());
+  TORCH_CHECK(slot_mapping.size(0) == num_tokens, op, ": slot_mapping must be [", num_tokens,
+              "], got ", slot_mapping.sizes());
+  for (const at::Tensor* t : {&key, &value}) {
+    TORCH_CHECK(t->stride(2) == 1 && (num_kv_heads == 1 || t->stride(1) == head_size), op,
+                ": key and value must be [T, Hkv, D] with each token's [Hkv, D] contiguous, got "
+                "strides ",
+                t->strides());
+  }
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, op, ": slot_mapping[", t, "] = ",
+                slots[t], " is outside the cache's slots [0, ", num_slots, ")");
+  }
+  FASTGEN_DISPATCH_FLOAT(key.scalar_type(), op, [&] {
+    reshape_and_cache_launch<scalar_t>(
+        key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
+        value_cache.data_ptr<scalar_t>(), slots, num_tokens, num_kv_heads, head_size,
+        key.stride(0), value.stride(0));
+  });
+}
+
 }  // namespace fastgen::cpu

@@ -1,6 +1,116 @@
-// PLACEHOLDER (to be replaced by the real rotary kernels)
-#include <c10/util/Exception.h>
+// Rotary position embedding on the CPU, in place on query and key. Each token's cos / sin row is
+// read once and applied to all of its query and key heads; token rows are split across torch's
+// thread pool only when each task gets enough work to pay for the hand-off (decode batches of a
+// few tokens run inline). query and key may be column slices of one fused qkv tensor, so rows
+// are addressed through their own strides. The layout (neox or GPT-J) is a template parameter,
+// which leaves the inner loop straight-line for the vectoriser.
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "core/checks.h"
+#include "core/dispatch.h"
+#include "cpu/rotary.h"
 #include "ops.h"
+
 namespace fastgen::cpu {
-void rotary_embedding(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, const at::Tensor&, bool) { TORCH_CHECK(false, "not implemented yet"); }
+
+namespace {
+
+// Below this many rotated elements per task, threading costs more than it saves.
+constexpr int64_t kMinElementsPerTask = 16384;
+
+// Rotates the first 2 * half dims of each of num_heads heads of one token row.
+template <typename T, bool IS_NEOX>
+inline void rotate_heads(T* __restrict__ x,            // [num_heads, head_size]
+                         const float* __restrict__ cos,  // [half]
+                         const float* __restrict__ sin,  // [half]
+                         int64_t num_heads, int64_t head_size, int64_t half) {
+  for (int64_t h = 0; h < num_heads; ++h) {
+    T* head = x + h * head_size;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t a = IS_NEOX ? i : 2 * i;
+      const int64_t b = IS_NEOX ? i + half : 2 * i + 1;
+      const float xa = static_cast<float>(head[a]);
+      const float xb = static_cast<float>(head[b]);
+      head[a] = static_cast<T>(xa * cos[i] - xb * sin[i]);
+      head[b] = static_cast<T>(xb * cos[i] + xa * sin[i]);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void rotary_embedding_launch(const int64_t* positions, T* query, T* key,
+                             const float* cos_sin_cache, int64_t num_tokens, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_size, int64_t rot_dim,
+                             int64_t query_stride, int64_t key_stride, bool is_neox) {
+  const int64_t half = rot_dim / 2;
+  const int64_t per_token = std::max<int64_t>((num_heads + num_kv_heads) * rot_dim, 1);
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / per_token);
+  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
+    at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* cos = cos_sin_cache + positions[t] * rot_dim;
+        const float* sin = cos + half;
+        rotate_heads<T, IS_NEOX>(query + t * query_stride, cos, sin, num_heads, head_size, half);
+        rotate_heads<T, IS_NEOX>(key + t * key_stride, cos, sin, num_kv_heads, head_size, half);
+      }
+    });
+  });
+}
+
+#define FASTGEN_INSTANTIATE(T)                                                                 \
+  template void rotary_embedding_launch<T>(const int64_t*, T*, T*, const float*, int64_t,     \
+                                           int64_t, int64_t, int64_t, int64_t, int64_t,       \
+                                           int64_t, bool);
+FASTGEN_INSTANTIATE(float)
+FASTGEN_INSTANTIATE(c10::Half)
+FASTGEN_INSTANTIATE(c10::BFloat16)
+#undef FASTGEN_INSTANTIATE
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                      int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox) {
+  constexpr const char* op = "rotary_embedding";
+  FASTGEN_CHECK_DIM(op, positions, 1);
+  FASTGEN_CHECK_DIM(op, query, 2);
+  FASTGEN_CHECK_DIM(op, key, 2);
+  FASTGEN_CHECK_DIM(op, cos_sin_cache, 2);
+  FASTGEN_CHECK_DTYPE(op, positions, at::ScalarType::Long);
+  FASTGEN_CHECK_DTYPE(op, cos_sin_cache, at::ScalarType::Float);
+  FASTGEN_CHECK_SAME_DTYPE(op, key, query);
+  FASTGEN_CHECK_CONTIGUOUS(op, positions);
+  FASTGEN_CHECK_CONTIGUOUS(op, cos_sin_cache);
+  TORCH_CHECK(query.stride(1) == 1 && key.stride(1) == 1, op,
+              ": query and key rows must be contiguous, got strides ", query.strides(), " and ",
+              key.strides());
+  const int64_t num_tokens = positions.size(0);
+  TORCH_CHECK(query.size(0) == num_tokens && key.size(0) == num_tokens, op, ": query ",
+              query.sizes(), " and key ", key.sizes(), " must have ", num_tokens,
+              " rows (one per position)");
+  TORCH_CHECK(head_size > 0 && query.size(1) % head_size == 0 && key.size(1) % head_size == 0,
+              op, ": head_size ", head_size, " must divide query width ", query.size(1),
+              " and key width ", key.size(1));
+  const int64_t rot_dim = cos_sin_cache.size(1);
+  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= head_size, op, ": cos_sin_cache width ", rot_dim,
+              " must be even and <= head_size ", head_size);
+  const int64_t max_position = cos_sin_cache.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, op, ": positions[", t, "] = ", pos[t],
+                " is outside the cos_sin_cache range [0, ", max_position, ")");
+  }
+  FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
+    rotary_embedding_launch<scalar_t>(pos, query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
+                                      cos_sin_cache.data_ptr<float>(), num_tokens,
+                                      query.size(1) / head_size, key.size(1) / head_size,
+                                      head_size, rot_dim, query.stride(0), key.stride(0),
+                                      is_neox);
+  });
+}
+
 }  // namespace fastgen::cpu

@@ -1,6 +1,110 @@
-// PLACEHOLDER (to be replaced by the real cache kernels)
-#include <c10/util/Exception.h>
+// Paged KV cache writes on the GPU: one block per token, its threads striding over the token's
+// [Hkv, D] key and value rows. key / value may be row slices of the fused qkv tensor, so rows are
+// addressed by their strides. A slot outside the cache is skipped rather than written (a device
+// kernel cannot raise); the CPU adapter rejects such slots.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "core/checks.h"
+#include "core/dispatch.h"
+#include "cuda/cache.h"
+#include "cuda/common.cuh"
 #include "ops.h"
+
 namespace fastgen::cuda {
-void reshape_and_cache(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "not implemented yet"); }
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void reshape_and_cache_kernel(const T* __restrict__ key,                 // [num_tokens, num_kv_heads, head_size]
+                                         const T* __restrict__ value,               // [num_tokens, num_kv_heads, head_size]
+                                         T* __restrict__ key_cache,                 // [num_slots, num_kv_heads, head_size]
+                                         T* __restrict__ value_cache,               // [num_slots, num_kv_heads, head_size]
+                                         const int64_t* __restrict__ slot_mapping,  // [num_tokens]
+                                         int64_t num_slots, int64_t row, int64_t key_stride,
+                                         int64_t value_stride) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = slot_mapping[t];
+  if (slot < 0 || slot >= num_slots) return;
+  const T* k = key + t * key_stride;
+  const T* v = value + t * value_stride;
+  T* k_out = key_cache + slot * row;
+  T* v_out = value_cache + slot * row;
+  for (int64_t i = threadIdx.x; i < row; i += blockDim.x) {
+    k_out[i] = k[i];
+    v_out[i] = v[i];
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t reshape_and_cache_launch(const T* key, const T* value, T* key_cache, T* value_cache,
+                                     const int64_t* slot_mapping, int64_t num_tokens,
+                                     int64_t num_slots, int64_t num_kv_heads, int64_t head_size,
+                                     int64_t key_stride, int64_t value_stride,
+                                     cudaStream_t stream) {
+  if (num_tokens == 0) return cudaSuccess;
+  reshape_and_cache_kernel<T><<<num_tokens, kThreads, 0, stream>>>(
+      key, value, key_cache, value_cache, slot_mapping, num_slots, num_kv_heads * head_size,
+      key_stride, value_stride);
+  return cudaGetLastError();
+}
+
+#define FASTGEN_INSTANTIATE(T)                                                                \
+  template cudaError_t reshape_and_cache_launch<T>(const T*, const T*, T*, T*, const int64_t*, \
+                                                   int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                                   int64_t, cudaStream_t);
+FASTGEN_INSTANTIATE(float)
+FASTGEN_INSTANTIATE(__half)
+FASTGEN_INSTANTIATE(__nv_bfloat16)
+#undef FASTGEN_INSTANTIATE
+
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  constexpr const char* op = "reshape_and_cache";
+  FASTGEN_CHECK_DIM(op, key, 3);
+  FASTGEN_CHECK_DIM(op, key_cache, 4);
+  FASTGEN_CHECK_DIM(op, slot_mapping, 1);
+  FASTGEN_CHECK_DTYPE(op, slot_mapping, at::ScalarType::Long);
+  FASTGEN_CHECK_SAME_DTYPE(op, value, key);
+  FASTGEN_CHECK_SAME_DTYPE(op, key_cache, key);
+  FASTGEN_CHECK_SAME_DTYPE(op, value_cache, key);
+  FASTGEN_CHECK_SAME_DEVICE(op, value, key);
+  FASTGEN_CHECK_SAME_DEVICE(op, key_cache, key);
+  FASTGEN_CHECK_SAME_DEVICE(op, value_cache, key);
+  FASTGEN_CHECK_SAME_DEVICE(op, slot_mapping, key);
+  FASTGEN_CHECK_CONTIGUOUS(op, key_cache);
+  FASTGEN_CHECK_CONTIGUOUS(op, value_cache);
+  FASTGEN_CHECK_CONTIGUOUS(op, slot_mapping);
+  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value shape ", value.sizes(),
+              " != key shape ", key.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op, ": value_cache shape ",
+              value_cache.sizes(), " != key_cache shape ", key_cache.sizes());
+  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), head_size = key.size(2);
+  TORCH_CHECK(key_cache.size(2) == num_kv_heads && key_cache.size(3) == head_size, op,
+              ": caches must be [N, S, ", num_kv_heads, ", ", head_size, "], got ",
+              key_cache.sizes());
+  TORCH_CHECK(slot_mapping.size(0) == num_tokens, op, ": slot_mapping must be [", num_tokens,
+              "], got ", slot_mapping.sizes());
+  for (const at::Tensor* t : {&key, &value}) {
+    TORCH_CHECK(t->stride(2) == 1 && (num_kv_heads == 1 || t->stride(1) == head_size), op,
+                ": key and value must be [T, Hkv, D] with each token's [Hkv, D] contiguous, got "
+                "strides ",
+                t->strides());
+  }
+  const c10::cuda::CUDAGuard guard(key.device());
+  FASTGEN_DISPATCH_FLOAT(key.scalar_type(), op, [&] {
+    using T = cuda_type_t<scalar_t>;
+    C10_CUDA_CHECK(reshape_and_cache_launch<T>(
+        reinterpret_cast<const T*>(key.data_ptr()), reinterpret_cast<const T*>(value.data_ptr()),
+        reinterpret_cast<T*>(key_cache.data_ptr()), reinterpret_cast<T*>(value_cache.data_ptr()),
+        slot_mapping.data_ptr<int64_t>(), num_tokens, key_cache.size(0) * key_cache.size(1),
+        num_kv_heads, head_size, key.stride(0), value.stride(0),
+        c10::cuda::getCurrentCUDAStream()));
+  });
+}
+
 }  // namespace fastgen::cuda

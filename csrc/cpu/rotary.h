@@ -1,0 +1,24 @@
+// Rotary position embedding's torch-free CPU launcher: raw pointers and sizes in, no at::Tensor.
+// The adapter in rotary.cpp and the microbenchmark in bench/kernels call it.
+// T is float, c10::Half or c10::BFloat16; the rotation is done in float32 and rounded once.
+#pragma once
+
+#include <cstdint>
+
+namespace fastgen::cpu {
+
+// For every head h and pair (a, b) of the first rot_dim dims, with angle theta = position * freq:
+//   x[a] <- x[a] cos - x[b] sin,  x[b] <- x[b] cos + x[a] sin
+// where (a, b) = (i, i + rot_dim / 2) if is_neox (rotate-half), else (2i, 2i + 1) (GPT-J), and
+// cos / sin are cos_sin_cache[position, i] / cos_sin_cache[position, rot_dim / 2 + i].
+// Positions are not checked here: the caller guarantees 0 <= positions[t] < max_position.
+template <typename T>
+void rotary_embedding_launch(const int64_t* positions,     // [num_tokens]
+                             T* query,                     // [num_tokens, num_heads * head_size], rows query_stride apart
+                             T* key,                       // [num_tokens, num_kv_heads * head_size], rows key_stride apart
+                             const float* cos_sin_cache,   // [max_position, rot_dim]
+                             int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                             int64_t head_size, int64_t rot_dim, int64_t query_stride,
+                             int64_t key_stride, bool is_neox);
+
+}  // namespace fastgen::cpu

@@ -1,0 +1,26 @@
+// Rotary position embedding's torch-free CUDA launcher: raw device pointers, sizes and a stream
+// in, a cudaError_t out. The adapter in rotary.cu calls it with torch's current stream, and so
+// does the microbenchmark in bench/kernels. T is float, __half or __nv_bfloat16.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fastgen::cuda {
+
+// For every head h and pair (a, b) of the first rot_dim dims:
+//   x[a] <- x[a] cos - x[b] sin,  x[b] <- x[b] cos + x[a] sin   (float32, rounded once)
+// where (a, b) = (i, i + rot_dim / 2) if is_neox (rotate-half), else (2i, 2i + 1) (GPT-J), and
+// cos / sin are cos_sin_cache[position, i] / cos_sin_cache[position, rot_dim / 2 + i].
+// Positions are not checked: the caller guarantees 0 <= positions[t] < max_position.
+template <typename T>
+cudaError_t rotary_embedding_launch(const int64_t* positions,    // [num_tokens]
+                                    T* query,                    // [num_tokens, num_heads * head_size], rows query_stride apart
+                                    T* key,                      // [num_tokens, num_kv_heads * head_size], rows key_stride apart
+                                    const float* cos_sin_cache,  // [max_position, rot_dim]
+                                    int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                                    int64_t head_size, int64_t rot_dim, int64_t query_stride,
+                                    int64_t key_stride, bool is_neox, cudaStream_t stream);
+
+}  // namespace fastgen::cuda
