@@ -23,8 +23,6 @@ import json
 import os
 import sys
 
-from fastgen.config import DTYPES, EngineConfig, SamplingParams
-
 PROG = "fastgen-run"
 
 
@@ -38,6 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastgen.config import EngineConfig, SamplingParams
+
     engine, sampling = EngineConfig(), SamplingParams()
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -69,12 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # No progress bars in logs and pipes. Set before torch is imported: it imports tqdm,
+        # which reads its TQDM_* settings once, at import.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         return _fail(str(e), status=2)
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in logs and pipes
     from fastgen.loader import ModelLoadError
 
     try:
@@ -93,6 +95,8 @@ def _fail(message: str, status: int = 1) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import torch
+
+    from fastgen.config import DTYPES, SamplingParams
 
     if args.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {args.dtype!r}; choose one of: bfloat16, float16, float32")
@@ -150,8 +154,7 @@ def _run_hf(args, prompts: list[str], params: SamplingParams):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = EngineConfig(model=args.model, dtype=args.dtype, device=device)
-    model_dir = loader.resolve_model_dir(config)
+    model_dir = loader.resolve_model(args.model)
     backend = HFBackend(model_dir, args.dtype, device)
     return backend.generate(prompts, params, chat=not args.no_chat)
 
