@@ -31,11 +31,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
-        shard = loaded_weight.narrow(0, self.vocab_start, self.rows_per_rank)
-        if param.shape != shard.shape:
+        if loaded_weight.shape != (self.num_embeddings, param.shape[1]):
             raise ValueError(f"checkpoint tensor has shape {tuple(loaded_weight.shape)}, the "
-                             f"embedding expects [{self.num_embeddings}, {param.shape[1]}]")
-        param.data.copy_(shard)
+                             f"embedding expects ({self.num_embeddings}, {param.shape[1]})")
+        param.data.copy_(loaded_weight.narrow(0, self.vocab_start, self.rows_per_rank))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] int64 -> [T, H]"""

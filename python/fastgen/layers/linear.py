@@ -22,6 +22,15 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def shard_of(loaded: torch.Tensor, dim: int, index: int, size: int, count: int) -> torch.Tensor:
+    """Slice index of count equal slices of size along dim; the full tensor must hold exactly
+    count * size there, so a checkpoint of the wrong shape is an error, never silently cut."""
+    if loaded.dim() <= dim or loaded.shape[dim] != size * count:
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected "
+                         f"{size * count} along dim {dim}")
+    return loaded.narrow(dim, index * size, size)
+
+
 def _check_shape(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
@@ -72,8 +81,7 @@ class ColumnParallelLinear(LinearBase):
                          tp_rank, tp_size)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
-        rows = param.shape[0]
-        shard = loaded_weight.narrow(0, self.tp_rank * rows, rows)
+        shard = shard_of(loaded_weight, 0, self.tp_rank, param.shape[0], self.tp_size)
         _check_shape(param, shard)
         param.data.copy_(shard)
 
@@ -91,7 +99,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         index = int(shard_id)  # shard ids are the part's index: 0 / "0" for gate, 1 / "1" for up
         local_sizes = [size // self.tp_size for size in self.output_sizes]
         offset, rows = sum(local_sizes[:index]), local_sizes[index]
-        shard = loaded_weight.narrow(0, self.tp_rank * rows, rows)
+        shard = shard_of(loaded_weight, 0, self.tp_rank, rows, self.tp_size)
         target = param.data.narrow(0, offset, rows)
         _check_shape(target, shard)
         target.copy_(shard)
@@ -112,6 +120,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             self.num_kv_heads = 1
             self.kv_shard_rank = tp_rank // _divide(tp_size, total_num_kv_heads, "ranks per KV head")
+        self.num_kv_shards = total_num_kv_heads // self.num_kv_heads
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size
         # Sized per rank already, so skip ColumnParallelLinear's division of the output size.
@@ -119,14 +128,15 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         if shard_id == "q":
-            offset, rows, rank = 0, self.q_size, self.tp_rank
+            offset, rows, rank, count = 0, self.q_size, self.tp_rank, self.tp_size
         elif shard_id == "k":
-            offset, rows, rank = self.q_size, self.kv_size, self.kv_shard_rank
+            offset, rows, rank, count = self.q_size, self.kv_size, self.kv_shard_rank, self.num_kv_shards
         elif shard_id == "v":
-            offset, rows, rank = self.q_size + self.kv_size, self.kv_size, self.kv_shard_rank
+            offset = self.q_size + self.kv_size
+            rows, rank, count = self.kv_size, self.kv_shard_rank, self.num_kv_shards
         else:
             raise ValueError(f"QKVParallelLinear shard must be 'q', 'k' or 'v', got {shard_id!r}")
-        shard = loaded_weight.narrow(0, rank * rows, rows)
+        shard = shard_of(loaded_weight, 0, rank, rows, count)
         target = param.data.narrow(0, offset, rows)
         _check_shape(target, shard)
         target.copy_(shard)
@@ -142,9 +152,8 @@ class RowParallelLinear(LinearBase):
                          tp_rank, tp_size)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
-        if param.dim() == 2:
-            cols = param.shape[1]
-            loaded_weight = loaded_weight.narrow(1, self.tp_rank * cols, cols)
+        if param.dim() == 2:  # the bias is whole on every rank
+            loaded_weight = shard_of(loaded_weight, 1, self.tp_rank, param.shape[1], self.tp_size)
         _check_shape(param, loaded_weight)
         param.data.copy_(loaded_weight)
 
