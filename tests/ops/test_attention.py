@@ -1,0 +1,163 @@
+"""Paged causal attention (fastgen.ops.attention) against the float32 reference, on CPU and CUDA.
+
+Every case packs sequences of odd, mixed lengths into one call over a cache whose block tables are
+shuffled, and poisons the output with NaN first so an unwritten element fails the comparison."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from fastgen import ops
+from fastgen.ops import reference
+from fastgen.ops.tolerances import assert_close
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_batch(q_lens: list[int], k_lens: list[int], num_heads: int, num_kv_heads: int,
+               head_dim: int, block_size: int, dtype: torch.dtype, device: str,
+               seed: int = 0) -> dict:
+    """Random queries and a paged cache holding k_lens[b] keys for sequence b, its blocks drawn in
+    shuffled order from a pool with spare blocks. Returns the op's keyword arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [math.ceil(k / block_size) for k in k_lens]
+    max_blocks = max(blocks_per_seq) + 1  # one unused column: the kernel must not need it
+    num_blocks = sum(blocks_per_seq) + 3
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    block_tables = torch.zeros(len(k_lens), max_blocks, dtype=torch.int32)  # [B, M]
+    for b, n in enumerate(blocks_per_seq):
+        block_tables[b, :n] = torch.tensor(pool[:n], dtype=torch.int32)
+        pool = pool[n:]
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)  # [N, S, Hkv, D]
+    return dict(
+        query=torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(device, dtype),
+        key_cache=torch.randn(cache_shape, generator=gen).to(device, dtype),
+        value_cache=torch.randn(cache_shape, generator=gen).to(device, dtype),
+        cu_seqlens_q=torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        .to(device),  # [B + 1]
+        seq_lens_k=torch.tensor(k_lens, dtype=torch.int32, device=device),  # [B]
+        block_tables=block_tables.to(device),
+        max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens), scale=head_dim ** -0.5)
+
+
+def run_and_compare(batch: dict, sliding_window: int | None = None,
+                    chunk_size: int | None = None) -> None:
+    out = torch.full_like(batch["query"], float("nan"))  # [T, Hq, D]
+    ops.attention(**batch, sliding_window=sliding_window, chunk_size=chunk_size, out=out)
+    expected = reference.attention(
+        *(batch[k].cpu() for k in ("query", "key_cache", "value_cache", "cu_seqlens_q",
+                                   "seq_lens_k", "block_tables")),
+        batch["scale"], sliding_window, chunk_size)
+    assert_close(out.cpu(), expected, batch["query"].dtype)
+
+
+# (q_lens, k_lens, sliding_window, chunk_size): sequence b's q_lens[b] queries are the last of
+# its k_lens[b] keys.
+CASES = {
+    "prefill": ([1, 7, 33, 100], [1, 7, 33, 100], None, None),
+    "decode": ([1, 1, 1, 1, 1], [1, 15, 17, 50, 129], None, None),
+    "chunked_prefill": ([5, 16, 1, 30, 0], [20, 16, 70, 95, 12], None, None),
+    "sliding_window": ([100, 40, 1, 3], [100, 90, 60, 5], 17, None),
+    "chunk_size": ([70, 20, 1, 6], [70, 50, 45, 6], None, 16),
+    "window_and_chunk": ([45, 1, 30], [45, 77, 64], 9, 24),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case: str, dtype: torch.dtype, device: str) -> None:
+    q_lens, k_lens, window, chunk = CASES[case]
+    batch = make_batch(q_lens, k_lens, num_heads=6, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=dtype, device=device)
+    run_and_compare(batch, window, chunk)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2), (5, 1)])
+def test_head_layouts(num_heads: int, num_kv_heads: int, head_dim: int, device: str) -> None:
+    """MHA, GQA 3 and 4, MQA; every head size (the CUDA kernel supports 64, 128, 256)."""
+    if device == "cuda" and head_dim == 32:
+        pytest.skip("the CUDA kernel is compiled for head sizes 64, 128 and 256")
+    batch = make_batch([3, 1, 40], [3, 30, 57], num_heads, num_kv_heads, head_dim, block_size=16,
+                       dtype=torch.bfloat16, device=device, seed=1)
+    run_and_compare(batch, sliding_window=33)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [16, 32, 5])
+def test_block_sizes(block_size: int, device: str) -> None:
+    batch = make_batch([1, 50, 9], [64, 50, 31], num_heads=4, num_kv_heads=2, head_dim=64,
+                       block_size=block_size, dtype=torch.float32, device=device, seed=2)
+    run_and_compare(batch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_query(device: str) -> None:
+    """query may be the q slice of a fused [T, (Hq + 2 Hkv) * D] projection."""
+    batch = make_batch([12, 1], [12, 40], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32, device=device, seed=3)
+    query = batch["query"]
+    tokens, num_heads, head_dim = query.shape
+    qkv = torch.randn(tokens, (num_heads + 4) * head_dim, device=device)  # [T, (Hq + 2 Hkv) * D]
+    qkv[:, : num_heads * head_dim] = query.flatten(1)
+    batch["query"] = qkv[:, : num_heads * head_dim].view(tokens, num_heads, head_dim)
+    assert not batch["query"].is_contiguous()
+    run_and_compare(batch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device: str) -> None:
+    batch = make_batch([0], [4], num_heads=2, num_kv_heads=1, head_dim=64, block_size=16,
+                       dtype=torch.float32, device=device)
+    assert ops.attention(**batch).shape == (0, 2, 64)
+
+
+def _small_batch() -> dict:
+    return make_batch([3, 1], [3, 20], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                      dtype=torch.float32, device="cpu")
+
+
+# Each: (keyword changes to a valid CPU batch, given that batch; a piece of the expected message)
+BAD_INPUTS = {
+    "int64 metadata": (lambda b: dict(seq_lens_k=b["seq_lens_k"].long()),
+                       "seq_lens_k must be Int"),
+    "head split": (lambda b: dict(query=torch.randn(4, 3, 64)),
+                   "3 query heads do not split into 2 KV heads"),
+    "head size": (lambda b: dict(query=torch.randn(4, 4, 32)), "head size"),
+    "cache dtype": (lambda b: dict(key_cache=b["key_cache"].half()), "must have the same dtype"),
+    "cu_seqlens size": (lambda b: dict(cu_seqlens_q=b["cu_seqlens_q"][:2]),
+                        "cu_seqlens_q must be [3]"),
+    "cu_seqlens total": (lambda b: dict(cu_seqlens_q=torch.tensor([0, 3, 5], dtype=torch.int32)),
+                         "number of query tokens"),
+    "q_len > k_len": (lambda b: dict(seq_lens_k=torch.tensor([2, 20], dtype=torch.int32)),
+                      "q_len <= k_len"),
+    "block id": (lambda b: dict(block_tables=torch.full_like(b["block_tables"], 1000)),
+                 "is not a cache block"),
+    "window": (lambda b: dict(sliding_window=0), "sliding_window must be >= 1"),
+    "chunk": (lambda b: dict(chunk_size=-4), "chunk_size must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_raises(name: str) -> None:
+    batch = _small_batch()
+    changes, message = BAD_INPUTS[name]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        ops.attention(**{**batch, **changes(batch)})
+
+
+def test_opcheck() -> None:
+    batch = _small_batch()
+    out = torch.empty_like(batch["query"])
+    args = (out, batch["query"], batch["key_cache"], batch["value_cache"], batch["cu_seqlens_q"],
+            batch["seq_lens_k"], batch["block_tables"], batch["max_seqlen_q"],
+            batch["max_seqlen_k"], batch["scale"], 8, None)
+    torch.library.opcheck(torch.ops.fastgen.attention.default, args)
