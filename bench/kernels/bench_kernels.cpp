@@ -10,18 +10,21 @@
 // Bytes counted are the bytes each kernel must read and write at least once.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include "cpu/activation.h"
+#include "cpu/attention.h"
 #include "cpu/cache.h"
 #include "cpu/norm.h"
 #include "cpu/rotary.h"
@@ -31,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/activation.h"
+#include "cuda/attention.h"
 #include "cuda/cache.h"
 #include "cuda/norm.h"
 #include "cuda/rotary.h"
@@ -119,6 +123,39 @@ struct Reporter {
     std::printf("%-22s %-34s %10.2f us %9.1f GB/s %6.0f%%\n", kernel.c_str(), shape.c_str(), us,
                 gb_s, 100.0 * gb_s / copy_gb_s);
   }
+  void flops_row(const std::string& kernel, const std::string& shape, double us, double flops) const {
+    std::printf("%-22s %-34s %10.2f us %7.2f TFLOP/s\n", kernel.c_str(), shape.c_str(), us, flops / us / 1e6);
+  }
+};
+
+struct ModelShape {
+  const char* name;
+  int64_t hidden, inter, heads, kv_heads, head_dim;
+};
+constexpr ModelShape kShapes[] = {{"smollm2", 576, 1536, 9, 3, 64}, {"llama3-8b", 4096, 14336, 32, 8, 128}};
+
+// A paged-attention problem: `batch` sequences of k_len cached keys, the last q_len of them
+// queried, pages of 16 tokens laid out in a shuffled order.
+struct AttentionProblem {
+  int64_t batch, q_len, k_len;
+  static constexpr int64_t kBlockSize = 16;
+  int64_t blocks_per_seq() const { return (k_len + kBlockSize - 1) / kBlockSize; }
+  std::vector<int32_t> cu_seqlens_q() const {
+    std::vector<int32_t> cu(batch + 1);
+    for (int64_t b = 0; b <= batch; ++b) cu[b] = static_cast<int32_t>(b * q_len);
+    return cu;
+  }
+  std::vector<int32_t> block_tables() const {
+    std::vector<int32_t> tables(batch * blocks_per_seq());
+    std::iota(tables.begin(), tables.end(), 0);
+    std::shuffle(tables.begin(), tables.end(), std::mt19937(0));
+    return tables;
+  }
+  // Causal score + value FLOPs: each query sees (on average) its prefix of the keys.
+  double flops(const ModelShape& m) const {
+    const double keys_seen = q_len * (k_len - q_len) + q_len * (q_len + 1) / 2.0;
+    return 4.0 * batch * m.heads * m.head_dim * keys_seen;
+  }
 };
 
 // Read + write bandwidth of a plain 256 MiB copy: the roofline the kernels are measured against.
@@ -139,12 +176,6 @@ double copy_bandwidth(Device device) {
   }
   return 2.0 * bytes / us / 1e3;
 }
-
-struct ModelShape {
-  const char* name;
-  int64_t hidden, inter, heads, kv_heads, head_dim;
-};
-constexpr ModelShape kShapes[] = {{"smollm2", 576, 1536, 9, 3, 64}, {"llama3-8b", 4096, 14336, 32, 8, 128}};
 
 // Each backend calls its own launchers; the cases in run_cases() are written once for both.
 template <typename T>
@@ -168,6 +199,12 @@ struct CpuKernels {
              const ModelShape& m) const {
     const int64_t row = m.kv_heads * m.head_dim;
     fastgen::cpu::reshape_and_cache_launch<T>(k, v, kc, vc, slots, tokens, m.kv_heads, m.head_dim, row, row);
+  }
+  void attention(T* out, const T* q, const T* kc, const T* vc, const int32_t* cu_q, const int32_t* seq_k,
+                 const int32_t* tables, const AttentionProblem& p, const ModelShape& m) const {
+    fastgen::cpu::attention_launch<T>(out, q, kc, vc, cu_q, seq_k, tables, p.batch, m.heads, m.kv_heads,
+                                      m.head_dim, p.kBlockSize, p.blocks_per_seq(), m.heads * m.head_dim,
+                                      1.f / std::sqrt(static_cast<float>(m.head_dim)), std::nullopt, std::nullopt);
   }
 };
 
@@ -195,8 +232,49 @@ struct CudaKernels {
     fastgen::cuda::reshape_and_cache_launch<T>(k, v, kc, vc, slots, tokens, num_slots, m.kv_heads, m.head_dim,
                                                row, row, nullptr);
   }
+  void attention(T* out, const T* q, const T* kc, const T* vc, const int32_t* cu_q, const int32_t* seq_k,
+                 const int32_t* tables, const AttentionProblem& p, const ModelShape& m) const {
+    const float scale = 1.f / std::sqrt(static_cast<float>(m.head_dim));
+    auto launch = [&](auto head_dim) {
+      fastgen::cuda::attention_launch<T, decltype(head_dim)::value>(
+          out, q, kc, vc, cu_q, seq_k, tables, p.batch * p.q_len, p.batch, m.heads, m.kv_heads, p.kBlockSize,
+          p.blocks_per_seq(), m.heads * m.head_dim, scale, std::nullopt, std::nullopt, nullptr);
+    };
+    if (m.head_dim == 64) launch(std::integral_constant<int, 64>{});
+    else launch(std::integral_constant<int, 128>{});
+  }
 };
 #endif
+
+// Decode (q_len 1) is reported as GB/s of KV cache read; prefill as TFLOP/s.
+template <typename T, typename Kernels>
+void run_attention_cases(const Kernels& kernels, const Reporter& report) {
+  constexpr Device dev = Kernels::device;
+  const std::vector<AttentionProblem> problems =
+      dev == Device::kCpu
+          ? std::vector<AttentionProblem>{{1, 1, 1024}, {1, 1, 8192}, {8, 1, 1024}, {1, 512, 512}, {1, 2048, 2048}}
+          : std::vector<AttentionProblem>{{1, 1, 32768}, {64, 1, 2048}, {1, 2048, 2048}, {1, 8192, 8192}};
+  for (const ModelShape& m : kShapes) {
+    for (const AttentionProblem& p : problems) {
+      const std::string shape = std::string(m.name) + ", " + std::to_string(p.batch) + " x " +
+                                std::to_string(p.q_len) + "q/" + std::to_string(p.k_len) + "k";
+      const int64_t tokens = p.batch * p.q_len, row = m.kv_heads * m.head_dim;
+      const int64_t cache_rows = p.batch * p.blocks_per_seq() * p.kBlockSize;
+      Buffer<T> q(dev, tokens * m.heads * m.head_dim), out(dev, tokens * m.heads * m.head_dim);
+      Buffer<T> kc(dev, cache_rows * row), vc(dev, cache_rows * row);
+      Buffer<int32_t> cu_q(dev, p.cu_seqlens_q()), seq_k(dev, std::vector<int32_t>(p.batch, p.k_len)),
+          tables(dev, p.block_tables());
+      const double us = time_us(dev, [&] {
+        kernels.attention(out.get(), q.get(), kc.get(), vc.get(), cu_q.get(), seq_k.get(), tables.get(), p, m);
+      });
+      if (p.q_len == 1) {
+        report.row("attention (decode)", shape, us, 2.0 * p.batch * p.k_len * row * sizeof(T));
+      } else {
+        report.flops_row("attention (prefill)", shape, us, p.flops(m));
+      }
+    }
+  }
+}
 
 template <typename T, typename Kernels>
 void run_cases(const Kernels& kernels, const Reporter& report) {
@@ -281,9 +359,11 @@ int main(int argc, char** argv) {
   std::printf("%-22s %-34s %13s %14s %7s\n", "kernel", "shape", "latency", "achieved", "of copy");
   if (device == Device::kCpu) {
     run_cases<c10::BFloat16>(CpuKernels<c10::BFloat16>{}, report);
+    run_attention_cases<c10::BFloat16>(CpuKernels<c10::BFloat16>{}, report);
   } else {
 #ifdef FASTGEN_WITH_CUDA
     run_cases<__nv_bfloat16>(CudaKernels<__nv_bfloat16>{}, report);
+    run_attention_cases<__nv_bfloat16>(CudaKernels<__nv_bfloat16>{}, report);
 #endif
   }
   return 0;
