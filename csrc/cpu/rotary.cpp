@@ -2,8 +2,8 @@
 // read once and applied to all of its query and key heads; token rows are split across torch's
 // thread pool only when each task gets enough work to pay for the hand-off (decode batches of a
 // few tokens run inline). query and key may be column slices of one fused qkv tensor, so rows
-// are addressed through their own strides. The layout (neox or GPT-J) is a template parameter,
-// which leaves the inner loop straight-line for the vectoriser.
+// are addressed through their own strides. The layout (neox or GPT-J) is a template parameter;
+// neox rows, two contiguous halves, are rotated with the fp32 SIMD helpers of cpu/vec.h.
 #include <algorithm>
 #include <cstdint>
 
@@ -14,6 +14,7 @@
 #include "core/checks.h"
 #include "core/dispatch.h"
 #include "cpu/rotary.h"
+#include "cpu/vec.h"
 #include "ops.h"
 
 namespace fastgen::cpu {
@@ -25,19 +26,40 @@ constexpr int64_t kMinElementsPerTask = 16384;
 
 // Rotates the first 2 * half dims of each of num_heads heads of one token row.
 template <typename T, bool IS_NEOX>
-inline void rotate_heads(T* __restrict__ x,            // [num_heads, head_size]
+inline void rotate_heads(T* __restrict__ x,              // [num_heads, head_size]
                          const float* __restrict__ cos,  // [half]
                          const float* __restrict__ sin,  // [half]
                          int64_t num_heads, int64_t head_size, int64_t half) {
-  for (int64_t h = 0; h < num_heads; ++h) {
-    T* head = x + h * head_size;
-    for (int64_t i = 0; i < half; ++i) {
-      const int64_t a = IS_NEOX ? i : 2 * i;
-      const int64_t b = IS_NEOX ? i + half : 2 * i + 1;
-      const float xa = static_cast<float>(head[a]);
-      const float xb = static_cast<float>(head[b]);
-      head[a] = static_cast<T>(xa * cos[i] - xb * sin[i]);
-      head[b] = static_cast<T>(xb * cos[i] + xa * sin[i]);
+  if constexpr (IS_NEOX) {
+    // The pairs (i, i + half) are two contiguous runs: rotate them kWidth pairs at a time.
+    using namespace vec;
+    for (int64_t h = 0; h < num_heads; ++h) {
+      T* xa = x + h * head_size;
+      T* xb = xa + half;
+      int64_t i = 0;
+      for (; i + kWidth <= half; i += kWidth) {
+        const Vec a = load(xa + i), b = load(xb + i), c = load(cos + i), s = load(sin + i);
+        store(xa + i, a * c - b * s);
+        store(xb + i, b * c + a * s);
+      }
+      if (i < half) {
+        const int64_t n = half - i;
+        const Vec a = load(xa + i, n), b = load(xb + i, n);
+        const Vec c = load(cos + i, n), s = load(sin + i, n);
+        store(xa + i, a * c - b * s, n);
+        store(xb + i, b * c + a * s, n);
+      }
+    }
+  } else {
+    // GPT-J interleaves the pairs (2i, 2i + 1); a scalar loop, left to the compiler.
+    for (int64_t h = 0; h < num_heads; ++h) {
+      T* head = x + h * head_size;
+      for (int64_t i = 0; i < half; ++i) {
+        const float xa = static_cast<float>(head[2 * i]);
+        const float xb = static_cast<float>(head[2 * i + 1]);
+        head[2 * i] = static_cast<T>(xa * cos[i] - xb * sin[i]);
+        head[2 * i + 1] = static_cast<T>(xb * cos[i] + xa * sin[i]);
+      }
     }
   }
 }
