@@ -49,10 +49,11 @@ class _Request:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     prompt: str | None
+    prompt_token_ids: list[int]  # kept apart so an output per step does not copy the prompt
 
     def output(self) -> RequestOutput:
         seq = self.seq
-        return RequestOutput(seq.seq_id, self.prompt, seq.prompt_token_ids, self.detokenizer.text,
+        return RequestOutput(seq.seq_id, self.prompt, self.prompt_token_ids, self.detokenizer.text,
                              seq.output_token_ids, self.detokenizer.finish_reason,
                              self.detokenizer.pop_delta())
 
@@ -90,7 +91,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params,
                                              self.eos_token_ids, seq.max_tokens)
-        self._requests[request_id] = _Request(seq, detokenizer, prompt)
+        self._requests[request_id] = _Request(seq, detokenizer, prompt, prompt_token_ids)
         return request_id
 
     def abort_request(self, request_id: int) -> None:
