@@ -54,6 +54,9 @@ def test_gguf_file_and_converted_folder_load_the_same_weights(smollm2_dir, smoll
     from_gguf = load_model(EngineConfig(model=str(smollm2_dir / SOURCE_GGUF), dtype="float32",
                                         device="cpu"))
     assert from_gguf.model_dir != smollm2_dir
+    # The chat template travels from the GGUF metadata into every converted folder.
+    assert from_gguf.tokenizer.chat_template is not None
+    assert from_gguf.tokenizer.chat_template == smollm2.tokenizer.chat_template
     theirs = dict(from_gguf.model.named_parameters())
     for name, param in smollm2.model.named_parameters():
         assert torch.equal(param, theirs[name]), name

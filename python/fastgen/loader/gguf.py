@@ -9,6 +9,7 @@ model and its converted folder load through one path and hold identical weights.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +151,12 @@ def iter_gguf_tensors(reader, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, torch.from_numpy(np.require(values, requirements=("C", "W")))
 
 
+# Written into every converted folder; bump it when the conversion changes, so cached folders made
+# by an older fastgen are converted again instead of being reused as they are.
+CONVERSION_STAMP = "fastgen-conversion.json"
+CONVERSION_VERSION = 2  # 2: chat template taken from the GGUF metadata
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Writes a Hugging Face folder for a Llama GGUF file into out_dir: config.json,
     model.safetensors (float32), tokenizer files with the chat template, generation_config.json.
@@ -173,10 +180,22 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as e:
         raise ModelLoadError(f"cannot build a tokenizer from {gguf_path}: {_one_line(e)}") from e
+    # transformers' GGUF tokenizer conversion leaves the chat template behind; the file has it.
+    tokenizer.chat_template = _field(reader, "tokenizer.chat_template", tokenizer.chat_template)
     tokenizer.save_pretrained(out_dir)
 
     eos = gguf_eos_token_ids(reader)
     GenerationConfig(bos_token_id=hf_config.bos_token_id,
                      eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None),
                      pad_token_id=hf_config.pad_token_id).save_pretrained(out_dir)
+    (out_dir / CONVERSION_STAMP).write_text(json.dumps({"version": CONVERSION_VERSION,
+                                                        "source": gguf_path.name}))
     return out_dir
+
+
+def conversion_is_current(folder: Path) -> bool:
+    """True when folder was converted by this version of convert_gguf."""
+    try:
+        return json.loads((folder / CONVERSION_STAMP).read_text())["version"] == CONVERSION_VERSION
+    except (OSError, ValueError, KeyError):
+        return False

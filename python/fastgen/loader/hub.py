@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from fastgen.loader.gguf import convert_gguf
+from fastgen.loader.gguf import conversion_is_current, convert_gguf
 from fastgen.loader.hf import ModelLoadError, _one_line
 
 DEFAULT_PRESET = "smollm2"
@@ -106,7 +106,8 @@ def sha256_of(path: Path) -> str:
 
 
 def _complete(folder: Path, extra: tuple[str, ...] = ()) -> bool:
-    return all((folder / name).is_file() for name in CONVERTED_FILES + extra)
+    """A converted folder is reusable when all its files are there and its conversion is current."""
+    return all((folder / name).is_file() for name in CONVERTED_FILES + extra) and conversion_is_current(folder)
 
 
 def _publish(staging: Path, final: Path) -> None:
