@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--plot", help="also draw decode tok/s and weight bandwidth against batch size "
+                                       "into this PNG (needs matplotlib)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -154,6 +156,33 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: dict, path: str) -> None:
+    """Decode throughput and weight-bandwidth utilisation against batch size, per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = [int(b) for b in results["decode"]]
+    fig, (speed, util) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in results["decode"][str(batches[0])]:
+        rows = [results["decode"][str(b)][name] for b in batches]
+        speed.plot(batches, [r["decode_tok_s"] for r in rows], marker="o", label=name)
+        util.plot(batches, [100 * r["fraction_of_copy_bw"] for r in rows], marker="o", label=name)
+    speed.set(xscale="log", xlabel="batch size", ylabel="decode tokens/s (all sequences)",
+              title=f"{results['model']} {results['dtype']} on {results['device']}")
+    util.set(xscale="log", xlabel="batch size", ylabel="weight bytes/s, % of copy bandwidth",
+             title=f"copy bandwidth {results['copy_bandwidth_gb_s']:.0f} GB/s")
+    for axes in (speed, util):
+        axes.set_xticks(batches, [str(b) for b in batches])
+        axes.grid(alpha=0.3)
+        axes.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
