@@ -1,29 +1,53 @@
 // Paged causal attention on the CPU, flash-attention style: float32 online softmax over tiles of
-// kKeyTile keys, never materialising a [q_len, k_len] score matrix.
+// kKeyTile keys, never materialising a [q_len, k_len] score matrix. Three kernels:
 //
-// A work item is (sequence, KV head, block of consecutive queries). Its rows are every (query,
-// query head of the KV head's group) pair, so GQA heads sharing a KV head, and all queries of the
-// block, reuse each key / value row once it is converted to float32. Rows are the vector lanes:
-// queries are stored transposed ([D, rows]) so a score tile is rows-wide FMAs broadcasting one key
-// element at a time, and the softmax max / sum are lane-wise too; no loop needs a horizontal
-// reduction. The hot loops use GCC / Clang vector types (16 float32 lanes, one AVX-512 register
-// under -march=native) so that partial sums stay in registers and exp2 is vectorised without
-// -ffast-math. Items go round-robin to workers, which balances causal prefill (later query blocks
-// see more keys). Any head size works; multiples of 16 take the vector paths throughout.
+// Prefill (a sequence with several queries). A work item is (sequence, KV head, block of
+// consecutive queries). Its rows are every (query, query head of the KV head's group) pair, so
+// GQA heads sharing a KV head, and all queries of the block, reuse each key / value row. Rows are
+// the vector lanes: queries are stored transposed ([D, rows]) so a score tile is rows-wide
+// multiply-adds broadcasting one key element (or pair) at a time, and the softmax max / sum are
+// lane-wise too; no loop needs a horizontal reduction. Items go to workers latest query block
+// first (those see the most keys), taken from a shared counter.
+//  - bf16 with AVX512-BF16 (attend_item_bf16): both products as bf16 pair dot products
+//    (VDPBF16PS), probabilities rounded to bf16 for P.V, as flash-attention does on GPUs.
+//  - everything else (attend_item): keys and values converted to float32, float32 FMAs. The hot
+//    loops use GCC / Clang vector types (16 float32 lanes, one AVX-512 register under
+//    -march=native) so that partial sums stay in registers and exp2 vectorises without
+//    -ffast-math.
+// Decode (a sequence with one query, attend_decode_split): flash-decoding; see its section.
+// Any head size works; multiples of 16 take the vector paths throughout.
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
 #include "core/checks.h"
 #include "core/dispatch.h"
 #include "cpu/attention.h"
+#include "cpu/vec.h"
 #include "ops.h"
+
+// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics wherever they are
+// inlined (GCC bug 105593; see cpu/vec.h).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace fastgen::cpu {
 
@@ -292,6 +316,466 @@ void attend_item(const Problem<T>& pb, const WorkItem& item, int64_t kv_head, Sc
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// ---------------------------------------------------------------------------------------------
+// bf16 prefill on AVX512-BF16: both products as VDPBF16PS, which multiplies pairs of bf16 and
+// adds both products to a float32 lane (32 multiply-adds an instruction, twice the float32 FMA).
+// Rows stay the lanes. Q.K^T pairs along head_dim: queries are packed once per item as
+// [head_dim / 2, rows] 32-bit pairs, and a key row's consecutive bf16 already are such pairs, so
+// each is broadcast straight from the tile's copy. P.V pairs along keys: probabilities are
+// rounded to bf16 (what flash-attention does on GPUs) and packed [kKeyTile / 2, rows], values
+// once per tile [kKeyTile / 2, head_dim]. Rounding P to bf16 is a relative error of 2^-9 on each
+// weight; the row sums add the rounded weights, so the output stays a weighted mean of values.
+// ---------------------------------------------------------------------------------------------
+#define FASTGEN_ATTENTION_BF16_DOT 1
+
+constexpr int64_t kPairsPerTile = kKeyTile / 2;
+
+inline __m512bh as_bf16_pairs(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+
+// Two float32 vectors rounded to bf16 (to nearest even) and interleaved as 32-bit pairs (a, b).
+inline __m512i pack_bf16_pairs(Vec a, Vec b) {
+  const __m256bh ha = _mm512_cvtneps_pbh(a), hb = _mm512_cvtneps_pbh(b);
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(ha)),
+                         _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(hb)), 16));
+}
+// The float32 values of a packed pair vector's low / high halves.
+inline Vec low_half(__m512i pairs) { return (Vec)_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+inline Vec high_half(__m512i pairs) {
+  return (Vec)_mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(-65536)));
+}
+
+struct Bf16Scratch {
+  explicit Bf16Scratch(int64_t max_rows, int64_t head_dim)
+      : queries(head_dim / 2 * max_rows), keys(kKeyTile * head_dim / 2),
+        values(kPairsPerTile * head_dim), scores(kKeyTile * max_rows),
+        probs(kPairsPerTile * max_rows), acc(head_dim * max_rows), row_max(max_rows),
+        row_sum(max_rows), alpha(max_rows), first_key(max_rows), last_key(max_rows) {}
+  std::vector<uint32_t> queries;  // [head_dim / 2, rows]: bf16 pairs (q[r, 2i], q[r, 2i + 1])
+  std::vector<uint32_t> keys;     // [kKeyTile, head_dim / 2]: the tile's key rows, zero past it
+  std::vector<uint32_t> values;   // [kKeyTile / 2, head_dim]: bf16 pairs (v[2i, d], v[2i + 1, d])
+  std::vector<float> scores;      // [kKeyTile, rows]: log2-domain scores
+  std::vector<uint32_t> probs;    // [kKeyTile / 2, rows]: bf16 pairs (p[r, 2i], p[r, 2i + 1])
+  std::vector<float> acc;         // [head_dim, rows]: unnormalised output, transposed
+  std::vector<float> row_max, row_sum, alpha;  // [rows]
+  std::vector<int32_t> first_key, last_key;    // [rows]: visible keys, inclusive
+};
+
+// scores[j, r] = sum_d q[r, d] k[j, d] for kKeys keys and kBlocks x 16 rows: kBlocks x kKeys
+// independent accumulators; each query load is used kKeys times, each key broadcast kBlocks times.
+template <int kBlocks, int kKeys>
+inline void dot_keys_bf16(float* __restrict__ scores, const uint32_t* __restrict__ queries,
+                          const uint32_t* __restrict__ keys, int64_t rows, int64_t half_dim) {
+  __m512 sum[kBlocks][kKeys];
+  for (int b = 0; b < kBlocks; ++b)
+    for (int i = 0; i < kKeys; ++i) sum[b][i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < half_dim; ++p) {
+    __m512bh q[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) q[b] = as_bf16_pairs(_mm512_loadu_si512(queries + p * rows + b * kLanes));
+    for (int i = 0; i < kKeys; ++i) {
+      const __m512bh k = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(keys[i * half_dim + p])));
+      for (int b = 0; b < kBlocks; ++b) sum[b][i] = _mm512_dpbf16_ps(sum[b][i], q[b], k);
+    }
+  }
+  for (int b = 0; b < kBlocks; ++b)
+    for (int i = 0; i < kKeys; ++i) _mm512_storeu_ps(scores + i * rows + b * kLanes, sum[b][i]);
+}
+
+// acc[d, r] = acc[d, r] * alpha[r] + sum_j p[r, j] v[j, d] for kDims dims and kBlocks x 16 rows.
+template <int kBlocks, int kDims>
+inline void add_values_bf16(float* __restrict__ acc, const float* __restrict__ alpha,
+                            const uint32_t* __restrict__ probs, const uint32_t* __restrict__ values,
+                            int64_t num_pairs, int64_t rows, int64_t dim) {
+  __m512 sum[kBlocks][kDims];
+  for (int b = 0; b < kBlocks; ++b) {
+    const __m512 a = _mm512_loadu_ps(alpha + b * kLanes);
+    for (int i = 0; i < kDims; ++i) sum[b][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * rows + b * kLanes), a);
+  }
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    __m512bh w[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) w[b] = as_bf16_pairs(_mm512_loadu_si512(probs + p * rows + b * kLanes));
+    for (int i = 0; i < kDims; ++i) {
+      const __m512bh v = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(values[p * dim + i])));
+      for (int b = 0; b < kBlocks; ++b) sum[b][i] = _mm512_dpbf16_ps(sum[b][i], w[b], v);
+    }
+  }
+  for (int b = 0; b < kBlocks; ++b)
+    for (int i = 0; i < kDims; ++i) _mm512_storeu_ps(acc + i * rows + b * kLanes, sum[b][i]);
+}
+
+// One item of bf16 prefill (head_dim a multiple of 16): as attend_item, with the products above.
+void attend_item_bf16(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t kv_head,
+                      Bf16Scratch& s) {
+  const int64_t group = pb.num_heads / pb.num_kv_heads, dim = pb.head_dim, half_dim = dim / 2;
+  const int64_t token_begin = pb.cu_seqlens_q[item.seq] + item.q_begin;
+  const int64_t q_len = pb.cu_seqlens_q[item.seq + 1] - pb.cu_seqlens_q[item.seq];
+  const int64_t k_len = pb.seq_lens_k[item.seq];
+  const int64_t num_queries = item.q_end - item.q_begin;
+  const int64_t rows = num_queries * group;  // row r = query r / group, head r % group of the group
+  const int64_t padded_rows = round_up(rows, kLanes);
+  uint32_t* queries = s.queries.data();
+
+  for (int64_t i = 0; i < num_queries; ++i) {
+    const int64_t pos = k_len - q_len + item.q_begin + i;
+    const int64_t first = std::max({int64_t{0}, pos - pb.window + 1, pos / pb.chunk * pb.chunk});
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = i * group + g;
+      s.first_key[r] = static_cast<int32_t>(first);
+      s.last_key[r] = static_cast<int32_t>(pos);
+      const c10::BFloat16* q = pb.query + (token_begin + i) * pb.query_stride + (kv_head * group + g) * dim;
+      for (int64_t p = 0; p < half_dim; ++p) std::memcpy(queries + p * padded_rows + r, q + 2 * p, 4);
+    }
+  }
+  for (int64_t r = rows; r < padded_rows; ++r) {  // padding rows: zero queries, never masked
+    for (int64_t p = 0; p < half_dim; ++p) queries[p * padded_rows + r] = 0;
+  }
+  std::fill_n(s.row_max.begin(), padded_rows, kNegInf);
+  std::fill_n(s.row_sum.begin(), padded_rows, 0.f);
+  std::fill_n(s.acc.begin(), dim * padded_rows, 0.f);
+
+  const int64_t keys_begin = s.first_key[0], keys_end = s.last_key[rows - 1] + 1;
+  // Every row sees keys [latest_first, earliest_last]; tiles inside need no mask.
+  const int64_t latest_first = s.first_key[rows - 1], earliest_last = s.last_key[0];
+  const int32_t* block_table = pb.block_tables + item.seq * pb.max_blocks_per_seq;
+  const Vec log2_scale = splat(pb.scale * kLog2e);
+  for (int64_t j0 = keys_begin; j0 < keys_end; j0 += kKeyTile) {
+    const int64_t num_keys = std::min(kKeyTile, keys_end - j0);
+    const int64_t num_pairs = (num_keys + 1) / 2;
+
+    // Copy the tile's key rows, pack its value rows in pairs, prefetch the next tile's rows.
+    const int64_t next_end = std::min(j0 + 2 * kKeyTile, keys_end);
+    const c10::BFloat16* value_rows[kKeyTile];
+    for (int64_t j = j0; j < next_end; ++j) {
+      const int64_t slot = static_cast<int64_t>(block_table[j / pb.block_size]) * pb.block_size +
+                           j % pb.block_size;
+      const c10::BFloat16* k = pb.key_cache + (slot * pb.num_kv_heads + kv_head) * dim;
+      const c10::BFloat16* v = pb.value_cache + (slot * pb.num_kv_heads + kv_head) * dim;
+      if (j >= j0 + kKeyTile) {
+        for (int64_t byte = 0; byte < dim * 2; byte += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(k) + byte);
+          __builtin_prefetch(reinterpret_cast<const char*>(v) + byte);
+        }
+        continue;
+      }
+      std::memcpy(s.keys.data() + (j - j0) * half_dim, k, dim * 2);
+      value_rows[j - j0] = v;
+    }
+    const int64_t scored_keys = round_up(num_keys, 8);
+    std::fill(s.keys.begin() + num_keys * half_dim, s.keys.begin() + scored_keys * half_dim, 0u);
+    for (int64_t p = 0; p < num_pairs; ++p) {
+      const c10::BFloat16* v0 = value_rows[2 * p];
+      const c10::BFloat16* v1 = 2 * p + 1 < num_keys ? value_rows[2 * p + 1] : nullptr;
+      for (int64_t d = 0; d < dim; d += kLanes) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
+        const __m512i hi = v1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d)))
+                              : _mm512_setzero_si512();
+        _mm512_storeu_si512(s.values.data() + p * dim + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+
+    float* scores = s.scores.data();
+    const uint32_t* keys = s.keys.data();
+    int64_t r0 = 0;
+    for (; r0 + 2 * kLanes <= padded_rows; r0 += 2 * kLanes) {
+      for (int64_t j = 0; j < scored_keys; j += 8) {
+        dot_keys_bf16<2, 8>(scores + j * padded_rows + r0, queries + r0, keys + j * half_dim, padded_rows, half_dim);
+      }
+    }
+    if (r0 < padded_rows) {
+      for (int64_t j = 0; j < scored_keys; j += 8) {
+        dot_keys_bf16<1, 8>(scores + j * padded_rows + r0, queries + r0, keys + j * half_dim, padded_rows, half_dim);
+      }
+    }
+
+    // Scale, mask (only tiles that reach past some row's visible keys), online softmax; the
+    // probabilities leave as bf16 pairs, and the sums add exactly those rounded values.
+    const bool needs_mask = j0 < latest_first || j0 + num_keys - 1 > earliest_last;
+    uint32_t* probs = s.probs.data();
+    for (r0 = 0; r0 < padded_rows; r0 += kLanes) {
+      const IVec first = load(s.first_key.data() + r0), last = load(s.last_key.data() + r0);
+      const Vec old_max = load(s.row_max.data() + r0);
+      Vec new_max = old_max;
+      for (int64_t j = 0; j < num_keys; ++j) {
+        const int32_t key = static_cast<int32_t>(j0 + j);
+        float* sj = scores + j * padded_rows + r0;
+        Vec v = load(sj) * log2_scale;
+        if (needs_mask) v = (key >= first) & (key <= last) ? v : splat(kNegInf);
+        store(sj, v);
+        new_max = max(new_max, v);
+      }
+      if (num_keys % 2) store(scores + num_keys * padded_rows + r0, splat(kNegInf));
+      const Vec row_shift = new_max == kNegInf ? splat(0.f) : new_max;
+      const Vec row_alpha = exp2_lanes(old_max - row_shift);
+      Vec sum = load(s.row_sum.data() + r0) * row_alpha;
+      for (int64_t p = 0; p < num_pairs; ++p) {
+        const Vec p0 = exp2_lanes(load(scores + 2 * p * padded_rows + r0) - row_shift);
+        const Vec p1 = exp2_lanes(load(scores + (2 * p + 1) * padded_rows + r0) - row_shift);
+        const __m512i pairs = pack_bf16_pairs(p0, p1);
+        _mm512_storeu_si512(probs + p * padded_rows + r0, pairs);
+        sum += low_half(pairs) + high_half(pairs);
+      }
+      store(s.row_max.data() + r0, new_max);
+      store(s.row_sum.data() + r0, sum);
+      store(s.alpha.data() + r0, row_alpha);
+    }
+
+    float* acc = s.acc.data();
+    const uint32_t* values = s.values.data();
+    const float* alpha = s.alpha.data();
+    for (r0 = 0; r0 + 2 * kLanes <= padded_rows; r0 += 2 * kLanes) {
+      for (int64_t d = 0; d < dim; d += 8) {
+        add_values_bf16<2, 8>(acc + d * padded_rows + r0, alpha + r0, probs + r0, values + d, num_pairs, padded_rows, dim);
+      }
+    }
+    if (r0 < padded_rows) {
+      for (int64_t d = 0; d < dim; d += 8) {
+        add_values_bf16<1, 8>(acc + d * padded_rows + r0, alpha + r0, probs + r0, values + d, num_pairs, padded_rows, dim);
+      }
+    }
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv_sum = 1.f / s.row_sum[r];
+    const int64_t head = kv_head * group + r % group;
+    c10::BFloat16* o = pb.out + ((token_begin + r / group) * pb.num_heads + head) * dim;
+    const float* acc = s.acc.data() + r;
+    for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<c10::BFloat16>(acc[d * padded_rows] * inv_sum);
+  }
+}
+#endif  // __AVX512BF16__ && __AVX512BW__
+
+// ---------------------------------------------------------------------------------------------
+// Decode (one query per sequence), flash-decoding style. With one query a prefill item would
+// have group rows of kLanes lanes, and one item per KV head is too few to keep every worker busy
+// (3 items for 2 workers with SmolLM2). Here a unit of work is a split: a range of one sequence's
+// keys, for all its heads, so a page row (every KV head of a token) is read contiguously and
+// long sequences spread over all workers. Lanes run along head_dim (fastgen::cpu::vec, any
+// dtype): a score is a dot product, reduced across lanes once per (key, head). A split leaves
+// its unnormalised state (max, sum, acc) when the sequence has several; a merge combines them.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kMinSplitKeys = 256;  // shorter splits cost more in merging than they gain
+
+struct DecodeSplit {
+  int64_t seq;
+  int64_t k_begin, k_end;  // keys [k_begin, k_end) of the sequence
+  // Where the split's state goes, [num_heads, head_dim + 2] at `partial` * that size; none
+  // when the split is the whole sequence and writes `out` itself.
+  std::optional<int64_t> partial;
+};
+
+struct DecodeScratch {
+  explicit DecodeScratch(int64_t num_heads, int64_t head_dim)
+      : queries(num_heads * head_dim), keys(kKeyTile * head_dim), values(kKeyTile * head_dim),
+        scores(kKeyTile), acc(num_heads * head_dim), row_max(num_heads), row_sum(num_heads) {}
+  std::vector<float> queries;       // [num_heads, head_dim]: queries * scale
+  std::vector<float> keys, values;  // [kKeyTile, head_dim]: one KV head's rows of the tile
+  std::vector<float> scores;        // [kKeyTile]
+  std::vector<float> acc;           // [num_heads, head_dim]: unnormalised output
+  std::vector<float> row_max, row_sum;  // [num_heads]
+};
+
+// Converts n elements to float32 (n a multiple of vec::kWidth, or a tail at the end).
+template <typename T>
+inline void to_float(float* __restrict__ out, const T* __restrict__ in, int64_t n) {
+  int64_t i = 0;
+  for (; i + vec::kWidth <= n; i += vec::kWidth) vec::store(out + i, vec::load(in + i));
+  if (i < n) vec::store(out + i, vec::load(in + i, n - i), n - i);
+}
+
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  vec::Vec sum0 = vec::zero(), sum1 = vec::zero();  // two chains: half the FMA latency bound
+  int64_t i = 0;
+  for (; i + 2 * vec::kWidth <= n; i += 2 * vec::kWidth) {
+    sum0 = vec::fmadd(vec::load(a + i), vec::load(b + i), sum0);
+    sum1 = vec::fmadd(vec::load(a + i + vec::kWidth), vec::load(b + i + vec::kWidth), sum1);
+  }
+  for (; i + vec::kWidth <= n; i += vec::kWidth) sum0 = vec::fmadd(vec::load(a + i), vec::load(b + i), sum0);
+  if (i < n) sum1 = vec::fmadd(vec::load(a + i, n - i), vec::load(b + i, n - i), sum1);
+  return vec::reduce_add(sum0 + sum1);
+}
+
+// acc[d] = acc[d] * alpha + sum_j weights[j] values[j, d].
+inline void add_weighted_rows(float* __restrict__ acc, float alpha, const float* __restrict__ weights,
+                              const float* __restrict__ values, int64_t num_keys, int64_t dim) {
+  const vec::Vec a = vec::set1(alpha);
+  int64_t d = 0;
+  for (; d + 2 * vec::kWidth <= dim; d += 2 * vec::kWidth) {
+    vec::Vec sum0 = vec::load(acc + d) * a, sum1 = vec::load(acc + d + vec::kWidth) * a;
+    for (int64_t j = 0; j < num_keys; ++j) {
+      const vec::Vec w = vec::set1(weights[j]);
+      sum0 = vec::fmadd(w, vec::load(values + j * dim + d), sum0);
+      sum1 = vec::fmadd(w, vec::load(values + j * dim + d + vec::kWidth), sum1);
+    }
+    vec::store(acc + d, sum0);
+    vec::store(acc + d + vec::kWidth, sum1);
+  }
+  for (; d < dim; ++d) {  // head sizes that are not a multiple of 2 * kWidth
+    float sum = acc[d] * alpha;
+    for (int64_t j = 0; j < num_keys; ++j) sum += weights[j] * values[j * dim + d];
+    acc[d] = sum;
+  }
+}
+
+template <typename T>
+void attend_decode_split(const Problem<T>& pb, const DecodeSplit& split, DecodeScratch& s,
+                         float* partials) {
+  const int64_t heads = pb.num_heads, kv_heads = pb.num_kv_heads, dim = pb.head_dim;
+  const int64_t group = heads / kv_heads, token = pb.cu_seqlens_q[split.seq];
+  const int64_t row_bytes = kv_heads * dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t h = 0; h < heads; ++h) {
+    to_float(s.queries.data() + h * dim, pb.query + token * pb.query_stride + h * dim, dim);
+    for (int64_t d = 0; d < dim; ++d) s.queries[h * dim + d] *= pb.scale;
+  }
+  std::fill_n(s.row_max.begin(), heads, kNegInf);
+  std::fill_n(s.row_sum.begin(), heads, 0.f);
+  std::fill_n(s.acc.begin(), heads * dim, 0.f);
+
+  const int32_t* block_table = pb.block_tables + split.seq * pb.max_blocks_per_seq;
+  auto slot_of = [&](int64_t j) {
+    return static_cast<int64_t>(block_table[j / pb.block_size]) * pb.block_size + j % pb.block_size;
+  };
+  int64_t slots[kKeyTile];
+  for (int64_t j0 = split.k_begin; j0 < split.k_end; j0 += kKeyTile) {
+    const int64_t num_keys = std::min(kKeyTile, split.k_end - j0);
+    for (int64_t j = 0; j < num_keys; ++j) slots[j] = slot_of(j0 + j);
+    // The tile after next: whole page rows (all KV heads), contiguous within a page.
+    for (int64_t j = j0 + 2 * kKeyTile; j < std::min(j0 + 3 * kKeyTile, split.k_end); ++j) {
+      const int64_t slot = slot_of(j);
+      const char* k = reinterpret_cast<const char*>(pb.key_cache + slot * kv_heads * dim);
+      const char* v = reinterpret_cast<const char*>(pb.value_cache + slot * kv_heads * dim);
+      for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+        __builtin_prefetch(k + byte);
+        __builtin_prefetch(v + byte);
+      }
+    }
+    for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
+      for (int64_t j = 0; j < num_keys; ++j) {
+        const int64_t offset = (slots[j] * kv_heads + kv_head) * dim;
+        to_float(s.keys.data() + j * dim, pb.key_cache + offset, dim);
+        to_float(s.values.data() + j * dim, pb.value_cache + offset, dim);
+      }
+      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+        const float* q = s.queries.data() + h * dim;
+        float* scores = s.scores.data();
+        float tile_max = kNegInf;
+        for (int64_t j = 0; j < num_keys; ++j) {
+          scores[j] = dot(q, s.keys.data() + j * dim, dim);
+          tile_max = std::max(tile_max, scores[j]);
+        }
+        const float new_max = std::max(s.row_max[h], tile_max);  // finite: the tile has a key
+        const float alpha = std::exp(s.row_max[h] - new_max);
+        vec::Vec sum = vec::zero();
+        int64_t j = 0;
+        for (; j + vec::kWidth <= num_keys; j += vec::kWidth) {
+          const vec::Vec p = vec::exp(vec::load(scores + j) - vec::set1(new_max));
+          vec::store(scores + j, p);
+          sum = sum + p;
+        }
+        float tail_sum = 0.f;
+        for (; j < num_keys; ++j) tail_sum += scores[j] = std::exp(scores[j] - new_max);
+        s.row_sum[h] = s.row_sum[h] * alpha + vec::reduce_add(sum) + tail_sum;
+        s.row_max[h] = new_max;
+        add_weighted_rows(s.acc.data() + h * dim, alpha, scores, s.values.data(), num_keys, dim);
+      }
+    }
+  }
+
+  if (split.partial) {
+    float* state = partials + *split.partial * heads * (dim + 2);
+    for (int64_t h = 0; h < heads; ++h) {
+      state[h * (dim + 2)] = s.row_max[h];
+      state[h * (dim + 2) + 1] = s.row_sum[h];
+      std::copy_n(s.acc.data() + h * dim, dim, state + h * (dim + 2) + 2);
+    }
+    return;
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    T* o = pb.out + (token * heads + h) * dim;
+    const float inv_sum = 1.f / s.row_sum[h];
+    for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(s.acc[h * dim + d] * inv_sum);
+  }
+}
+
+// out for one sequence from its splits' states [num_splits, num_heads, head_dim + 2]: each
+// split's sum and acc scaled by exp(its max - the overall max), added, then divided.
+template <typename T>
+void merge_decode_splits(const Problem<T>& pb, int64_t seq, const float* states, int64_t num_splits) {
+  const int64_t heads = pb.num_heads, dim = pb.head_dim, stride = heads * (dim + 2);
+  const int64_t token = pb.cu_seqlens_q[seq];
+  std::vector<float> acc(dim);
+  for (int64_t h = 0; h < heads; ++h) {
+    float max = kNegInf;
+    for (int64_t i = 0; i < num_splits; ++i) max = std::max(max, states[i * stride + h * (dim + 2)]);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float sum = 0.f;
+    for (int64_t i = 0; i < num_splits; ++i) {
+      const float* state = states + i * stride + h * (dim + 2);
+      const float weight = std::exp(state[0] - max);
+      sum += weight * state[1];
+      for (int64_t d = 0; d < dim; ++d) acc[d] += weight * state[2 + d];
+    }
+    T* o = pb.out + (token * heads + h) * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] / sum);
+  }
+}
+
+// Runs fn(task, scratch) for every task in [0, num_tasks) on the thread pool. Workers take the
+// next task from a shared counter, so one slowed down by another process takes fewer; each has
+// its own scratch, made once.
+template <typename MakeScratch, typename Fn>
+void for_each_task(int64_t num_tasks, MakeScratch make_scratch, Fn fn) {
+  if (num_tasks == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t task = next++; task < num_tasks; task = next++) fn(task, scratch);
+  });
+}
+
+// Sequences with one query, as splits of about the same number of keys: enough of them for
+// ~4 tasks a worker when the keys allow (a sequence is cut only when that leaves >= kMinSplitKeys
+// keys a split), and each sequence's run of partial states for the merge.
+struct DecodePlan {
+  std::vector<DecodeSplit> splits;
+  struct Merge {
+    int64_t seq, first_partial, num_splits;
+  };
+  std::vector<Merge> merges;
+  int64_t num_partials = 0;
+};
+
+template <typename T>
+DecodePlan plan_decode(const Problem<T>& pb, int64_t num_seqs) {
+  auto visible_keys = [&](int64_t b) {  // [first, end) for sequence b's only query
+    const int64_t pos = pb.seq_lens_k[b] - 1;
+    return std::pair{std::max({int64_t{0}, pos - pb.window + 1, pos / pb.chunk * pb.chunk}), pos + 1};
+  };
+  int64_t total_keys = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    if (pb.cu_seqlens_q[b + 1] - pb.cu_seqlens_q[b] != 1) continue;
+    const auto [first, end] = visible_keys(b);
+    total_keys += end - first;
+  }
+  const int64_t target_tasks = 4 * at::get_num_threads();
+  const int64_t split_keys = std::max(kMinSplitKeys, round_up((total_keys + target_tasks - 1) / target_tasks, kKeyTile));
+  DecodePlan plan;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    if (pb.cu_seqlens_q[b + 1] - pb.cu_seqlens_q[b] != 1) continue;
+    const auto [first, end] = visible_keys(b);
+    const int64_t num_splits = (end - first + split_keys - 1) / split_keys;
+    if (num_splits == 1) {
+      plan.splits.push_back({b, first, end, std::nullopt});
+      continue;
+    }
+    plan.merges.push_back({b, plan.num_partials, num_splits});
+    for (int64_t k = first; k < end; k += split_keys) {
+      plan.splits.push_back({b, k, std::min(k + split_keys, end), plan.num_partials++});
+    }
+  }
+  return plan;
+}
+
 }  // namespace
 
 template <typename T>
@@ -301,33 +785,59 @@ void attention_launch(T* out, const T* query, const T* key_cache, const T* value
                       int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                       int64_t max_blocks_per_seq, int64_t query_stride, float scale,
                       std::optional<int64_t> sliding_window, std::optional<int64_t> chunk_size) {
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t queries_per_item = std::max<int64_t>(1, kRowsPerItem / group);
-  std::vector<WorkItem> items;
-  for (int64_t b = 0; b < num_seqs; ++b) {
-    const int64_t q_len = cu_seqlens_q[b + 1] - cu_seqlens_q[b];
-    for (int64_t q = 0; q < q_len; q += queries_per_item) {
-      items.push_back({b, q, std::min(q + queries_per_item, q_len)});
-    }
-  }
-  const int64_t num_tasks = static_cast<int64_t>(items.size()) * num_kv_heads;
-  if (num_tasks == 0) return;
-
   constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max();
   const Problem<T> problem{out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k,
                            block_tables, num_heads, num_kv_heads, head_dim, block_size,
                            max_blocks_per_seq, query_stride, scale,
                            sliding_window.value_or(kUnbounded), chunk_size.value_or(kUnbounded)};
-  const int64_t max_rows = round_up(queries_per_item * group, kLanes);
-  const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
-  at::parallel_for(0, num_workers, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(max_rows, head_dim);
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t task = worker; task < num_tasks; task += num_workers) {
-        attend_item(problem, items[task / num_kv_heads], task % num_kv_heads, scratch);
-      }
+
+  const DecodePlan decode = plan_decode(problem, num_seqs);
+  std::vector<float> partials(decode.num_partials * num_heads * (head_dim + 2));
+  for_each_task(
+      static_cast<int64_t>(decode.splits.size()), [&] { return DecodeScratch(num_heads, head_dim); },
+      [&](int64_t task, DecodeScratch& s) {
+        attend_decode_split(problem, decode.splits[task], s, partials.data());
+      });
+  for_each_task(
+      static_cast<int64_t>(decode.merges.size()), [] { return 0; },
+      [&](int64_t task, int) {
+        const DecodePlan::Merge& m = decode.merges[task];
+        merge_decode_splits(problem, m.seq, partials.data() + m.first_partial * num_heads * (head_dim + 2),
+                            m.num_splits);
+      });
+
+  // Sequences with several queries: blocks of queries, the latest (which see the most keys)
+  // first, so that the short ones at the end fill in the gaps.
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t queries_per_item = std::max<int64_t>(1, kRowsPerItem / group);
+  std::vector<WorkItem> items;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t q_len = cu_seqlens_q[b + 1] - cu_seqlens_q[b];
+    if (q_len <= 1) continue;
+    for (int64_t q = 0; q < q_len; q += queries_per_item) {
+      items.push_back({b, q, std::min(q + queries_per_item, q_len)});
     }
-  });
+  }
+  std::sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.q_end > b.q_end; });
+  const int64_t num_tasks = static_cast<int64_t>(items.size()) * num_kv_heads;
+  const int64_t max_rows = round_up(queries_per_item * group, kLanes);
+#if defined(FASTGEN_ATTENTION_BF16_DOT)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (head_dim % kLanes == 0) {
+      for_each_task(
+          num_tasks, [&] { return Bf16Scratch(max_rows, head_dim); },
+          [&](int64_t task, Bf16Scratch& s) {
+            attend_item_bf16(problem, items[task / num_kv_heads], task % num_kv_heads, s);
+          });
+      return;
+    }
+  }
+#endif
+  for_each_task(
+      num_tasks, [&] { return Scratch(max_rows, head_dim); },
+      [&](int64_t task, Scratch& s) {
+        attend_item(problem, items[task / num_kv_heads], task % num_kv_heads, s);
+      });
 }
 
 #define FASTGEN_INSTANTIATE(T)                                                                  \
@@ -442,3 +952,7 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
 }
 
 }  // namespace fastgen::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -100,6 +100,27 @@ def test_block_sizes(block_size: int, device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,chunk", [(None, None), (1000, None), (None, 1536)])
+def test_long_decode(window: int | None, chunk: int | None, dtype: torch.dtype, device: str) -> None:
+    """Long contexts beside short ones: the CPU kernel cuts long sequences' keys into splits
+    (flash-decoding) and merges their partial softmax states; windows and chunks move the splits."""
+    batch = make_batch([1, 1, 1, 1], [3001, 5, 700, 2100], num_heads=6, num_kv_heads=2,
+                       head_dim=64, block_size=16, dtype=dtype, device=device, seed=4)
+    run_and_compare(batch, window, chunk)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 9, 3), (128, 8, 2)])
+def test_long_prefill_bf16(head_dim: int, num_heads: int, num_kv_heads: int, device: str) -> None:
+    """2048 tokens in bf16: the CPU kernel rounds probabilities to bf16 for P.V, and the error
+    must not grow with the context. A length that is no multiple of any tile, beside a chunk."""
+    batch = make_batch([2048, 77], [2048, 300], num_heads, num_kv_heads, head_dim, block_size=16,
+                       dtype=torch.bfloat16, device=device, seed=5)
+    run_and_compare(batch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_query(device: str) -> None:
     """query may be the q slice of a fused [T, (Hq + 2 Hkv) * D] projection."""
     batch = make_batch([12, 1], [12, 40], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
