@@ -57,6 +57,7 @@ constexpr int64_t kLanes = 16;        // float32 lanes of an AVX-512 register; r
 constexpr int64_t kKeyTile = 32;      // keys converted, scored and softmaxed together
 constexpr int64_t kRowsPerItem = 64;  // target rows (queries x group heads) of one work item
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
@@ -567,11 +568,11 @@ struct DecodeScratch {
   explicit DecodeScratch(int64_t num_heads, int64_t head_dim)
       : queries(num_heads * head_dim), keys(kKeyTile * head_dim), values(kKeyTile * head_dim),
         scores(kKeyTile), acc(num_heads * head_dim), row_max(num_heads), row_sum(num_heads) {}
-  std::vector<float> queries;       // [num_heads, head_dim]: queries * scale
+  std::vector<float> queries;       // [num_heads, head_dim]: queries * scale * log2(e)
   std::vector<float> keys, values;  // [kKeyTile, head_dim]: one KV head's rows of the tile
   std::vector<float> scores;        // [kKeyTile]
   std::vector<float> acc;           // [num_heads, head_dim]: unnormalised output
-  std::vector<float> row_max, row_sum;  // [num_heads]
+  std::vector<float> row_max, row_sum;  // [num_heads], log2 domain
 };
 
 // Converts n elements to float32 (n a multiple of vec::kWidth, or a tail at the end).
@@ -616,6 +617,28 @@ inline void add_weighted_rows(float* __restrict__ acc, float alpha, const float*
   }
 }
 
+// A split's end: out = acc / sum when it is the whole sequence, else its state for the merge.
+template <typename T>
+void finish_decode_split(const Problem<T>& pb, const DecodeSplit& split, const float* acc,
+                         const float* row_max, const float* row_sum, float* partials) {
+  const int64_t heads = pb.num_heads, dim = pb.head_dim;
+  if (split.partial) {
+    float* state = partials + *split.partial * heads * (dim + 2);
+    for (int64_t h = 0; h < heads; ++h) {
+      state[h * (dim + 2)] = row_max[h];
+      state[h * (dim + 2) + 1] = row_sum[h];
+      std::copy_n(acc + h * dim, dim, state + h * (dim + 2) + 2);
+    }
+    return;
+  }
+  const int64_t token = pb.cu_seqlens_q[split.seq];
+  for (int64_t h = 0; h < heads; ++h) {
+    T* o = pb.out + (token * heads + h) * dim;
+    const float inv_sum = 1.f / row_sum[h];
+    for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[h * dim + d] * inv_sum);
+  }
+}
+
 template <typename T>
 void attend_decode_split(const Problem<T>& pb, const DecodeSplit& split, DecodeScratch& s,
                          float* partials) {
@@ -624,7 +647,7 @@ void attend_decode_split(const Problem<T>& pb, const DecodeSplit& split, DecodeS
   const int64_t row_bytes = kv_heads * dim * static_cast<int64_t>(sizeof(T));
   for (int64_t h = 0; h < heads; ++h) {
     to_float(s.queries.data() + h * dim, pb.query + token * pb.query_stride + h * dim, dim);
-    for (int64_t d = 0; d < dim; ++d) s.queries[h * dim + d] *= pb.scale;
+    for (int64_t d = 0; d < dim; ++d) s.queries[h * dim + d] *= pb.scale * kLog2e;
   }
   std::fill_n(s.row_max.begin(), heads, kNegInf);
   std::fill_n(s.row_sum.begin(), heads, 0.f);
@@ -663,16 +686,16 @@ void attend_decode_split(const Problem<T>& pb, const DecodeSplit& split, DecodeS
           tile_max = std::max(tile_max, scores[j]);
         }
         const float new_max = std::max(s.row_max[h], tile_max);  // finite: the tile has a key
-        const float alpha = std::exp(s.row_max[h] - new_max);
+        const float alpha = std::exp2(s.row_max[h] - new_max);
         vec::Vec sum = vec::zero();
         int64_t j = 0;
         for (; j + vec::kWidth <= num_keys; j += vec::kWidth) {
-          const vec::Vec p = vec::exp(vec::load(scores + j) - vec::set1(new_max));
+          const vec::Vec p = vec::exp((vec::load(scores + j) - vec::set1(new_max)) * vec::set1(kLn2));
           vec::store(scores + j, p);
           sum = sum + p;
         }
         float tail_sum = 0.f;
-        for (; j < num_keys; ++j) tail_sum += scores[j] = std::exp(scores[j] - new_max);
+        for (; j < num_keys; ++j) tail_sum += scores[j] = std::exp2(scores[j] - new_max);
         s.row_sum[h] = s.row_sum[h] * alpha + vec::reduce_add(sum) + tail_sum;
         s.row_max[h] = new_max;
         add_weighted_rows(s.acc.data() + h * dim, alpha, scores, s.values.data(), num_keys, dim);
@@ -680,24 +703,155 @@ void attend_decode_split(const Problem<T>& pb, const DecodeSplit& split, DecodeS
     }
   }
 
-  if (split.partial) {
-    float* state = partials + *split.partial * heads * (dim + 2);
-    for (int64_t h = 0; h < heads; ++h) {
-      state[h * (dim + 2)] = s.row_max[h];
-      state[h * (dim + 2) + 1] = s.row_sum[h];
-      std::copy_n(s.acc.data() + h * dim, dim, state + h * (dim + 2) + 2);
-    }
-    return;
-  }
-  for (int64_t h = 0; h < heads; ++h) {
-    T* o = pb.out + (token * heads + h) * dim;
-    const float inv_sum = 1.f / s.row_sum[h];
-    for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(s.acc[h * dim + d] * inv_sum);
-  }
+  finish_decode_split(pb, split, s.acc.data(), s.row_max.data(), s.row_sum.data(), partials);
 }
 
+#if defined(FASTGEN_ATTENTION_BF16_DOT)
+// bf16 decode on AVX512-BF16 (head_dim a multiple of 32): Q.K^T as pair dot products straight
+// from the cache rows, 16 keys' partial sums folded into one vector of 16 scores by a transpose-
+// and-add tree (4 levels instead of 16 separate lane reductions); P.V as pair dot products over
+// value rows packed in key pairs, the probabilities rounded to bf16 as in prefill.
+
+// Index vectors for one fold level: inputs a, b each hold `sources` partial sums in segments of
+// 16 / sources lanes; the output holds a's then b's sources in segments half as long, the low
+// (high) index picking each segment's first (second) half.
+inline __m512i fold_index(int sources, bool high) {
+  alignas(64) int32_t index[kLanes];
+  const int segment = kLanes / sources, half = segment / 2;
+  for (int o = 0; o < kLanes; ++o) {
+    const int source = o / half, lane = o % half + (high ? half : 0);
+    index[o] = source < sources ? source * segment + lane : kLanes + (source - sources) * segment + lane;
+  }
+  return _mm512_load_si512(index);
+}
+
+// lane i of the result = the sum of v[i]'s lanes, for 16 vectors (v is overwritten).
+inline __m512 sum_lanes_16(__m512* v) {
+  static const __m512i lo[4] = {fold_index(1, false), fold_index(2, false), fold_index(4, false), fold_index(8, false)};
+  static const __m512i hi[4] = {fold_index(1, true), fold_index(2, true), fold_index(4, true), fold_index(8, true)};
+  for (int level = 0, n = kLanes / 2; n >= 1; ++level, n /= 2) {
+    for (int i = 0; i < n; ++i) {
+      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], lo[level], v[2 * i + 1]),
+                           _mm512_permutex2var_ps(v[2 * i], hi[level], v[2 * i + 1]));
+    }
+  }
+  return v[0];
+}
+
+struct DecodeBf16Scratch {
+  explicit DecodeBf16Scratch(int64_t num_heads, int64_t head_dim)
+      : values(kPairsPerTile * head_dim), acc(num_heads * head_dim), row_max(num_heads), row_sum(num_heads) {}
+  std::vector<uint32_t> values;  // [kKeyTile / 2, head_dim]: bf16 pairs (v[2i, d], v[2i + 1, d])
+  std::vector<float> acc;        // [num_heads, head_dim]: unnormalised output
+  std::vector<float> row_max, row_sum;  // [num_heads], log2 domain
+};
+
+// acc[d] = acc[d] * alpha + sum_i probs[i] . values[i, d] (bf16 pairs) for kChunks x 16 dims.
+template <int kChunks>
+inline void add_value_pairs(float* __restrict__ acc, float alpha, const uint32_t* __restrict__ probs,
+                            const uint32_t* __restrict__ values, int64_t num_pairs, int64_t dim) {
+  __m512 sum[kChunks];
+  for (int c = 0; c < kChunks; ++c) sum[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + c * kLanes), _mm512_set1_ps(alpha));
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    const __m512bh w = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(probs[p])));
+    for (int c = 0; c < kChunks; ++c) {
+      sum[c] = _mm512_dpbf16_ps(sum[c], as_bf16_pairs(_mm512_loadu_si512(values + p * dim + c * kLanes)), w);
+    }
+  }
+  for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(acc + c * kLanes, sum[c]);
+}
+
+void attend_decode_split_bf16(const Problem<c10::BFloat16>& pb, const DecodeSplit& split,
+                              DecodeBf16Scratch& s, float* partials) {
+  using bf16 = c10::BFloat16;
+  const int64_t heads = pb.num_heads, kv_heads = pb.num_kv_heads, dim = pb.head_dim;
+  const int64_t group = heads / kv_heads, token = pb.cu_seqlens_q[split.seq];
+  const int64_t row_bytes = kv_heads * dim * 2;
+  std::fill_n(s.row_max.begin(), heads, kNegInf);
+  std::fill_n(s.row_sum.begin(), heads, 0.f);
+  std::fill_n(s.acc.begin(), heads * dim, 0.f);
+  const Vec log2_scale = splat(pb.scale * kLog2e);
+
+  const int32_t* block_table = pb.block_tables + split.seq * pb.max_blocks_per_seq;
+  auto slot_of = [&](int64_t j) {
+    return static_cast<int64_t>(block_table[j / pb.block_size]) * pb.block_size + j % pb.block_size;
+  };
+  int64_t slots[kKeyTile];
+  const bf16* key_rows[kKeyTile];
+  alignas(64) float scores[kKeyTile];
+  uint32_t prob_pairs[kPairsPerTile];  // bf16 pairs (p[2i], p[2i + 1])
+  for (int64_t j0 = split.k_begin; j0 < split.k_end; j0 += kKeyTile) {
+    const int64_t num_keys = std::min(kKeyTile, split.k_end - j0);
+    const int64_t num_pairs = (num_keys + 1) / 2;
+    for (int64_t j = 0; j < num_keys; ++j) slots[j] = slot_of(j0 + j);
+    for (int64_t j = j0 + 2 * kKeyTile; j < std::min(j0 + 3 * kKeyTile, split.k_end); ++j) {
+      const int64_t slot = slot_of(j);
+      const char* k = reinterpret_cast<const char*>(pb.key_cache + slot * kv_heads * dim);
+      const char* v = reinterpret_cast<const char*>(pb.value_cache + slot * kv_heads * dim);
+      for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+        __builtin_prefetch(k + byte);
+        __builtin_prefetch(v + byte);
+      }
+    }
+    for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
+      for (int64_t p = 0; p < num_pairs; ++p) {
+        const bf16* v0 = pb.value_cache + (slots[2 * p] * kv_heads + kv_head) * dim;
+        const bf16* v1 = 2 * p + 1 < num_keys ? pb.value_cache + (slots[2 * p + 1] * kv_heads + kv_head) * dim : nullptr;
+        for (int64_t d = 0; d < dim; d += kLanes) {
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
+          const __m512i hi = v1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d)))
+                                : _mm512_setzero_si512();
+          _mm512_storeu_si512(s.values.data() + p * dim + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+      for (int64_t j = 0; j < num_keys; ++j) key_rows[j] = pb.key_cache + (slots[j] * kv_heads + kv_head) * dim;
+
+      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+        const bf16* q = pb.query + token * pb.query_stride + h * dim;
+        for (int64_t jb = 0; jb < kKeyTile; jb += kLanes) {
+          __m512 partial[kLanes];
+          for (int64_t j = 0; j < kLanes; ++j) {
+            __m512 sum = _mm512_setzero_ps();
+            if (jb + j < num_keys) {
+              for (int64_t d = 0; d < dim; d += 2 * kLanes) {
+                sum = _mm512_dpbf16_ps(sum, as_bf16_pairs(_mm512_loadu_si512(q + d)),
+                                       as_bf16_pairs(_mm512_loadu_si512(key_rows[jb + j] + d)));
+              }
+            }
+            partial[j] = sum;
+          }
+          const IVec key = IVec{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + static_cast<int32_t>(jb);
+          const Vec v = (Vec)sum_lanes_16(partial) * log2_scale;
+          store(scores + jb, key < static_cast<int32_t>(num_keys) ? v : splat(kNegInf));
+        }
+        const Vec s0 = load(scores), s1 = load(scores + kLanes);
+        const float tile_max = _mm512_reduce_max_ps(max(s0, s1));  // finite: the tile has a key
+        const float new_max = std::max(s.row_max[h], tile_max);
+        const float alpha = std::exp2(s.row_max[h] - new_max);
+        const __m256bh p0 = _mm512_cvtneps_pbh(exp2_lanes(s0 - new_max));
+        const __m256bh p1 = _mm512_cvtneps_pbh(exp2_lanes(s1 - new_max));
+        std::memcpy(prob_pairs, &p0, sizeof(p0));
+        std::memcpy(prob_pairs + kLanes / 2, &p1, sizeof(p1));
+        const Vec rounded = (Vec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(p0)), 16)) +
+                            (Vec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(p1)), 16));
+        s.row_sum[h] = s.row_sum[h] * alpha + _mm512_reduce_add_ps(rounded);
+        s.row_max[h] = new_max;
+
+        float* acc = s.acc.data() + h * dim;
+        int64_t d = 0;
+        for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
+          add_value_pairs<4>(acc + d, alpha, prob_pairs, s.values.data() + d, num_pairs, dim);
+        }
+        for (; d < dim; d += 2 * kLanes) add_value_pairs<2>(acc + d, alpha, prob_pairs, s.values.data() + d, num_pairs, dim);
+      }
+    }
+  }
+  finish_decode_split(pb, split, s.acc.data(), s.row_max.data(), s.row_sum.data(), partials);
+}
+#endif  // FASTGEN_ATTENTION_BF16_DOT
+
 // out for one sequence from its splits' states [num_splits, num_heads, head_dim + 2]: each
-// split's sum and acc scaled by exp(its max - the overall max), added, then divided.
+// split's sum and acc scaled by 2^(its max - the overall max), added, then divided.
 template <typename T>
 void merge_decode_splits(const Problem<T>& pb, int64_t seq, const float* states, int64_t num_splits) {
   const int64_t heads = pb.num_heads, dim = pb.head_dim, stride = heads * (dim + 2);
@@ -710,7 +864,7 @@ void merge_decode_splits(const Problem<T>& pb, int64_t seq, const float* states,
     float sum = 0.f;
     for (int64_t i = 0; i < num_splits; ++i) {
       const float* state = states + i * stride + h * (dim + 2);
-      const float weight = std::exp(state[0] - max);
+      const float weight = std::exp2(state[0] - max);
       sum += weight * state[1];
       for (int64_t d = 0; d < dim; ++d) acc[d] += weight * state[2 + d];
     }
@@ -793,11 +947,27 @@ void attention_launch(T* out, const T* query, const T* key_cache, const T* value
 
   const DecodePlan decode = plan_decode(problem, num_seqs);
   std::vector<float> partials(decode.num_partials * num_heads * (head_dim + 2));
-  for_each_task(
-      static_cast<int64_t>(decode.splits.size()), [&] { return DecodeScratch(num_heads, head_dim); },
-      [&](int64_t task, DecodeScratch& s) {
-        attend_decode_split(problem, decode.splits[task], s, partials.data());
-      });
+  const int64_t num_splits = static_cast<int64_t>(decode.splits.size());
+  bool decoded = false;
+#if defined(FASTGEN_ATTENTION_BF16_DOT)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (head_dim % (2 * kLanes) == 0) {
+      for_each_task(
+          num_splits, [&] { return DecodeBf16Scratch(num_heads, head_dim); },
+          [&](int64_t task, DecodeBf16Scratch& s) {
+            attend_decode_split_bf16(problem, decode.splits[task], s, partials.data());
+          });
+      decoded = true;
+    }
+  }
+#endif
+  if (!decoded) {
+    for_each_task(
+        num_splits, [&] { return DecodeScratch(num_heads, head_dim); },
+        [&](int64_t task, DecodeScratch& s) {
+          attend_decode_split(problem, decode.splits[task], s, partials.data());
+        });
+  }
   for_each_task(
       static_cast<int64_t>(decode.merges.size()), [] { return 0; },
       [&](int64_t task, int) {
