@@ -15,7 +15,10 @@ endfunction()
 # fastgen_cpu_flags(<target> NATIVE <ON|OFF>)
 #   Optimisation flags for the C++ kernels. NATIVE ON adds -march=native (AVX-512 / AVX2 where the
 #   building machine has them), as llama.cpp does by default; turn it off for a portable build.
-#   OpenMP is not used: CPU kernels parallelise with at::parallel_for, on torch's thread pool.
+#   CPU kernels parallelise with at::parallel_for, on torch's thread pool. With torch's OpenMP
+#   backend (the pip wheels' default) at::parallel_for is an inline `#pragma omp parallel` in
+#   ATen/ParallelOpenMP.h, so the kernels must be compiled with OpenMP: without it the pragma is
+#   dropped and every parallel_for runs on one thread. The runtime is torch's own libgomp.
 #   Example: fastgen_cpu_flags(fastgen_kernels NATIVE ON)
 function(fastgen_cpu_flags target)
   cmake_parse_arguments(ARG "" "NATIVE" "" ${ARGN})
@@ -24,6 +27,8 @@ function(fastgen_cpu_flags target)
     list(APPEND flags -march=native)
   endif()
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${flags}>)
+  find_package(OpenMP REQUIRED COMPONENTS CXX)
+  target_link_libraries(${target} PUBLIC OpenMP::OpenMP_CXX)
 endfunction()
 
 # fastgen_cuda_flags(<target>)
