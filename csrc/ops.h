@@ -1,5 +1,7 @@
 // The tensor adapters behind every op: one declaration per op and backend. The schemas (the
-// contract, with shapes) are in torch_bindings.cpp; both backends implement the same signature.
+// contract, with shapes) are in torch_bindings.cpp. FASTGEN_DECLARE_OPS lists the ops every
+// backend implements, with the same signature; CPU-only ops are declared after it, in the CPU
+// namespace alone.
 #pragma once
 
 #include <optional>
@@ -24,6 +26,11 @@
 
 namespace fastgen::cpu {
 FASTGEN_DECLARE_OPS
+
+// CPU-only: on a GPU the same job is cuBLAS's (F.linear), which already runs at the memory
+// roofline, so there is no CUDA kernel; on the CPU torch's small-M bf16 GEMM is too slow.
+void linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+            const std::optional<at::Tensor>& bias);
 }  // namespace fastgen::cpu
 
 #ifdef FASTGEN_WITH_CUDA

@@ -1,7 +1,8 @@
 // Every fastgen op's schema, written once for all backends, and its CPU / CUDA implementations.
 // Shape letters: T = tokens in the batch, B = sequences, H = hidden size, Hq / Hkv = query / KV
 // heads, D = head size, R = rotary dims (<= D), N = cache blocks, S = block size, M = blocks per
-// sequence in the block table, P = positions in the cos/sin cache.
+// sequence in the block table, P = positions in the cos/sin cache, I / O = a linear layer's input /
+// output features.
 //
 // Python reaches these as torch.ops.fastgen.<op>; importing the module runs the registrations.
 #include <Python.h>
@@ -37,6 +38,10 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
         "Tensor cu_seqlens_q, Tensor seq_lens_k, Tensor block_tables, int max_seqlen_q, "
         "int max_seqlen_k, float scale, int? sliding_window, int? chunk_size) -> ()");
+  // out = input @ weight^T + bias, accumulated in float32. CPU only (on GPUs F.linear is cuBLAS).
+  // input: [T, I]; weight: [O, I] (nn.Linear's layout); bias: [O]; out: [T, O], of input's dtype
+  // or float32 (e.g. fp32 logits from a bf16 LM head, rounded once).
+  m.def("linear(Tensor! out, Tensor input, Tensor weight, Tensor? bias) -> ()");
 }
 
 #define FASTGEN_IMPL_OPS(m, ns)                              \
@@ -47,7 +52,11 @@ TORCH_LIBRARY(fastgen, m) {
   m.impl("reshape_and_cache", &ns::reshape_and_cache);       \
   m.impl("attention", &ns::attention);
 
-TORCH_LIBRARY_IMPL(fastgen, CPU, m) { FASTGEN_IMPL_OPS(m, fastgen::cpu) }
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  FASTGEN_IMPL_OPS(m, fastgen::cpu)
+  // CPU-only ops (no CUDA kernel: see ops.h).
+  m.impl("linear", &fastgen::cpu::linear);
+}
 
 #ifdef FASTGEN_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastgen, CUDA, m) { FASTGEN_IMPL_OPS(m, fastgen::cuda) }

@@ -5,6 +5,7 @@
 //   build/dev/fastgen_bench_kernels                 # CPU kernels, bf16
 //   build/dev/fastgen_bench_kernels --device cuda   # CUDA kernels (needs a GPU)
 //
+// The CPU run also times the decode linear layers (the CPU-only linear op; on GPUs it is cuBLAS).
 // Sizes are the shapes the engine runs: SmolLM2-135M (H 576, 9/3 heads, D 64) and Llama-3-8B
 // (H 4096, 32/8 heads, D 128), at decode (few tokens) and prefill (many tokens) batch sizes.
 // Bytes counted are the bytes each kernel must read and write at least once.
@@ -18,6 +19,7 @@
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -26,6 +28,7 @@
 #include "cpu/activation.h"
 #include "cpu/attention.h"
 #include "cpu/cache.h"
+#include "cpu/linear.h"
 #include "cpu/norm.h"
 #include "cpu/rotary.h"
 
@@ -329,6 +332,43 @@ void run_cases(const Kernels& kernels, const Reporter& report) {
   }
 }
 
+// CPU only (GPUs use cuBLAS): the decode GEMVs of each model, reported as GB/s of weight read.
+// The weight is cycled through enough copies to exceed the last-level cache, as in a decode step,
+// where every layer's weight comes from memory.
+void run_linear_cases(const Reporter& report) {
+  using T = c10::BFloat16;
+  struct LinearShape {
+    const char* name;
+    int64_t in, out;
+  };
+  const std::pair<const char*, std::vector<LinearShape>> models[] = {
+      {"smollm2", {{"qkv", 576, 960}, {"o", 576, 576}, {"gate_up", 576, 3072}, {"down", 1536, 576},
+                   {"lm_head", 576, 49152}}},
+      {"llama3-8b", {{"qkv", 4096, 6144}, {"o", 4096, 4096}, {"gate_up", 4096, 28672},
+                     {"down", 14336, 4096}}},
+  };
+  constexpr size_t kColdBytes = size_t{256} << 20;
+  for (const auto& [model, layers] : models) {
+    for (const LinearShape& l : layers) {
+      const size_t weight_bytes = l.in * l.out * sizeof(T);
+      const int64_t copies = std::max<int64_t>(2, (kColdBytes + weight_bytes - 1) / weight_bytes);
+      Buffer<T> weights(Device::kCpu, copies * l.in * l.out, false);
+      for (int64_t tokens : {1, 8}) {
+        Buffer<T> x(Device::kCpu, tokens * l.in), out(Device::kCpu, tokens * l.out);
+        int64_t copy = 0;
+        const double us = time_us(Device::kCpu, [&] {
+          fastgen::cpu::linear_launch<T, T>(out.get(), x.get(), weights.get() + copy * l.in * l.out, nullptr,
+                                            tokens, l.out, l.in, l.in);
+          copy = (copy + 1) % copies;
+        });
+        const std::string shape = std::string(model) + " " + l.name + ", " + std::to_string(tokens) +
+                                  " x " + std::to_string(l.in) + " -> " + std::to_string(l.out);
+        report.row("linear", shape, us, static_cast<double>(weight_bytes));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -360,6 +400,7 @@ int main(int argc, char** argv) {
   if (device == Device::kCpu) {
     run_cases<c10::BFloat16>(CpuKernels<c10::BFloat16>{}, report);
     run_attention_cases<c10::BFloat16>(CpuKernels<c10::BFloat16>{}, report);
+    run_linear_cases(report);
   } else {
 #ifdef FASTGEN_WITH_CUDA
     run_cases<__nv_bfloat16>(CudaKernels<__nv_bfloat16>{}, report);

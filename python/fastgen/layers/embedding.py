@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.layers.linear import linear
+
 
 class VocabParallelEmbedding(nn.Module):
     """ids -> rows of the embedding table.   weight: [V_local, H]"""
@@ -52,7 +54,8 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, H] -> [B, V] float32"""
-        logits = F.linear(hidden, self.weight)  # [B, V_local]
+        # float32 straight from the matmul where the CPU kernel runs: no bf16 rounding of logits
+        logits = linear(hidden, self.weight, out_dtype=torch.float32)  # [B, V_local]
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             torch.distributed.all_gather(parts, logits)

@@ -2,7 +2,8 @@
 
 Each wrapper allocates the output where the op writes into one and documents shapes; the kernels
 check their inputs. Shape letters: T tokens, H hidden, Hq / Hkv query / KV heads, D head size,
-N cache blocks, S block size, B sequences, M blocks per sequence.
+N cache blocks, S block size, B sequences, M blocks per sequence, I / O a linear layer's input /
+output features.
 The pure-PyTorch references the tests compare against are in ``fastgen.ops.reference``.
 """
 
@@ -62,4 +63,13 @@ def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     _ops.attention.default(out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k,
                            block_tables, max_seqlen_q, max_seqlen_k, scale, sliding_window,
                            chunk_size)
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ weight^T + bias, accumulated in float32 (CPU only; on GPUs use F.linear).
+    x: [T, I]; weight: [O, I]; bias: [O] -> [T, O] of out_dtype (x's dtype, or float32)"""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+    _ops.linear.default(out, x, weight, bias)
     return out

@@ -21,6 +21,12 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(summed, weight, eps), summed
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias, in float32.   x: [T, I]; weight: [O, I]; bias: [O] -> [T, O]"""
+    y = x.float() @ weight.float().T
+    return y if bias is None else y + bias.float()
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(x[..., :I]) * x[..., I:], in float32.   x: [T, 2I] -> [T, I]"""
     gate, up = x.float().chunk(2, dim=-1)
