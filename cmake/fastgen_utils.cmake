@@ -53,3 +53,26 @@ function(fastgen_find_wheel_cuda_libs)
     set(FASTGEN_NCCL_ROOT "${Python_SITELIB}/nvidia/nccl" CACHE PATH "NCCL from torch's wheel")
   endif()
 endfunction()
+
+# fastgen_torch_cpu_target(<name>)
+#   An INTERFACE target with torch's headers and CPU libraries, for CPU-only builds. torch's own
+#   CMake config (find_package(Torch)) insists on a CUDA toolkit whenever torch is a CUDA build,
+#   even when nothing here is compiled for CUDA; this asks the interpreter where torch lives.
+#   Call after find_package(Python). Example: fastgen_torch_cpu_target(fastgen_torch)
+function(fastgen_torch_cpu_target name)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c
+      "import os, torch; print(os.path.dirname(torch.__file__)); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
+    OUTPUT_VARIABLE torch_info OUTPUT_STRIP_TRAILING_WHITESPACE COMMAND_ERROR_IS_FATAL ANY)
+  string(REPLACE "\n" ";" torch_info "${torch_info}")
+  list(GET torch_info 0 torch_dir)
+  list(GET torch_info 1 cxx11_abi)
+  find_library(FASTGEN_TORCH_CPU_LIB torch_cpu PATHS "${torch_dir}/lib" NO_DEFAULT_PATH REQUIRED)
+  find_library(FASTGEN_C10_LIB c10 PATHS "${torch_dir}/lib" NO_DEFAULT_PATH REQUIRED)
+  add_library(${name} INTERFACE)
+  target_include_directories(${name} SYSTEM INTERFACE
+    "${torch_dir}/include" "${torch_dir}/include/torch/csrc/api/include")
+  target_compile_definitions(${name} INTERFACE _GLIBCXX_USE_CXX11_ABI=${cxx11_abi})
+  target_link_libraries(${name} INTERFACE "${FASTGEN_TORCH_CPU_LIB}" "${FASTGEN_C10_LIB}")
+  set_target_properties(${name} PROPERTIES INTERFACE_LINK_OPTIONS "-Wl,-rpath,${torch_dir}/lib")
+endfunction()
