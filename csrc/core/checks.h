@@ -1,5 +1,6 @@
-// Input checks shared by the tensor adapters (CPU and CUDA): each failure says which op, which
-// argument and what it got, so a wrong call reads as an error message, not a crash.
+// The check macros that core/op_checks.cpp builds every op's argument checks from: each failure
+// says which op, which argument (its name as written) and what it got, so a wrong call reads as
+// an error message, not a crash.
 #pragma once
 
 #include <ATen/core/Tensor.h>

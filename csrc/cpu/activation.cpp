@@ -11,8 +11,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cpu/activation.h"
 #include "cpu/vec.h"
 #include "ops.h"
@@ -67,15 +67,7 @@ FASTGEN_INSTANTIATE(c10::BFloat16)
 
 void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   constexpr const char* op = "silu_and_mul";
-  FASTGEN_CHECK_DIM(op, input, 2);
-  FASTGEN_CHECK_DIM(op, out, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, out);
-  TORCH_CHECK(input.stride(1) == 1, op, ": input rows must be contiguous");
-  TORCH_CHECK(input.size(1) % 2 == 0, op, ": input must be [T, 2I], got odd last dim ",
-              input.size(1));
-  TORCH_CHECK(out.size(0) == input.size(0) && out.size(1) == input.size(1) / 2, op,
-              ": out must be [", input.size(0), ", ", input.size(1) / 2, "], got ", out.sizes());
-  FASTGEN_CHECK_SAME_DTYPE(op, out, input);
+  check_silu_and_mul_args(out, input);
   FASTGEN_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
     silu_and_mul_launch<scalar_t>(out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(),
                                   input.size(0), out.size(1), input.stride(0));

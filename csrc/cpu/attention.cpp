@@ -21,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -30,14 +29,15 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cpu/attention.h"
 #include "cpu/vec.h"
 #include "ops.h"
@@ -122,6 +122,12 @@ struct Problem {
   float scale;
   // No window / no chunk are the infinite ones: p - j < INT64_MAX and j / INT64_MAX == 0 always.
   int64_t window, chunk;
+
+  // The cache slot (block * block_size + offset) of key j of the sequence whose row of
+  // block_tables is block_table.
+  int64_t slot(const int32_t* block_table, int64_t j) const {
+    return static_cast<int64_t>(block_table[j / block_size]) * block_size + j % block_size;
+  }
 };
 
 // One worker's buffers, sized for the largest item and reused across its items.
@@ -245,8 +251,7 @@ void attend_item(const Problem<T>& pb, const WorkItem& item, int64_t kv_head, Sc
     // slice of each cache row is too short and scattered for the hardware prefetcher.
     const int64_t next_end = std::min(j0 + 2 * kKeyTile, keys_end);
     for (int64_t j = j0; j < next_end; ++j) {
-      const int64_t slot = static_cast<int64_t>(block_table[j / pb.block_size]) * pb.block_size +
-                           j % pb.block_size;
+      const int64_t slot = pb.slot(block_table, j);
       const T* k = pb.key_cache + (slot * pb.num_kv_heads + kv_head) * dim;
       const T* v = pb.value_cache + (slot * pb.num_kv_heads + kv_head) * dim;
       if (j >= j0 + kKeyTile) {
@@ -447,8 +452,7 @@ void attend_item_bf16(const Problem<c10::BFloat16>& pb, const WorkItem& item, in
     const int64_t next_end = std::min(j0 + 2 * kKeyTile, keys_end);
     const c10::BFloat16* value_rows[kKeyTile];
     for (int64_t j = j0; j < next_end; ++j) {
-      const int64_t slot = static_cast<int64_t>(block_table[j / pb.block_size]) * pb.block_size +
-                           j % pb.block_size;
+      const int64_t slot = pb.slot(block_table, j);
       const c10::BFloat16* k = pb.key_cache + (slot * pb.num_kv_heads + kv_head) * dim;
       const c10::BFloat16* v = pb.value_cache + (slot * pb.num_kv_heads + kv_head) * dim;
       if (j >= j0 + kKeyTile) {
@@ -639,12 +643,29 @@ void finish_decode_split(const Problem<T>& pb, const DecodeSplit& split, const f
   }
 }
 
+// Asks for the whole cache rows (all KV heads, contiguous within a page) of keys [begin, end),
+// key and value: decode reads every head of a row, and rows are scattered across pages.
+template <typename T>
+inline void prefetch_cache_rows(const Problem<T>& pb, const int32_t* block_table, int64_t begin,
+                                int64_t end) {
+  const int64_t row = pb.num_kv_heads * pb.head_dim;
+  const int64_t row_bytes = row * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t slot = pb.slot(block_table, j);
+    const char* k = reinterpret_cast<const char*>(pb.key_cache + slot * row);
+    const char* v = reinterpret_cast<const char*>(pb.value_cache + slot * row);
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+      __builtin_prefetch(k + byte);
+      __builtin_prefetch(v + byte);
+    }
+  }
+}
+
 template <typename T>
 void attend_decode_split(const Problem<T>& pb, const DecodeSplit& split, DecodeScratch& s,
                          float* partials) {
   const int64_t heads = pb.num_heads, kv_heads = pb.num_kv_heads, dim = pb.head_dim;
   const int64_t group = heads / kv_heads, token = pb.cu_seqlens_q[split.seq];
-  const int64_t row_bytes = kv_heads * dim * static_cast<int64_t>(sizeof(T));
   for (int64_t h = 0; h < heads; ++h) {
     to_float(s.queries.data() + h * dim, pb.query + token * pb.query_stride + h * dim, dim);
     for (int64_t d = 0; d < dim; ++d) s.queries[h * dim + d] *= pb.scale * kLog2e;
@@ -654,23 +675,12 @@ void attend_decode_split(const Problem<T>& pb, const DecodeSplit& split, DecodeS
   std::fill_n(s.acc.begin(), heads * dim, 0.f);
 
   const int32_t* block_table = pb.block_tables + split.seq * pb.max_blocks_per_seq;
-  auto slot_of = [&](int64_t j) {
-    return static_cast<int64_t>(block_table[j / pb.block_size]) * pb.block_size + j % pb.block_size;
-  };
   int64_t slots[kKeyTile];
   for (int64_t j0 = split.k_begin; j0 < split.k_end; j0 += kKeyTile) {
     const int64_t num_keys = std::min(kKeyTile, split.k_end - j0);
-    for (int64_t j = 0; j < num_keys; ++j) slots[j] = slot_of(j0 + j);
-    // The tile after next: whole page rows (all KV heads), contiguous within a page.
-    for (int64_t j = j0 + 2 * kKeyTile; j < std::min(j0 + 3 * kKeyTile, split.k_end); ++j) {
-      const int64_t slot = slot_of(j);
-      const char* k = reinterpret_cast<const char*>(pb.key_cache + slot * kv_heads * dim);
-      const char* v = reinterpret_cast<const char*>(pb.value_cache + slot * kv_heads * dim);
-      for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-        __builtin_prefetch(k + byte);
-        __builtin_prefetch(v + byte);
-      }
-    }
+    for (int64_t j = 0; j < num_keys; ++j) slots[j] = pb.slot(block_table, j0 + j);
+    // The tile after next.
+    prefetch_cache_rows(pb, block_table, j0 + 2 * kKeyTile, std::min(j0 + 3 * kKeyTile, split.k_end));
     for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
       for (int64_t j = 0; j < num_keys; ++j) {
         const int64_t offset = (slots[j] * kv_heads + kv_head) * dim;
@@ -766,16 +776,12 @@ void attend_decode_split_bf16(const Problem<c10::BFloat16>& pb, const DecodeSpli
   using bf16 = c10::BFloat16;
   const int64_t heads = pb.num_heads, kv_heads = pb.num_kv_heads, dim = pb.head_dim;
   const int64_t group = heads / kv_heads, token = pb.cu_seqlens_q[split.seq];
-  const int64_t row_bytes = kv_heads * dim * 2;
   std::fill_n(s.row_max.begin(), heads, kNegInf);
   std::fill_n(s.row_sum.begin(), heads, 0.f);
   std::fill_n(s.acc.begin(), heads * dim, 0.f);
   const Vec log2_scale = splat(pb.scale * kLog2e);
 
   const int32_t* block_table = pb.block_tables + split.seq * pb.max_blocks_per_seq;
-  auto slot_of = [&](int64_t j) {
-    return static_cast<int64_t>(block_table[j / pb.block_size]) * pb.block_size + j % pb.block_size;
-  };
   int64_t slots[kKeyTile];
   const bf16* key_rows[kKeyTile];
   alignas(64) float scores[kKeyTile];
@@ -783,16 +789,8 @@ void attend_decode_split_bf16(const Problem<c10::BFloat16>& pb, const DecodeSpli
   for (int64_t j0 = split.k_begin; j0 < split.k_end; j0 += kKeyTile) {
     const int64_t num_keys = std::min(kKeyTile, split.k_end - j0);
     const int64_t num_pairs = (num_keys + 1) / 2;
-    for (int64_t j = 0; j < num_keys; ++j) slots[j] = slot_of(j0 + j);
-    for (int64_t j = j0 + 2 * kKeyTile; j < std::min(j0 + 3 * kKeyTile, split.k_end); ++j) {
-      const int64_t slot = slot_of(j);
-      const char* k = reinterpret_cast<const char*>(pb.key_cache + slot * kv_heads * dim);
-      const char* v = reinterpret_cast<const char*>(pb.value_cache + slot * kv_heads * dim);
-      for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-        __builtin_prefetch(k + byte);
-        __builtin_prefetch(v + byte);
-      }
-    }
+    for (int64_t j = 0; j < num_keys; ++j) slots[j] = pb.slot(block_table, j0 + j);
+    prefetch_cache_rows(pb, block_table, j0 + 2 * kKeyTile, std::min(j0 + 3 * kKeyTile, split.k_end));
     for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
       for (int64_t p = 0; p < num_pairs; ++p) {
         const bf16* v0 = pb.value_cache + (slots[2 * p] * kv_heads + kv_head) * dim;
@@ -1020,72 +1018,14 @@ FASTGEN_INSTANTIATE(c10::Half)
 FASTGEN_INSTANTIATE(c10::BFloat16)
 #undef FASTGEN_INSTANTIATE
 
-namespace {
-
-// Shapes, dtypes and optional arguments: everything that can be checked without reading data.
-// csrc/cuda/attention.cu makes the same checks (each backend's adapter is self-contained).
-void check_attention_args(const char* op, const at::Tensor& out, const at::Tensor& query,
-                          const at::Tensor& key_cache, const at::Tensor& value_cache,
-                          const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
-                          const at::Tensor& block_tables, std::optional<int64_t> sliding_window,
-                          std::optional<int64_t> chunk_size) {
-  FASTGEN_CHECK_DIM(op, query, 3);
-  FASTGEN_CHECK_DIM(op, key_cache, 4);
-  FASTGEN_CHECK_DIM(op, cu_seqlens_q, 1);
-  FASTGEN_CHECK_DIM(op, seq_lens_k, 1);
-  FASTGEN_CHECK_DIM(op, block_tables, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, out);
-  FASTGEN_CHECK_CONTIGUOUS(op, key_cache);
-  FASTGEN_CHECK_CONTIGUOUS(op, value_cache);
-  FASTGEN_CHECK_CONTIGUOUS(op, cu_seqlens_q);
-  FASTGEN_CHECK_CONTIGUOUS(op, seq_lens_k);
-  FASTGEN_CHECK_CONTIGUOUS(op, block_tables);
-  FASTGEN_CHECK_DTYPE(op, cu_seqlens_q, at::kInt);
-  FASTGEN_CHECK_DTYPE(op, seq_lens_k, at::kInt);
-  FASTGEN_CHECK_DTYPE(op, block_tables, at::kInt);
-  FASTGEN_CHECK_SAME_DTYPE(op, out, query);
-  FASTGEN_CHECK_SAME_DTYPE(op, key_cache, query);
-  FASTGEN_CHECK_SAME_DTYPE(op, value_cache, query);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &out, &key_cache, &value_cache, &cu_seqlens_q, &seq_lens_k, &block_tables}) {
-    TORCH_CHECK(t->device() == query.device(), op, ": every tensor must be on ", query.device(),
-                " (the device of query), got one on ", t->device());
-  }
-  TORCH_CHECK(out.sizes() == query.sizes(), op, ": out shape ", out.sizes(), " != query shape ",
-              query.sizes());
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), op,
-              ": each query row's [Hq, D] must be contiguous (only stride(0) may differ), got strides ",
-              query.strides());
-  TORCH_CHECK(key_cache.size(1) >= 1, op, ": key_cache block size must be >= 1, got shape ",
-              key_cache.sizes());
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op, ": value_cache shape ",
-              value_cache.sizes(), " != key_cache shape ", key_cache.sizes());
-  TORCH_CHECK(key_cache.size(3) == query.size(2), op, ": key_cache head size ", key_cache.size(3),
-              " != query head size ", query.size(2));
-  TORCH_CHECK(key_cache.size(2) >= 1 && query.size(1) % key_cache.size(2) == 0, op, ": ",
-              query.size(1), " query heads do not split into ", key_cache.size(2), " KV heads");
-  const int64_t num_seqs = seq_lens_k.size(0);
-  TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, op, ": cu_seqlens_q must be [",
-              num_seqs + 1, "] (seq_lens_k has ", num_seqs, " sequences), got ",
-              cu_seqlens_q.sizes());
-  TORCH_CHECK(block_tables.size(0) == num_seqs, op, ": block_tables must have ", num_seqs,
-              " rows (one per sequence), got shape ", block_tables.sizes());
-  TORCH_CHECK(!sliding_window || *sliding_window >= 1, op, ": sliding_window must be >= 1, got ",
-              sliding_window.value_or(0));
-  TORCH_CHECK(!chunk_size || *chunk_size >= 1, op, ": chunk_size must be >= 1, got ",
-              chunk_size.value_or(0));
-}
-
-}  // namespace
-
 void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                const at::Tensor& value_cache, const at::Tensor& cu_seqlens_q,
                const at::Tensor& seq_lens_k, const at::Tensor& block_tables, int64_t max_seqlen_q,
                int64_t max_seqlen_k, double scale, std::optional<int64_t> sliding_window,
                std::optional<int64_t> chunk_size) {
   constexpr const char* op = "attention";
-  check_attention_args(op, out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k,
-                       block_tables, sliding_window, chunk_size);
+  check_attention_args(out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k, block_tables,
+                       sliding_window, chunk_size);
   // The metadata is on the host, so its consistency is checked here too (the kernel trusts it).
   const int64_t num_seqs = seq_lens_k.size(0), num_blocks = key_cache.size(0);
   const int64_t block_size = key_cache.size(1), max_blocks = block_tables.size(1);

@@ -23,8 +23,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cpu/linear.h"
 #include "cpu/vec.h"
 #include "ops.h"
@@ -201,24 +201,8 @@ FASTGEN_INSTANTIATE(c10::BFloat16, float)
 void linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
             const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "linear";
-  FASTGEN_CHECK_DIM(op, input, 2);
-  FASTGEN_CHECK_DIM(op, weight, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, weight);
-  FASTGEN_CHECK_CONTIGUOUS(op, out);
-  TORCH_CHECK(input.stride(1) == 1, op, ": input rows must be contiguous");
+  check_linear_args(out, input, weight, bias);
   const int64_t m = input.size(0), k = input.size(1), n = weight.size(0);
-  TORCH_CHECK(weight.size(1) == k, op, ": weight must be [O, ", k, "], got ", weight.sizes());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n, op, ": out must be [", m,
-              ", ", n, "], got ", out.sizes());
-  FASTGEN_CHECK_SAME_DTYPE(op, weight, input);
-  TORCH_CHECK(out.scalar_type() == input.scalar_type() || out.scalar_type() == at::kFloat, op,
-              ": out must be ", input.scalar_type(), " or float32, got ", out.scalar_type());
-  if (bias) {
-    FASTGEN_CHECK_SAME_DTYPE(op, *bias, input);
-    FASTGEN_CHECK_CONTIGUOUS(op, *bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ",
-                bias->sizes());
-  }
   FASTGEN_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
     const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
     auto launch = [&](auto* out_ptr) {

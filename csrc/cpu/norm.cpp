@@ -9,8 +9,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cpu/norm.h"
 #include "cpu/vec.h"
 #include "ops.h"
@@ -106,16 +106,7 @@ FASTGEN_INSTANTIATE(c10::BFloat16)
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
   constexpr const char* op = "rms_norm";
-  FASTGEN_CHECK_DIM(op, input, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, out);
-  FASTGEN_CHECK_CONTIGUOUS(op, weight);
-  TORCH_CHECK(input.stride(1) == 1, op, ": input rows must be contiguous");
-  TORCH_CHECK(out.sizes() == input.sizes(), op, ": out shape ", out.sizes(), " != input shape ",
-              input.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(1), op, ": weight must be [",
-              input.size(1), "], got ", weight.sizes());
-  FASTGEN_CHECK_SAME_DTYPE(op, out, input);
-  FASTGEN_CHECK_SAME_DTYPE(op, weight, input);
+  check_rms_norm_args(out, input, weight);
   FASTGEN_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
     rms_norm_launch<scalar_t>(out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(),
                               weight.data_ptr<scalar_t>(), static_cast<float>(epsilon),
@@ -126,16 +117,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
                         double epsilon) {
   constexpr const char* op = "fused_add_rms_norm";
-  FASTGEN_CHECK_DIM(op, input, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, input);
-  FASTGEN_CHECK_CONTIGUOUS(op, residual);
-  FASTGEN_CHECK_CONTIGUOUS(op, weight);
-  TORCH_CHECK(residual.sizes() == input.sizes(), op, ": residual shape ", residual.sizes(),
-              " != input shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(1), op, ": weight must be [",
-              input.size(1), "], got ", weight.sizes());
-  FASTGEN_CHECK_SAME_DTYPE(op, residual, input);
-  FASTGEN_CHECK_SAME_DTYPE(op, weight, input);
+  check_fused_add_rms_norm_args(input, residual, weight);
   FASTGEN_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
     fused_add_rms_norm_launch<scalar_t>(input.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
                                         weight.data_ptr<scalar_t>(), static_cast<float>(epsilon),

@@ -9,10 +9,11 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cpu/rotary.h"
 #include "cpu/vec.h"
 #include "ops.h"
@@ -98,28 +99,9 @@ FASTGEN_INSTANTIATE(c10::BFloat16)
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox) {
   constexpr const char* op = "rotary_embedding";
-  FASTGEN_CHECK_DIM(op, positions, 1);
-  FASTGEN_CHECK_DIM(op, query, 2);
-  FASTGEN_CHECK_DIM(op, key, 2);
-  FASTGEN_CHECK_DIM(op, cos_sin_cache, 2);
-  FASTGEN_CHECK_DTYPE(op, positions, at::ScalarType::Long);
-  FASTGEN_CHECK_DTYPE(op, cos_sin_cache, at::ScalarType::Float);
-  FASTGEN_CHECK_SAME_DTYPE(op, key, query);
-  FASTGEN_CHECK_CONTIGUOUS(op, positions);
-  FASTGEN_CHECK_CONTIGUOUS(op, cos_sin_cache);
-  TORCH_CHECK(query.stride(1) == 1 && key.stride(1) == 1, op,
-              ": query and key rows must be contiguous, got strides ", query.strides(), " and ",
-              key.strides());
-  const int64_t num_tokens = positions.size(0);
-  TORCH_CHECK(query.size(0) == num_tokens && key.size(0) == num_tokens, op, ": query ",
-              query.sizes(), " and key ", key.sizes(), " must have ", num_tokens,
-              " rows (one per position)");
-  TORCH_CHECK(head_size > 0 && query.size(1) % head_size == 0 && key.size(1) % head_size == 0,
-              op, ": head_size ", head_size, " must divide query width ", query.size(1),
-              " and key width ", key.size(1));
-  const int64_t rot_dim = cos_sin_cache.size(1);
-  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= head_size, op, ": cos_sin_cache width ", rot_dim,
-              " must be even and <= head_size ", head_size);
+  check_rotary_embedding_args(positions, query, key, head_size, cos_sin_cache);
+  // Positions are on the host, so their range is checked here too (the kernel trusts them).
+  const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
   const int64_t max_position = cos_sin_cache.size(0);
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t t = 0; t < num_tokens; ++t) {

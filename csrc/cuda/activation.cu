@@ -4,8 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cuda/activation.h"
 #include "cuda/common.cuh"
 #include "ops.h"
@@ -49,16 +49,7 @@ FASTGEN_INSTANTIATE(__nv_bfloat16)
 
 void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   constexpr const char* op = "silu_and_mul";
-  FASTGEN_CHECK_DIM(op, input, 2);
-  FASTGEN_CHECK_DIM(op, out, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, out);
-  TORCH_CHECK(input.stride(1) == 1, op, ": input rows must be contiguous");
-  TORCH_CHECK(input.size(1) % 2 == 0, op, ": input must be [T, 2I], got odd last dim ",
-              input.size(1));
-  TORCH_CHECK(out.size(0) == input.size(0) && out.size(1) == input.size(1) / 2, op,
-              ": out must be [", input.size(0), ", ", input.size(1) / 2, "], got ", out.sizes());
-  FASTGEN_CHECK_SAME_DTYPE(op, out, input);
-  FASTGEN_CHECK_SAME_DEVICE(op, out, input);
+  check_silu_and_mul_args(out, input);
   const c10::cuda::CUDAGuard guard(input.device());
   FASTGEN_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;

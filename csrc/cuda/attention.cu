@@ -6,14 +6,14 @@
 // partial results are merged through shared memory at the end. Blocks find their sequence by
 // binary search over cu_seqlens_q, so the grid depends only on the token count.
 #include <cstdint>
-#include <initializer_list>
 #include <limits>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cuda/attention.h"
 #include "cuda/common.cuh"
 #include "ops.h"
@@ -152,56 +152,12 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
                int64_t max_seqlen_k, double scale, std::optional<int64_t> sliding_window,
                std::optional<int64_t> chunk_size) {
   constexpr const char* op = "attention";
-  // The same shape checks as the CPU adapter; the metadata's values live on the device and are
-  // trusted (checking them would cost a host sync per layer).
-  FASTGEN_CHECK_DIM(op, query, 3);
-  FASTGEN_CHECK_DIM(op, key_cache, 4);
-  FASTGEN_CHECK_DIM(op, cu_seqlens_q, 1);
-  FASTGEN_CHECK_DIM(op, seq_lens_k, 1);
-  FASTGEN_CHECK_DIM(op, block_tables, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, out);
-  FASTGEN_CHECK_CONTIGUOUS(op, key_cache);
-  FASTGEN_CHECK_CONTIGUOUS(op, value_cache);
-  FASTGEN_CHECK_CONTIGUOUS(op, cu_seqlens_q);
-  FASTGEN_CHECK_CONTIGUOUS(op, seq_lens_k);
-  FASTGEN_CHECK_CONTIGUOUS(op, block_tables);
-  FASTGEN_CHECK_DTYPE(op, cu_seqlens_q, at::kInt);
-  FASTGEN_CHECK_DTYPE(op, seq_lens_k, at::kInt);
-  FASTGEN_CHECK_DTYPE(op, block_tables, at::kInt);
-  FASTGEN_CHECK_SAME_DTYPE(op, out, query);
-  FASTGEN_CHECK_SAME_DTYPE(op, key_cache, query);
-  FASTGEN_CHECK_SAME_DTYPE(op, value_cache, query);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &out, &key_cache, &value_cache, &cu_seqlens_q, &seq_lens_k, &block_tables}) {
-    TORCH_CHECK(t->device() == query.device(), op, ": every tensor must be on ", query.device(),
-                " (the device of query), got one on ", t->device());
-  }
-  TORCH_CHECK(out.sizes() == query.sizes(), op, ": out shape ", out.sizes(), " != query shape ",
-              query.sizes());
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), op,
-              ": each query row's [Hq, D] must be contiguous (only stride(0) may differ), got strides ",
-              query.strides());
-  TORCH_CHECK(key_cache.size(1) >= 1, op, ": key_cache block size must be >= 1, got shape ",
-              key_cache.sizes());
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op, ": value_cache shape ",
-              value_cache.sizes(), " != key_cache shape ", key_cache.sizes());
-  TORCH_CHECK(key_cache.size(3) == query.size(2), op, ": key_cache head size ", key_cache.size(3),
-              " != query head size ", query.size(2));
-  TORCH_CHECK(key_cache.size(2) >= 1 && query.size(1) % key_cache.size(2) == 0, op, ": ",
-              query.size(1), " query heads do not split into ", key_cache.size(2), " KV heads");
-  const int64_t num_seqs = seq_lens_k.size(0);
-  TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, op, ": cu_seqlens_q must be [",
-              num_seqs + 1, "] (seq_lens_k has ", num_seqs, " sequences), got ",
-              cu_seqlens_q.sizes());
-  TORCH_CHECK(block_tables.size(0) == num_seqs, op, ": block_tables must have ", num_seqs,
-              " rows (one per sequence), got shape ", block_tables.sizes());
-  TORCH_CHECK(!sliding_window || *sliding_window >= 1, op, ": sliding_window must be >= 1, got ",
-              sliding_window.value_or(0));
-  TORCH_CHECK(!chunk_size || *chunk_size >= 1, op, ": chunk_size must be >= 1, got ",
-              chunk_size.value_or(0));
-  TORCH_CHECK(query.size(0) == 0 || num_seqs >= 1, op, ": ", query.size(0),
-              " query tokens but no sequences");
+  // The metadata's values live on the device and are trusted (checking them would cost a host
+  // sync per layer); what is left to check here is the grid's limit.
+  check_attention_args(out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k, block_tables,
+                       sliding_window, chunk_size);
   TORCH_CHECK(query.size(1) <= 65535, op, ": at most 65535 query heads, got ", query.size(1));
+  const int64_t num_seqs = seq_lens_k.size(0);
   const c10::cuda::CUDAGuard guard(query.device());
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;

@@ -5,8 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cuda/cache.h"
 #include "cuda/common.cuh"
 #include "ops.h"
@@ -65,36 +65,8 @@ FASTGEN_INSTANTIATE(__nv_bfloat16)
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                        at::Tensor& value_cache, const at::Tensor& slot_mapping) {
   constexpr const char* op = "reshape_and_cache";
-  FASTGEN_CHECK_DIM(op, key, 3);
-  FASTGEN_CHECK_DIM(op, key_cache, 4);
-  FASTGEN_CHECK_DIM(op, slot_mapping, 1);
-  FASTGEN_CHECK_DTYPE(op, slot_mapping, at::ScalarType::Long);
-  FASTGEN_CHECK_SAME_DTYPE(op, value, key);
-  FASTGEN_CHECK_SAME_DTYPE(op, key_cache, key);
-  FASTGEN_CHECK_SAME_DTYPE(op, value_cache, key);
-  FASTGEN_CHECK_SAME_DEVICE(op, value, key);
-  FASTGEN_CHECK_SAME_DEVICE(op, key_cache, key);
-  FASTGEN_CHECK_SAME_DEVICE(op, value_cache, key);
-  FASTGEN_CHECK_SAME_DEVICE(op, slot_mapping, key);
-  FASTGEN_CHECK_CONTIGUOUS(op, key_cache);
-  FASTGEN_CHECK_CONTIGUOUS(op, value_cache);
-  FASTGEN_CHECK_CONTIGUOUS(op, slot_mapping);
-  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value shape ", value.sizes(),
-              " != key shape ", key.sizes());
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op, ": value_cache shape ",
-              value_cache.sizes(), " != key_cache shape ", key_cache.sizes());
+  check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping);
   const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), head_size = key.size(2);
-  TORCH_CHECK(key_cache.size(2) == num_kv_heads && key_cache.size(3) == head_size, op,
-              ": caches must be [N, S, ", num_kv_heads, ", ", head_size, "], got ",
-              key_cache.sizes());
-  TORCH_CHECK(slot_mapping.size(0) == num_tokens, op, ": slot_mapping must be [", num_tokens,
-              "], got ", slot_mapping.sizes());
-  for (const at::Tensor* t : {&key, &value}) {
-    TORCH_CHECK(t->stride(2) == 1 && (num_kv_heads == 1 || t->stride(1) == head_size), op,
-                ": key and value must be [T, Hkv, D] with each token's [Hkv, D] contiguous, got "
-                "strides ",
-                t->strides());
-  }
   const c10::cuda::CUDAGuard guard(key.device());
   FASTGEN_DISPATCH_FLOAT(key.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;

@@ -4,8 +4,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cuda/common.cuh"
 #include "cuda/norm.h"
 #include "ops.h"
@@ -87,17 +87,7 @@ FASTGEN_INSTANTIATE(__nv_bfloat16)
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
   constexpr const char* op = "rms_norm";
-  FASTGEN_CHECK_DIM(op, input, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, out);
-  FASTGEN_CHECK_CONTIGUOUS(op, weight);
-  TORCH_CHECK(input.stride(1) == 1, op, ": input rows must be contiguous");
-  TORCH_CHECK(out.sizes() == input.sizes(), op, ": out shape ", out.sizes(), " != input shape ",
-              input.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(1), op, ": weight must be [",
-              input.size(1), "], got ", weight.sizes());
-  FASTGEN_CHECK_SAME_DTYPE(op, out, input);
-  FASTGEN_CHECK_SAME_DTYPE(op, weight, input);
-  FASTGEN_CHECK_SAME_DEVICE(op, weight, input);
+  check_rms_norm_args(out, input, weight);
   const c10::cuda::CUDAGuard guard(input.device());
   FASTGEN_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;
@@ -111,16 +101,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
                         double epsilon) {
   constexpr const char* op = "fused_add_rms_norm";
-  FASTGEN_CHECK_DIM(op, input, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, input);
-  FASTGEN_CHECK_CONTIGUOUS(op, residual);
-  FASTGEN_CHECK_CONTIGUOUS(op, weight);
-  TORCH_CHECK(residual.sizes() == input.sizes(), op, ": residual shape ", residual.sizes(),
-              " != input shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(1), op, ": weight must be [",
-              input.size(1), "], got ", weight.sizes());
-  FASTGEN_CHECK_SAME_DTYPE(op, residual, input);
-  FASTGEN_CHECK_SAME_DTYPE(op, weight, input);
+  check_fused_add_rms_norm_args(input, residual, weight);
   const c10::cuda::CUDAGuard guard(input.device());
   FASTGEN_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;

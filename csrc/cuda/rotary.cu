@@ -6,8 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "core/checks.h"
 #include "core/dispatch.h"
+#include "core/op_checks.h"
 #include "cuda/common.cuh"
 #include "cuda/rotary.h"
 #include "ops.h"
@@ -81,31 +81,8 @@ FASTGEN_INSTANTIATE(__nv_bfloat16)
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox) {
   constexpr const char* op = "rotary_embedding";
-  FASTGEN_CHECK_DIM(op, positions, 1);
-  FASTGEN_CHECK_DIM(op, query, 2);
-  FASTGEN_CHECK_DIM(op, key, 2);
-  FASTGEN_CHECK_DIM(op, cos_sin_cache, 2);
-  FASTGEN_CHECK_DTYPE(op, positions, at::ScalarType::Long);
-  FASTGEN_CHECK_DTYPE(op, cos_sin_cache, at::ScalarType::Float);
-  FASTGEN_CHECK_SAME_DTYPE(op, key, query);
-  FASTGEN_CHECK_SAME_DEVICE(op, key, query);
-  FASTGEN_CHECK_SAME_DEVICE(op, positions, query);
-  FASTGEN_CHECK_SAME_DEVICE(op, cos_sin_cache, query);
-  FASTGEN_CHECK_CONTIGUOUS(op, positions);
-  FASTGEN_CHECK_CONTIGUOUS(op, cos_sin_cache);
-  TORCH_CHECK(query.stride(1) == 1 && key.stride(1) == 1, op,
-              ": query and key rows must be contiguous, got strides ", query.strides(), " and ",
-              key.strides());
-  const int64_t num_tokens = positions.size(0);
-  TORCH_CHECK(query.size(0) == num_tokens && key.size(0) == num_tokens, op, ": query ",
-              query.sizes(), " and key ", key.sizes(), " must have ", num_tokens,
-              " rows (one per position)");
-  TORCH_CHECK(head_size > 0 && query.size(1) % head_size == 0 && key.size(1) % head_size == 0,
-              op, ": head_size ", head_size, " must divide query width ", query.size(1),
-              " and key width ", key.size(1));
-  const int64_t rot_dim = cos_sin_cache.size(1);
-  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= head_size, op, ": cos_sin_cache width ", rot_dim,
-              " must be even and <= head_size ", head_size);
+  check_rotary_embedding_args(positions, query, key, head_size, cos_sin_cache);
+  const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
   const c10::cuda::CUDAGuard guard(query.device());
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;
