@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
 # One command for the GPU machine: build the extension (with the microbenchmark), run the `gpu`
 # tests and the benchmarks, and write a short report under $OUT (default: ./gpu_report).
-#   scripts/gpu_check.sh
+#   scripts/gpu_check.sh --prepare   # here, once: copy what the GPU machine cannot download
+#   scripts/gpu_check.sh             # there (device tool: carry .gpu_assets)
 # The GPU machine has torch but no package index, so the build uses the installed torch
-# (--no-build-isolation --no-deps) and optional dependencies are imported only where used.
+# (--no-build-isolation --no-deps) and optional dependencies are imported only where used. It
+# cannot fetch the default model either, so the end-to-end benchmark runs the default model's
+# shapes with random weights, from its config and tokenizer files carried in .gpu_assets/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ASSETS=.gpu_assets/smollm2
+
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p "$ASSETS"
+  src=$(python3 -c "from fastgen.loader.hub import default_model_dir; print(default_model_dir())") || exit 1
+  cp "$src"/*.json "$src"/*.jinja "$ASSETS"/
+  grep -qx '/.gpu_assets/' .git/info/exclude 2>/dev/null || echo '/.gpu_assets/' >> .git/info/exclude
+  echo "prepared $ASSETS ($(du -sh "$ASSETS" | cut -f1)); carry .gpu_assets in the device call"
+  exit 0
+fi
 OUT=${OUT:-$PWD/gpu_report}
 mkdir -p "$OUT"
 report="$OUT/report.md"
@@ -29,7 +42,8 @@ step build pip install --no-build-isolation --no-deps -e .
 step build_bench scripts/dev_build.sh
 step gpu_tests python3 -m pytest -m gpu -q -rs tests
 step kernel_bench build/dev/fastgen_bench_kernels --device cuda
-step e2e_bench python3 bench/e2e/bench_e2e.py --device cuda --json "$OUT/e2e.json"
+step e2e_bench python3 bench/e2e/bench_e2e.py --device cuda --model "$ASSETS" --load-format random \
+  --batch-sizes 1,8,32,64 --json "$OUT/e2e.json" --plot "$OUT/e2e.png"
 
 {
   echo; echo "## gpu tests"; tail -n 5 "$OUT/gpu_tests.log"

@@ -74,9 +74,15 @@ class FastgenRunner:
 
 class HFRunner:
     def __init__(self, args, model_dir, tokenizer):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(args.device).eval()
+        dtype = DTYPES[args.dtype]
+        if args.load_format == "random":  # same shapes, random weights: speed does not depend on them
+            config = AutoConfig.from_pretrained(model_dir)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        self.model = self.model.to(args.device).eval()
         self.device = args.device
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
