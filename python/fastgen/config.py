@@ -22,6 +22,14 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype a user-facing name (bfloat16, bf16, float32, ...) means; ValueError naming
+    the choices for any other name."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of: bfloat16, float16, float32")
+    return DTYPES[name]
+
+
 class LoadFormat(enum.Enum):
     AUTO = "auto"      # safetensors folder or .gguf file, by what the path holds
     RANDOM = "random"  # the config's shapes with random weights (benchmarks)
@@ -84,6 +92,4 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: bfloat16, float16, float32")
-        return DTYPES[self.dtype]
+        return parse_dtype(self.dtype)

@@ -16,20 +16,19 @@ from pathlib import Path
 
 import torch
 
-from fastgen.config import DTYPES, SamplingParams
+from fastgen.config import EngineConfig, SamplingParams, parse_dtype
 from fastgen.engine.sequence import FinishReason
 from fastgen.entrypoints.llm import RequestOutput
 
 
 class HFBackend:
-    def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", device: str = "cpu",
+    def __init__(self, model_dir: str | Path, dtype: str = EngineConfig.dtype, device: str = "cpu",
                  eos_token_ids: list[int] | None = None, tokenizer=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of: bfloat16, float16, float32")
+        torch_dtype = parse_dtype(dtype)
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else \
             AutoTokenizer.from_pretrained(model_dir)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fastgen.config import DEFAULT_MODEL, CacheConfig, EngineConfig, LoadFormat, SamplingParams
+from fastgen.config import CacheConfig, EngineConfig, LoadFormat, SamplingParams
 from fastgen.engine.engine import LLMEngine
 from fastgen.engine.sequence import FinishReason
 
@@ -36,8 +36,9 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "bfloat16", device: str = "auto",
-                 load_format: str | LoadFormat = "auto", **kwargs):
+    def __init__(self, model: str = EngineConfig.model, dtype: str = EngineConfig.dtype,
+                 device: str = EngineConfig.device,
+                 load_format: str | LoadFormat = EngineConfig.load_format, **kwargs):
         """kwargs: any other EngineConfig field (max_model_len, max_num_seqs, seed, ...) or
         CacheConfig field (block_size, cpu_kv_cache_gib, gpu_memory_utilization)."""
         cache_names = {f.name for f in fields(CacheConfig)}

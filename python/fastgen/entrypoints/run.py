@@ -22,6 +22,10 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time, so --help and usage errors stay fast
+    from fastgen.config import SamplingParams
 
 PROG = "fastgen-run"
 
@@ -96,10 +100,9 @@ def _fail(message: str, status: int = 1) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from fastgen.config import DTYPES, SamplingParams
+    from fastgen.config import SamplingParams, parse_dtype
 
-    if args.dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {args.dtype!r}; choose one of: bfloat16, float16, float32")
+    parse_dtype(args.dtype)  # ValueError on an unknown name, before any model is fetched
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is available")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
