@@ -14,6 +14,7 @@ PROMPTS = ["What is the capital of France?", "Name the three primary colors.",
            "Write one sentence about the sea."]
 PARAMS = SamplingParams(temperature=0, max_tokens=24)
 
+
 @pytest.fixture(scope="module")
 def model_dir():
     return default_model_dir()

@@ -12,17 +12,6 @@ import torch
 
 from fastgen.layers.attention import AttentionMetadata
 
-# How far fastgen's logits may be from Hugging Face's for the same weights, per dtype. Both sides
-# accumulate over a few layers, so this is looser than the per-op table in fastgen.ops.tolerances.
-LOGIT_TOLERANCES: dict[torch.dtype, dict[str, float]] = {
-    torch.float32: {"atol": 2e-4, "rtol": 2e-4},
-    torch.bfloat16: {"atol": 6e-2, "rtol": 6e-2},
-}
-
-
-def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    torch.testing.assert_close(actual.float(), expected.float(), **LOGIT_TOLERANCES[dtype])
-
 
 class PagedHarness:
     """Runs prefill and decode for up to max_seqs sequences of up to max_len tokens."""

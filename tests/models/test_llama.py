@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from fastgen.config import EngineConfig
 from fastgen.loader import load_model
-from tests.models.harness import PagedHarness, assert_logits_close
+from fastgen.ops.tolerances import assert_logits_close
+from tests.models.harness import PagedHarness
 
 VOCAB = 384
 DECODE_STEPS = 5

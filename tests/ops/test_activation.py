@@ -7,9 +7,8 @@ import torch
 from fastgen import ops
 from fastgen.layers.activation import SiluAndMul
 from fastgen.ops import reference
-from fastgen.ops.tolerances import assert_close
+from fastgen.ops.tolerances import DTYPES, assert_close
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INTERMEDIATE_SIZES = [1, 7, 576, 769, 5125]
 NUM_TOKENS = [1, 3, 67]
 

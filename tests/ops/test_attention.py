@@ -13,11 +13,7 @@ import torch
 
 from fastgen import ops
 from fastgen.ops import reference
-from fastgen.ops.tolerances import assert_close
-
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from fastgen.ops.tolerances import DTYPES, assert_close
 
 
 def make_batch(q_lens: list[int], k_lens: list[int], num_heads: int, num_kv_heads: int,
@@ -69,7 +65,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case: str, dtype: torch.dtype, device: str) -> None:
@@ -79,7 +74,6 @@ def test_matches_reference(case: str, dtype: torch.dtype, device: str) -> None:
     run_and_compare(batch, window, chunk)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2), (5, 1)])
 def test_head_layouts(num_heads: int, num_kv_heads: int, head_dim: int, device: str) -> None:
@@ -91,7 +85,6 @@ def test_head_layouts(num_heads: int, num_kv_heads: int, head_dim: int, device: 
     run_and_compare(batch, sliding_window=33)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [16, 32, 5])
 def test_block_sizes(block_size: int, device: str) -> None:
     batch = make_batch([1, 50, 9], [64, 50, 31], num_heads=4, num_kv_heads=2, head_dim=64,
@@ -99,7 +92,6 @@ def test_block_sizes(block_size: int, device: str) -> None:
     run_and_compare(batch)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window,chunk", [(None, None), (1000, None), (None, 1536)])
 def test_long_decode(window: int | None, chunk: int | None, dtype: torch.dtype, device: str) -> None:
@@ -110,7 +102,6 @@ def test_long_decode(window: int | None, chunk: int | None, dtype: torch.dtype, 
     run_and_compare(batch, window, chunk)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 9, 3), (128, 8, 2)])
 def test_long_prefill_bf16(head_dim: int, num_heads: int, num_kv_heads: int, device: str) -> None:
     """2048 tokens in bf16: the CPU kernel rounds probabilities to bf16 for P.V, and the error
@@ -120,7 +111,6 @@ def test_long_prefill_bf16(head_dim: int, num_heads: int, num_kv_heads: int, dev
     run_and_compare(batch)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_strided_query(device: str) -> None:
     """query may be the q slice of a fused [T, (Hq + 2 Hkv) * D] projection."""
     batch = make_batch([12, 1], [12, 40], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
@@ -134,7 +124,6 @@ def test_strided_query(device: str) -> None:
     run_and_compare(batch)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device: str) -> None:
     batch = make_batch([0], [4], num_heads=2, num_kv_heads=1, head_dim=64, block_size=16,
                        dtype=torch.float32, device=device)

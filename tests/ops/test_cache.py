@@ -7,8 +7,8 @@ import torch
 
 from fastgen import ops
 from fastgen.ops import reference
+from fastgen.ops.tolerances import DTYPES
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE = 9, 3, 64
 NUM_BLOCKS, BLOCK_SIZE = 7, 16
 

@@ -15,9 +15,8 @@ from fastgen import ops
 from fastgen.layers.rotary import (RotaryEmbedding, build_cos_sin_cache, rope_inv_freq,
                                    rope_params_from_config)
 from fastgen.ops import reference
-from fastgen.ops.tolerances import assert_close
+from fastgen.ops.tolerances import DTYPES, assert_close
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE = 9, 3, 64
 MAX_POSITION = 1000
 
