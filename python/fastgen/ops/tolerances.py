@@ -29,3 +29,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     """A model's logits against Hugging Face's, with the logit tolerance of the model's dtype."""
     torch.testing.assert_close(actual.float(), expected.float(), **LOGIT_TOLERANCES[dtype])
+
+
+def assert_within_baseline_error(actual: torch.Tensor, expected: torch.Tensor,
+                                 baseline: torch.Tensor, slack: float = 0.0) -> None:
+    """max |actual - expected| <= 2 * max |baseline - expected| + slack, with expected a float32
+    reference and baseline PyTorch's own op in the same low precision: a kernel may be at most
+    twice as far off as PyTorch is (flash-attention's rule, no hand-picked tolerance)."""
+    error = (actual.float() - expected.float()).abs().max().item()
+    baseline_error = (baseline.float() - expected.float()).abs().max().item()
+    assert error <= 2 * baseline_error + slack, (error, baseline_error, slack)
