@@ -1,3 +1,6 @@
+"""The KV cache block pool: whole-sequence allocation, one block at a time while decoding,
+disjoint tables, everything returned on free, and a clear error when the pool runs dry."""
+
 import pytest
 
 from fastgen.config import SamplingParams

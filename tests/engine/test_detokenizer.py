@@ -1,3 +1,7 @@
+"""Incremental detokenization on the tiny byte-level BPE tokenizer: split multi-byte characters
+are held back, stop strings spanning tokens are cut and never streamed, EOS / stop ids and
+max_tokens end a request."""
+
 import pytest
 
 from fastgen.config import SamplingParams

@@ -1,3 +1,6 @@
+"""The batched sampler: greedy rows are argmax, top-k / top-p never let an excluded token through,
+draws follow the distribution, and a seeded request's tokens do not depend on its batch mates."""
+
 import torch
 
 from fastgen.config import SamplingParams

@@ -1,3 +1,7 @@
+"""The scheduler on its own, with a stand-in for the model runner: prefill admission within the
+token and sequence budgets, decode, preemption of the newest sequence when blocks run out,
+refusal at add of prompts that could never run, finish and abort."""
+
 import pytest
 
 from fastgen.config import SamplingParams

@@ -21,7 +21,7 @@ class PagedHarness:
         self.model, self.block_size, self.device = model, block_size, device
         heads = hf_config.num_attention_heads
         head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-        blocks_per_seq = -(-max_len // block_size)
+        blocks_per_seq = (max_len + block_size - 1) // block_size
         num_blocks = max_seqs * blocks_per_seq
         shape = (num_blocks, block_size, hf_config.num_key_value_heads, head_size)  # [N, S, Hkv, D]
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),

@@ -37,7 +37,7 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         """How many blocks hold num_tokens tokens."""
-        return -(-num_tokens // self.block_size)
+        return (num_tokens + self.block_size - 1) // self.block_size
 
     # Admission: blocks for every token of the sequence (the prompt, or prompt + output when a
     # preempted sequence is recomputed).

@@ -94,7 +94,8 @@ class ModelRunner:
         return tokens.tolist()
 
     def _prepare_prefill(self, seqs: list[Sequence]):
-        """Every not-yet-cached token of each sequence, packed back to back."""
+        """Every not-yet-cached token of each sequence, packed back to back.
+        -> input_ids [T], positions [T], metadata, last_rows [B] (each sequence's last token)"""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -116,9 +117,10 @@ class ModelRunner:
                 self._tensor(last_rows, torch.int64))
 
     def _prepare_decode(self, seqs: list[Sequence]):
-        """The last token of each sequence; its keys and values go to position len - 1."""
+        """The last token of each sequence; its keys and values go to position len - 1.
+        -> input_ids [B], positions [B], metadata"""
         bs = self.block_size
-        input_ids = [seq.token_ids[-1] for seq in seqs]
+        input_ids = [seq.last_token_id for seq in seqs]
         seq_lens = [len(seq) for seq in seqs]
         positions = [n - 1 for n in seq_lens]
         slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]

@@ -54,6 +54,8 @@ class Sampler:
 
     def _exponential_noise(self, probs: torch.Tensor, greedy: list[bool],
                            generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Exp(1) draws, each row from its request's generator; 1 on greedy rows.
+        probs: [B, V] -> [B, V]"""
         noise = torch.empty_like(probs)  # [B, V]
         if not any(greedy) and all(g is None for g in generators):
             noise.exponential_(generator=self.generator)

@@ -33,6 +33,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
+        """Copies this rank's rows of the full table.
+        param: [V_local, H]; loaded_weight: [V, H]"""
         if loaded_weight.shape != (self.num_embeddings, param.shape[1]):
             raise ValueError(f"checkpoint tensor has shape {tuple(loaded_weight.shape)}, the "
                              f"embedding expects ({self.num_embeddings}, {param.shape[1]})")

@@ -27,7 +27,8 @@ def _default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
     """Llama 3.1: wavelengths above original / low_freq_factor are divided by factor, those below
-    original / high_freq_factor are kept, and the band between is interpolated smoothly."""
+    original / high_freq_factor are kept, and the band between is interpolated smoothly.
+    inv_freq: [R/2] -> [R/2]"""
     factor = scaling["factor"]
     low_freq_factor, high_freq_factor = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context_len = scaling["original_max_position_embeddings"]

@@ -83,8 +83,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] (this layer's input is x + residual) -> (x, residual) for the next layer.
-        residual is None for the first layer, whose input is x alone."""
+        """positions: [T]; x, residual: [T, H] (this layer's input is x + residual) -> (x, residual)
+        for the next layer. residual is None for the first layer, whose input is x alone."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:

@@ -25,7 +25,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> None:
-    """In place: residual += x; x = rms_norm(residual) * weight.   x, residual: [T, H]"""
+    """In place: residual += x; x = rms_norm(residual) * weight.
+    x, residual: [T, H]; weight: [H]"""
     _ops.fused_add_rms_norm.default(x, residual, weight, eps)
 
 
@@ -57,7 +58,7 @@ def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
               out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention of packed queries (see the schema in csrc/torch_bindings.cpp).
     query: [T, Hq, D]; caches: [N, S, Hkv, D]; cu_seqlens_q: [B + 1] int32; seq_lens_k: [B] int32;
-    block_tables: [B, M] int32 -> [T, Hq, D]"""
+    block_tables: [B, M] int32; out (written when given): [T, Hq, D] -> [T, Hq, D]"""
     if out is None:
         out = torch.empty_like(query)
     _ops.attention.default(out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k,

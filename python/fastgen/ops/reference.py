@@ -16,7 +16,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual); the sum is rounded to x.dtype first, as
-    the kernel stores it."""
+    the kernel stores it.   x, residual: [T, H]; weight: [H]"""
     summed = (x.float() + residual.float()).to(x.dtype)
     return rms_norm(summed, weight, eps), summed
 
@@ -59,7 +59,8 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """key_cache.view(N * S, Hkv, D)[slot_mapping] = key; the same for value (in place)."""
+    """key_cache.view(N * S, Hkv, D)[slot_mapping] = key; the same for value (in place).
+    key, value: [T, Hkv, D]; caches: [N, S, Hkv, D]; slot_mapping: [T] int64"""
     num_blocks, block_size = key_cache.shape[:2]
     key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slot_mapping] = key
     value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slot_mapping] = value
@@ -72,7 +73,8 @@ def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     """Paged causal attention, one sequence at a time with an explicit mask, in float32.
     Query i of a sequence with q_len queries and k_len keys sits at p = k_len - q_len + i and sees
     key j when j <= p, p - j < sliding_window, and j // chunk_size == p // chunk_size.
-    query: [T, Hq, D]; caches: [N, S, Hkv, D] -> [T, Hq, D] float32"""
+    query: [T, Hq, D]; caches: [N, S, Hkv, D]; cu_seqlens_q: [B + 1]; seq_lens_k: [B];
+    block_tables: [B, M] -> [T, Hq, D] float32"""
     block_size = key_cache.shape[1]
     num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
