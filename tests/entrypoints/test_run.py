@@ -1,6 +1,7 @@
 """fastgen-run end to end on the tiny test model: its JSON output is what LLM.generate returns,
 and every user error is one stderr line and a non-zero exit, never a traceback."""
 
+import io
 import json
 import subprocess
 import sys
@@ -83,6 +84,6 @@ def test_bad_arguments_are_one_line_errors(tiny_path, capsys, args):
 
 
 def test_empty_stdin_is_an_error(tiny_path, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", open("/dev/null"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert run.main(["--model", str(tiny_path)]) != 0
     assert_one_error_line(capsys.readouterr().err)

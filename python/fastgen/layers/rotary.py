@@ -18,6 +18,8 @@ from torch import nn
 
 from fastgen import ops
 
+DEFAULT_ROPE_THETA = 10000.0  # transformers' base when a config names none
+
 
 def _default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
     """base ** (-2i / R) for i < R/2, in float32 with the same operations as transformers."""
@@ -120,14 +122,14 @@ def rope_params_from_config(hf_config: Any) -> tuple[float, dict | None]:
     params = getattr(hf_config, "rope_parameters", None)
     if not params:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", DEFAULT_ROPE_THETA))
     scaling = {key: value for key, value in params.items()
                if key not in ("rope_theta", "partial_rotary_factor")}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in scaling:
         # HF falls back to the config's own context length for these types
         scaling["original_max_position_embeddings"] = hf_config.max_position_embeddings
-    base = float(params.get("rope_theta", 10000.0))
+    base = float(params.get("rope_theta", DEFAULT_ROPE_THETA))
     return base, None if rope_type == "default" else scaling
 
 

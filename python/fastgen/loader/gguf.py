@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastgen.loader.hf import ModelLoadError, _one_line
+from fastgen.loader.hf import ModelLoadError, one_line
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -58,7 +58,7 @@ def _open_reader(gguf_path: Path):
     try:
         return gguf.GGUFReader(gguf_path)
     except Exception as e:  # ValueError for a bad magic or version, OSError, struct errors
-        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_one_line(e)}") from e
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {one_line(e)}") from e
 
 
 def _field(reader, key: str, default=None):
@@ -188,7 +188,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as e:
-        raise ModelLoadError(f"cannot build a tokenizer from {gguf_path}: {_one_line(e)}") from e
+        raise ModelLoadError(f"cannot build a tokenizer from {gguf_path}: {one_line(e)}") from e
     # transformers' GGUF tokenizer conversion leaves the chat template behind; the file has it.
     tokenizer.chat_template = _field(reader, "tokenizer.chat_template", tokenizer.chat_template)
     tokenizer.save_pretrained(out_dir)

@@ -23,7 +23,8 @@ class ModelLoadError(Exception):
     """A model could not be found, read or built; the message says which and why, on one line."""
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An exception's first line (or its type name), for one-line ModelLoadError messages."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 
@@ -37,7 +38,7 @@ def load_hf_config(model_dir: Path):
     try:
         return AutoConfig.from_pretrained(model_dir)
     except Exception as e:  # transformers raises ValueError, OSError, KeyError, JSONDecodeError
-        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {_one_line(e)}") from e
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {one_line(e)}") from e
 
 
 def load_tokenizer(model_dir: Path):
@@ -47,7 +48,7 @@ def load_tokenizer(model_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
-        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {_one_line(e)}") from e
+        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {one_line(e)}") from e
 
 
 def eos_token_ids(model_dir: Path, hf_config, tokenizer) -> list[int]:
@@ -59,7 +60,7 @@ def eos_token_ids(model_dir: Path, hf_config, tokenizer) -> list[int]:
         try:
             candidates.append(json.loads(generation_config.read_text()).get("eos_token_id"))
         except (OSError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"cannot read {generation_config}: {_one_line(e)}") from e
+            raise ModelLoadError(f"cannot read {generation_config}: {one_line(e)}") from e
     candidates += [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
     for ids in candidates:
         if ids is not None and ids != []:
@@ -75,7 +76,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelLoadError(f"cannot read {index}: {_one_line(e)}") from e
+            raise ModelLoadError(f"cannot read {index}: {one_line(e)}") from e
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         for file in files:
             if not file.is_file():
@@ -94,7 +95,7 @@ def _open(file: Path):
     try:
         return safe_open(file, framework="pt", device="cpu")
     except Exception as e:  # SafetensorError for a bad header, OSError for an unreadable file
-        raise ModelLoadError(f"cannot read safetensors file {file}: {_one_line(e)}") from e
+        raise ModelLoadError(f"cannot read safetensors file {file}: {one_line(e)}") from e
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -113,6 +114,6 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                         tensor = f.get_tensor(name)
                     except Exception as e:
                         raise ModelLoadError(f"cannot read tensor {name} from {file}: "
-                                             f"{_one_line(e)}") from e
+                                             f"{one_line(e)}") from e
                     yield name, tensor
                     progress.update()

