@@ -12,8 +12,8 @@ from fastgen.layers.embedding import ParallelLMHead
 from fastgen.layers.linear import linear
 from fastgen.ops import reference
 from fastgen.ops.tolerances import DTYPES, assert_within_baseline_error
-NUM_TOKENS = [1, 2, 3, 8, 17]
-IN_FEATURES = [7, 64, 576, 1000]
+NUM_TOKENS = [1, 2, 3, 5, 6, 8, 12, 13, 16, 17]  # tiles take up to 6 input rows: every remainder
+IN_FEATURES = [7, 64, 576, 1000]  # K tails of 7, 0, 0, 8 past 32
 OUT_FEATURES = [1, 5, 960, 3072]
 
 

@@ -23,8 +23,9 @@ from fastgen import ops
 
 # Most tokens for which fastgen's CPU linear kernel beats F.linear. Measured on SmolLM2's bf16
 # shapes with the weights coming from memory (2-core AVX512-BF16 EPYC): 1.3-2.2x faster at 1 token,
-# 1.2-1.8x at 8, even at 16; prefill's hundreds of tokens are compute-bound, where oneDNN wins.
-CPU_LINEAR_MAX_TOKENS = 16
+# 1.3-2.0x at 8 and 16, still 1.3-1.9x at 24 and 32 (4 x 6 register tiles); prefill's hundreds of
+# tokens are compute-bound, where oneDNN wins.
+CPU_LINEAR_MAX_TOKENS = 32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
