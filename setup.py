@@ -59,6 +59,7 @@ def cmake_configure(build_dir: Path, out_dir: Path, bench: bool, debug: bool = F
         "cmake", str(ROOT), "-G", "Ninja",
         f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DFASTGEN_TORCH_DIR={Path(torch.__file__).parent}",
         f"-DPython_EXECUTABLE={sys.executable}",
         f"-DFASTGEN_OUTPUT_DIR={out_dir}",
         f"-DFASTGEN_CUDA={'ON' if cuda else 'OFF'}",

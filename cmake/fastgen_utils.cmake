@@ -41,32 +41,34 @@ function(fastgen_cuda_flags target)
 endfunction()
 
 # fastgen_find_wheel_cuda_libs()
-#   torch's CUDA wheels carry nvrtc (and NCCL) in site-packages/nvidia/..., not in the toolkit's
-#   lib64; torch's CMake config links nvrtc, so point it there before find_package(Torch).
-#   Call after find_package(Python). Sets CUDA_nvrtc_LIBRARY and FASTGEN_NCCL_ROOT when found.
+#   torch's CUDA wheels carry nvrtc (and NCCL) in site-packages/nvidia/..., beside torch itself,
+#   not in the toolkit's lib64; torch's CMake config links nvrtc, so point it there before
+#   find_package(Torch). Looks beside FASTGEN_TORCH_DIR (the torch being built against, which may
+#   live in pip's isolated build environment rather than the interpreter's site-packages).
+#   Sets CUDA_nvrtc_LIBRARY and FASTGEN_NCCL_ROOT when found.
 #   Example: fastgen_find_wheel_cuda_libs()
 function(fastgen_find_wheel_cuda_libs)
-  file(GLOB wheel_lib_dirs "${Python_SITELIB}/nvidia/*/lib")
+  get_filename_component(torch_site "${FASTGEN_TORCH_DIR}/.." ABSOLUTE)
+  file(GLOB wheel_lib_dirs "${torch_site}/nvidia/*/lib" "${Python_SITELIB}/nvidia/*/lib")
   find_library(CUDA_nvrtc_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12
                HINTS ${CUDAToolkit_ROOT}/lib64 ${wheel_lib_dirs})
-  if(EXISTS "${Python_SITELIB}/nvidia/nccl/include/nccl.h")
-    set(FASTGEN_NCCL_ROOT "${Python_SITELIB}/nvidia/nccl" CACHE PATH "NCCL from torch's wheel")
-  endif()
+  foreach(site IN ITEMS "${torch_site}" "${Python_SITELIB}")
+    if(NOT FASTGEN_NCCL_ROOT AND EXISTS "${site}/nvidia/nccl/include/nccl.h")
+      set(FASTGEN_NCCL_ROOT "${site}/nvidia/nccl" CACHE PATH "NCCL from torch's wheel")
+    endif()
+  endforeach()
 endfunction()
 
 # fastgen_torch_cpu_target(<name>)
-#   An INTERFACE target with torch's headers and CPU libraries, for CPU-only builds. torch's own
-#   CMake config (find_package(Torch)) insists on a CUDA toolkit whenever torch is a CUDA build,
-#   even when nothing here is compiled for CUDA; this asks the interpreter where torch lives.
+#   An INTERFACE target with torch's headers and CPU libraries (from FASTGEN_TORCH_DIR), for
+#   CPU-only builds. torch's own CMake config (find_package(Torch)) insists on a CUDA toolkit
+#   whenever torch is a CUDA build, even when nothing here is compiled for CUDA.
 #   Call after find_package(Python). Example: fastgen_torch_cpu_target(fastgen_torch)
 function(fastgen_torch_cpu_target name)
   execute_process(
-    COMMAND "${Python_EXECUTABLE}" -c
-      "import os, torch; print(os.path.dirname(torch.__file__)); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
-    OUTPUT_VARIABLE torch_info OUTPUT_STRIP_TRAILING_WHITESPACE COMMAND_ERROR_IS_FATAL ANY)
-  string(REPLACE "\n" ";" torch_info "${torch_info}")
-  list(GET torch_info 0 torch_dir)
-  list(GET torch_info 1 cxx11_abi)
+    COMMAND "${Python_EXECUTABLE}" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
+    OUTPUT_VARIABLE cxx11_abi OUTPUT_STRIP_TRAILING_WHITESPACE COMMAND_ERROR_IS_FATAL ANY)
+  set(torch_dir "${FASTGEN_TORCH_DIR}")
   find_library(FASTGEN_TORCH_CPU_LIB torch_cpu PATHS "${torch_dir}/lib" NO_DEFAULT_PATH REQUIRED)
   find_library(FASTGEN_C10_LIB c10 PATHS "${torch_dir}/lib" NO_DEFAULT_PATH REQUIRED)
   add_library(${name} INTERFACE)
