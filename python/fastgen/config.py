@@ -74,6 +74,7 @@ class CacheConfig:
     block_size: int = 16
     cpu_kv_cache_gib: float = 1.0       # on CPU, memory given to the cache
     gpu_memory_utilization: float = 0.9  # on CUDA, fraction of device memory the engine may use
+    enable_prefix_caching: bool = True   # share full blocks of equal prefixes across requests
 
 
 @dataclass

@@ -8,8 +8,9 @@
 
 A step asks the scheduler for a batch (a prefill of newly admitted requests, or one decode token
 for each running one), has the model runner run it, then appends each sampled token, detokenizes
-it and checks the request's stop conditions. Everything a later server needs (continuous batching
-across requests arriving at any time, streaming, aborts) goes through these same calls.
+it and checks the request's stop conditions; the blocks the step filled join the prefix cache.
+Everything a later server needs (continuous batching across requests arriving at any time,
+streaming, aborts) goes through these same calls.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fastgen.config import EngineConfig, SamplingParams
 from fastgen.engine.block_manager import BlockManager
 from fastgen.engine.detokenizer import IncrementalDetokenizer
 from fastgen.engine.model_runner import ModelRunner
-from fastgen.engine.scheduler import Scheduler
+from fastgen.engine.scheduler import Scheduler, StepKind
 from fastgen.engine.sequence import FinishReason, Sequence
 
 
@@ -42,6 +43,21 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started, for tests and metrics. A recomputed (preempted)
+    sequence counts again."""
+
+    prefill_tokens: int = 0                # tokens fed to the model by prefill steps
+    decode_tokens: int = 0                 # tokens fed by decode steps (one per sequence)
+    prefix_cache_queried_tokens: int = 0   # tokens of the sequences admitted to prefill
+    prefix_cache_hit_tokens: int = 0       # of those, found in the prefix cache (not fed)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hit_tokens / max(self.prefix_cache_queried_tokens, 1)
 
 
 @dataclass
@@ -70,9 +86,11 @@ class LLMEngine:
         blocks_per_seq = (self.max_model_len + block_size - 1) // block_size
         self.model_runner = ModelRunner(self.loaded.model, self.loaded.hf_config, config,
                                         max_blocks_needed=config.max_num_seqs * blocks_per_seq)
-        self.scheduler = Scheduler(BlockManager(self.model_runner.num_blocks, block_size),
-                                   config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len)
+        self.stats = EngineStats()
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
 
@@ -107,9 +125,20 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        new_tokens = [len(seq) - seq.num_cached_tokens for seq in batch.seqs]
+        stats = self.stats
+        if batch.kind is StepKind.PREFILL:
+            stats.prefill_tokens += batch.num_tokens
+            for seq in batch.seqs:
+                stats.prefix_cache_queried_tokens += len(seq)
+                stats.prefix_cache_hit_tokens += seq.num_cached_tokens
+        else:
+            stats.decode_tokens += batch.num_tokens
         tokens = self.model_runner.run(batch)
         outputs = []
-        for seq, token in zip(batch.seqs, tokens):
+        for seq, token, written in zip(batch.seqs, tokens, new_tokens):
+            # While the sequence still holds its blocks: finishing below frees them.
+            self.block_manager.cache_full_blocks(seq, written)
             seq.append_token(token)
             request = self._requests[seq.seq_id]
             reason = request.detokenizer.append(token)

@@ -13,8 +13,9 @@ A request that could never run (prompt beyond the context, or more blocks than t
 refused by `add`, so the queue never holds one that blocks it forever.
 
 Seams for later work: chunked prefill will let `_schedule_prefill` take part of a prompt
-(Sequence.num_cached_tokens already says where a prefill starts) and mix it into decode steps;
-prefix caching lives in the block manager.
+(Sequence.num_cached_tokens already says where a prefill starts) and mix it into decode steps.
+Prefix caching lives in the block manager: admission asks it which leading blocks are cached, and
+a prefill feeds only the tokens after them.
 """
 
 from __future__ import annotations
@@ -83,13 +84,16 @@ class Scheduler:
         num_tokens = 0
         while self.waiting and len(self.running) + len(seqs) < self.max_num_seqs:
             seq = self.waiting[0]
-            new_tokens = len(seq) - seq.num_cached_tokens
+            # Tokens found in the prefix cache are not fed again.
+            bm = self.block_manager
+            cached = len(bm.cached_prefix_blocks(seq)) * bm.block_size
+            new_tokens = len(seq) - cached
             # A lone sequence always fits: a preempted one may have grown past the budget.
             if seqs and num_tokens + new_tokens > self.max_num_batched_tokens:
                 break
-            if not self.block_manager.can_allocate(seq):
+            if not bm.can_allocate(seq):
                 break
-            self.block_manager.allocate(seq)
+            bm.allocate(seq)  # sets seq.num_cached_tokens to `cached`
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             seqs.append(seq)

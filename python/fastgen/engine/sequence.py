@@ -30,7 +30,9 @@ class Sequence:
     """A prompt and its generated continuation.
 
     block_table[i] is the cache block holding tokens i * block_size .. (i + 1) * block_size - 1.
-    num_cached_tokens of the tokens have their keys and values written in those blocks."""
+    num_cached_tokens of the tokens have their keys and values written in those blocks.
+    block_hashes[i] names the tokens of full block i and all before it (the block manager's
+    prefix cache fills it in as blocks fill; the tokens only grow, so it stays valid)."""
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, generator: torch.Generator | None = None):
@@ -44,6 +46,7 @@ class Sequence:
         self.generator = generator    # the request's own random stream when it has a seed
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
+        self.block_hashes: list[bytes] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
 
