@@ -35,9 +35,29 @@ class LoadFormat(enum.Enum):
     RANDOM = "random"  # the config's shapes with random weights (benchmarks)
 
 
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for, as OpenAI's API
+
+
 @dataclass
 class SamplingParams:
-    """How one request is decoded. temperature == 0 means greedy; top_k / top_p of None mean off."""
+    """How one request is decoded. temperature == 0 means greedy; top_k / top_p / min_p of None
+    mean off.
+
+    Each step turns the model's logits z (one per vocabulary token) into the next token in this
+    order, as vLLM does:
+
+    1. repetition_penalty r (HF / vLLM): for every token seen in the prompt or the output so far,
+       z = z / r if z > 0 else z * r. 1.0 is off; r > 1 discourages repeats.
+    2. presence_penalty a and frequency_penalty f (OpenAI), over the output tokens only:
+       z = z - a * (count > 0) - f * count, count = times the token was generated so far.
+    3. temperature == 0: argmax of the penalised logits. Otherwise z / temperature, then
+       min_p (keep tokens with p >= min_p * p_max), top_k, top_p, and a draw.
+
+    logprobs = n asks for, per generated token, the sampled token's log-probability and the n
+    most likely tokens' (n <= 20; 0 gives the sampled token alone). They are those of the raw
+    model distribution, log_softmax(z) before any penalty, temperature or filter (vLLM's
+    default), so they do not depend on how the token was picked.
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -47,6 +67,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,10 +86,27 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (or None for off), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got "
+                             f"{self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2] (0 is off), got {value}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or None for off), got "
+                             f"{self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 @dataclass

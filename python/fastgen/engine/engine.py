@@ -39,6 +39,9 @@ class RequestOutput:
     token_ids: list[int]              # output token ids so far, EOS / stop token included
     finish_reason: FinishReason | None
     delta: str = ""                   # text safe to stream since this request's last output
+    # With SamplingParams.logprobs = n: one {token_id: logprob} per output token, the n most
+    # likely first (descending), then the sampled token if not among them; else None.
+    logprobs: list[dict[int, float]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -71,7 +74,8 @@ class _Request:
         seq = self.seq
         return RequestOutput(seq.seq_id, self.prompt, self.prompt_token_ids, self.detokenizer.text,
                              seq.output_token_ids, self.detokenizer.finish_reason,
-                             self.detokenizer.pop_delta())
+                             self.detokenizer.pop_delta(),
+                             None if seq.output_logprobs is None else list(seq.output_logprobs))
 
 
 class LLMEngine:
@@ -134,12 +138,12 @@ class LLMEngine:
                 stats.prefix_cache_hit_tokens += seq.num_cached_tokens
         else:
             stats.decode_tokens += batch.num_tokens
-        tokens = self.model_runner.run(batch)
+        tokens, logprobs = self.model_runner.run(batch)
         outputs = []
-        for seq, token, written in zip(batch.seqs, tokens, new_tokens):
+        for seq, token, token_logprobs, written in zip(batch.seqs, tokens, logprobs, new_tokens):
             # While the sequence still holds its blocks: finishing below frees them.
             self.block_manager.cache_full_blocks(seq, written)
-            seq.append_token(token)
+            seq.append_token(token, token_logprobs)
             request = self._requests[seq.seq_id]
             reason = request.detokenizer.append(token)
             if reason is not None:

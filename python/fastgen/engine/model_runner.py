@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastgen.config import EngineConfig
-from fastgen.engine.sampler import Sampler
+from fastgen.engine.sampler import Sampler, TokenHistory, top_logprobs
 from fastgen.engine.scheduler import ScheduledBatch, StepKind
 from fastgen.engine.sequence import Sequence
 from fastgen.layers.attention import AttentionMetadata, KVCache
@@ -75,9 +75,9 @@ class ModelRunner:
     # One step.
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[dict[int, float] | None]]:
         """Feeds the batch's new tokens, writes their keys and values into the cache, and returns
-        one sampled token per sequence."""
+        one sampled token per sequence and, per sequence, its logprobs (None unless asked)."""
         seqs = batch.seqs
         if batch.kind is StepKind.PREFILL:
             input_ids, positions, meta, last_rows = self._prepare_prefill(seqs)
@@ -88,10 +88,15 @@ class ModelRunner:
         if last_rows is not None:
             hidden = hidden[last_rows]  # [B, H]
         logits = self.model.compute_logits(hidden)  # [B, V] float32
-        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        histories = ([TokenHistory(s.token_ids, s.num_prompt_tokens) for s in seqs]
+                     if any(p.has_penalties for p in params) else None)
+        tokens = self.sampler(logits, params, [s.generator for s in seqs], histories)  # [B]
+        logprobs = (top_logprobs(logits, tokens, params)
+                    if any(p.logprobs is not None for p in params) else [None] * len(seqs))
         for seq in seqs:
             seq.num_cached_tokens = len(seq)
-        return tokens.tolist()
+        return tokens.tolist(), logprobs
 
     def _prepare_prefill(self, seqs: list[Sequence]):
         """Every not-yet-cached token of each sequence, packed back to back.

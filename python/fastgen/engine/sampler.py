@@ -1,8 +1,11 @@
 """Picks each sequence's next token from its logits, on the logits' device, for the whole batch at
 once.
 
-Greedy rows (temperature 0) take the argmax. Sampled rows are scaled by 1 / temperature, cut to
-their top-k and top-p (nucleus) sets, and drawn with the exponential race:
+Repetition, presence and frequency penalties come first (SamplingParams gives the formulas), as
+one scatter over the batch's token ids, built only for a batch where some row uses one so the
+common path costs nothing more. Greedy rows (temperature 0) then take the argmax. Sampled rows are
+scaled by 1 / temperature, cut to their min-p, top-k and top-p (nucleus) sets, and drawn with the
+exponential race:
 
     token = argmax_i  p_i / E_i,   E_i ~ Exp(1) independent
 
@@ -13,9 +16,20 @@ request's own generator, so its tokens do not depend on its batch mates, or else
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from fastgen.config import SamplingParams
+
+
+@dataclass
+class TokenHistory:
+    """What a row's penalties look at: every token of its sequence so far, prompt first."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
 
 
 class Sampler:
@@ -33,14 +47,22 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> torch.Tensor:
-        """logits: [B, V] float32 -> [B] int64 token ids"""
+                 generators: list[torch.Generator | None],
+                 histories: list[TokenHistory] | None = None) -> torch.Tensor:
+        """logits: [B, V] float32 -> [B] int64 token ids. histories (one per row) are needed
+        only when some row has a penalty."""
+        if any(p.has_penalties for p in params):
+            if histories is None:
+                raise ValueError("penalties need each row's token history")
+            logits = apply_penalties(logits, params, histories)
         greedy = [p.temperature == 0 for p in params]
         if all(greedy):
             return logits.argmax(dim=-1)
         temperatures = torch.tensor([p.temperature or 1.0 for p in params], dtype=logits.dtype,
                                     device=logits.device)
         scaled = logits / temperatures[:, None]  # [B, V]
+        if any(p.min_p is not None for p in params):
+            scaled = apply_min_p(scaled, [p.min_p for p in params])
         if any(p.top_k is not None or p.top_p is not None for p in params):
             scaled = apply_top_k_top_p(scaled, [p.top_k for p in params],
                                        [p.top_p for p in params])
@@ -90,3 +112,73 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int | None],
         outside = (mass_before >= ps[:, None]) & has_p[:, None]
         sorted_logits.masked_fill_(outside, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: list[float | None]) -> torch.Tensor:
+    """Sets to -inf every logit whose probability is below min_p times its row's largest
+    probability; None is off. p_i >= min_p * p_max  <=>  z_i >= z_max + log(min_p), so no softmax
+    is needed. logits: [B, V] -> [B, V]"""
+    floors = torch.tensor([math.log(p) if p else float("-inf") for p in min_p],  # None, 0: off
+                          dtype=logits.dtype, device=logits.device)  # [B]
+    cutoff = logits.amax(dim=-1) + floors  # [B]
+    return logits.masked_fill(logits < cutoff[:, None], float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                    histories: list[TokenHistory]) -> torch.Tensor:
+    """Repetition penalty over prompt and output tokens, then presence and frequency penalties
+    over the output tokens (formulas in SamplingParams), for the whole batch at once.
+    logits: [B, V] -> [B, V] (a new tensor)"""
+    batch, vocab = logits.shape
+    device = logits.device
+    # Pad ragged token lists with an extra column `vocab`, dropped after the scatter.
+    prompt_ids = _padded([h.token_ids[:h.num_prompt_tokens] for h in histories], vocab, device)
+    output_ids = _padded([h.token_ids[h.num_prompt_tokens:] for h in histories], vocab, device)
+    counts = torch.zeros(batch, vocab + 1, dtype=logits.dtype, device=device)
+    counts.scatter_add_(1, output_ids, torch.ones_like(output_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab]  # [B, V] times each token was generated
+    in_prompt = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
+    in_prompt.scatter_(1, prompt_ids, True)
+    seen = in_prompt[:, :vocab] | (counts > 0)  # [B, V]
+
+    def column(values: list[float]) -> torch.Tensor:  # [B, 1]
+        return torch.tensor(values, dtype=logits.dtype, device=device)[:, None]
+
+    repetition = column([p.repetition_penalty for p in params])
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalised, logits)
+    presence = column([p.presence_penalty for p in params])
+    frequency = column([p.frequency_penalty for p in params])
+    return logits - presence * (counts > 0) - frequency * counts
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """Ragged rows of token ids -> [B, max(1, longest)] int64, padded with pad."""
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long,
+                        device=device)
+
+
+def top_logprobs(logits: torch.Tensor, sampled: torch.Tensor,
+                 params: list[SamplingParams]) -> list[dict[int, float] | None]:
+    """Per row asking for logprobs = n: {token_id: logprob} of the raw distribution
+    log_softmax(logits), holding the n most likely tokens in descending order and then the
+    sampled token if it is not among them (so n or n + 1 entries); None for rows not asking.
+    logits: [B, V] (before penalties and temperature), sampled: [B] -> B entries"""
+    wanted = [p.logprobs for p in params]
+    rows = [row for row, n in enumerate(wanted) if n is not None]
+    if not rows:
+        return [None] * len(params)
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = logits[index].float().log_softmax(dim=-1)  # [R, V]
+    top_values, top_ids = logprobs.topk(max(wanted[row] for row in rows), dim=-1)  # [R, N]
+    sampled_values = logprobs.gather(1, sampled[index][:, None])[:, 0]  # [R]
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    sampled_ids, sampled_values = sampled[index].tolist(), sampled_values.tolist()
+    out: list[dict[int, float] | None] = [None] * len(params)
+    for r, row in enumerate(rows):
+        n = wanted[row]
+        entry = dict(zip(top_ids[r][:n], top_values[r][:n]))
+        entry.setdefault(sampled_ids[r], sampled_values[r])
+        out[row] = entry
+    return out

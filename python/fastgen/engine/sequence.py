@@ -49,6 +49,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
+        # Per output token {token_id: logprob} (see sampler.top_logprobs); None unless asked.
+        self.output_logprobs: list[dict[int, float]] | None = (
+            [] if params.logprobs is not None else None)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -65,8 +68,10 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
         self.token_ids.append(token_id)
+        if self.output_logprobs is not None and logprobs is not None:
+            self.output_logprobs.append(logprobs)
 
     def finish(self, reason: FinishReason) -> None:
         self.status = SequenceStatus.FINISHED

@@ -3,8 +3,9 @@ and the benchmarks compare against, and the reference the end-to-end tests hold 
 Megatron's huggingface_reference.py does for its server).
 
 Prompts run one at a time, so no padding changes their numerics. Sampling maps onto
-`generate`: temperature 0 is greedy (do_sample=False); otherwise temperature, top_k and top_p with
-the request's seed set before the call. EOS and stop_token_ids end generation inside `generate`;
+`generate`: temperature 0 is greedy (do_sample=False); otherwise temperature, top_k, top_p and
+min_p with the request's seed set before the call; repetition_penalty always. Presence and
+frequency penalties and logprobs have no `generate` counterpart here and are not applied. EOS and stop_token_ids end generation inside `generate`;
 stop strings are applied afterwards (the text is cut where the first one starts, the tokens after
 the one that completed it are dropped). Output text is decoded without special tokens, and EOS /
 stop tokens are kept in token_ids, as fastgen does.
@@ -72,6 +73,8 @@ class HFBackend:
             temperature=params.temperature if not params.greedy else None,
             top_k=params.top_k if not params.greedy else None,  # None: off (HF's default is 50)
             top_p=params.top_p if not params.greedy else None,
+            min_p=params.min_p if not params.greedy else None,
+            repetition_penalty=params.repetition_penalty,
             eos_token_id=stop_ids or None,
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
             else (self.eos_token_ids[0] if self.eos_token_ids else 0),

@@ -33,6 +33,10 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finish_reason: FinishReason
+    # With SamplingParams.logprobs = n: per generated token {token_id: logprob} of the raw model
+    # distribution, the n most likely first (descending), then the sampled token if not among
+    # them (n or n + 1 entries); None when not asked.
+    logprobs: list[dict[int, float]] | None = None
 
 
 class LLM:
@@ -123,7 +127,7 @@ class LLM:
                     if out.finished:
                         results[order.pop(out.request_id)] = RequestOutput(
                             out.prompt, out.prompt_token_ids, out.text, out.token_ids,
-                            out.finish_reason)
+                            out.finish_reason, out.logprobs)
                         if progress is not None:
                             progress.update(1)
             if progress is not None:
