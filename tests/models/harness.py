@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.layers.attention import AttentionMetadata
+from fastgen.layers.attention import AttentionMetadata, kv_cache_spec
 
 
 class PagedHarness:
     """Runs prefill and decode for up to max_seqs sequences of up to max_len tokens."""
 
-    def __init__(self, model, hf_config, max_seqs: int, max_len: int, block_size: int = 16,
+    def __init__(self, model, max_seqs: int, max_len: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
         self.model, self.block_size, self.device = model, block_size, device
-        heads = hf_config.num_attention_heads
-        head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        spec = kv_cache_spec(model)
         blocks_per_seq = (max_len + block_size - 1) // block_size
         num_blocks = max_seqs * blocks_per_seq
-        shape = (num_blocks, block_size, hf_config.num_key_value_heads, head_size)  # [N, S, Hkv, D]
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_size)  # [N, S, Hkv, D]
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(hf_config.num_hidden_layers)]
+                          for _ in range(spec.num_layers)]
         order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
         self.block_tables = order.view(max_seqs, blocks_per_seq).to(torch.int32)  # [B, M]
         self.seq_lens: list[int] = []

@@ -68,7 +68,7 @@ def test_greedy_answer(smollm2):
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    harness = PagedHarness(smollm2.model, smollm2.hf_config, max_seqs=1, max_len=len(ids) + 16)
+    harness = PagedHarness(smollm2.model, max_seqs=1, max_len=len(ids) + 16)
     token = int(harness.prefill([ids])[0][-1].argmax())
     answer = []
     while token not in smollm2.eos_token_ids and len(answer) < 16:

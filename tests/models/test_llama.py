@@ -92,7 +92,7 @@ def test_matches_hugging_face(case, tmp_path, device):
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
     expected = [hf_greedy(hf_model, p, DECODE_STEPS) for p in prompts]
 
-    harness = PagedHarness(loaded.model, loaded.hf_config, max_seqs=len(prompts),
+    harness = PagedHarness(loaded.model, max_seqs=len(prompts),
                            max_len=max(lengths) + DECODE_STEPS, block_size=16, device=device)
     for prompt, logits, (greedy, hf_logits) in zip(prompts, harness.prefill(prompts), expected):
         assert_logits_close(logits.cpu(), hf_logits[:len(prompt)], torch.float32)

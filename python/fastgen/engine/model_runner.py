@@ -20,24 +20,21 @@ from fastgen.config import EngineConfig
 from fastgen.engine.sampler import Sampler, TokenHistory, top_logprobs
 from fastgen.engine.scheduler import ScheduledBatch, StepKind
 from fastgen.engine.sequence import Sequence
-from fastgen.layers.attention import AttentionMetadata, KVCache
+from fastgen.layers.attention import AttentionMetadata, KVCache, kv_cache_spec
 
 _GIB = 1 << 30
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, hf_config, config: EngineConfig,
+    def __init__(self, model: nn.Module, config: EngineConfig,
                  max_blocks_needed: int | None = None):
         """max_blocks_needed caps the cache at what max_num_seqs full-length sequences can use."""
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = config.cache.block_size
-        self.num_layers = hf_config.num_hidden_layers
-        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or \
-            hf_config.num_attention_heads
-        self.head_dim = getattr(hf_config, "head_dim", None) or \
-            hf_config.hidden_size // hf_config.num_attention_heads
+        spec = kv_cache_spec(model)  # from the model's layers: per rank under tensor parallelism
+        self.num_layers, self.num_kv_heads, self.head_dim = spec.num_layers, spec.num_kv_heads, spec.head_size
         self.num_blocks = self._num_cache_blocks(config, max_blocks_needed)
         self.kv_caches = self._allocate_cache()
         self.sampler = Sampler(self.device, config.seed)

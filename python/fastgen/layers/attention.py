@@ -57,3 +57,26 @@ class Attention(nn.Module):
                             meta.max_seqlen_q, meta.max_seqlen_k, self.scale,
                             self.sliding_window, self.chunk_size)
         return out.view(tokens, self.num_heads * self.head_size)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one layer's paged cache holds per token: num_kv_heads x head_size values, for each of
+    num_layers layers. Read off the model's Attention layers, so it is per tensor-parallel rank."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+
+
+def kv_cache_spec(model: nn.Module) -> KVCacheSpec:
+    """The KV cache a model needs: one (key, value) pair per Attention layer, in forward order."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Attention layers")
+    shapes = {(m.num_kv_heads, m.head_size) for m in layers}
+    if len(shapes) > 1:
+        raise ValueError(f"Attention layers disagree on (KV heads, head size): {sorted(shapes)}")
+    (num_kv_heads, head_size), = shapes
+    return KVCacheSpec(len(layers), num_kv_heads, head_size)
+
