@@ -7,15 +7,19 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):
     # Imported lazily so `import fastgen` (e.g. for fastgen.ops in a kernel test) stays light.
-    if name in ("LLM", "RequestOutput"):
-        from fastgen.entrypoints import llm
+    if name == "LLM":
+        from fastgen.entrypoints.llm import LLM
 
-        return getattr(llm, name)
+        return LLM
+    if name in ("RequestOutput", "CompletionOutput"):
+        from fastgen import outputs
+
+        return getattr(outputs, name)
     if name == "SamplingParams":
         from fastgen.config import SamplingParams
 

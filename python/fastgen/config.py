@@ -53,10 +53,15 @@ class SamplingParams:
     3. temperature == 0: argmax of the penalised logits. Otherwise z / temperature, then
        min_p (keep tokens with p >= min_p * p_max), top_k, top_p, and a draw.
 
-    logprobs = n asks for, per generated token, the sampled token's log-probability and the n
-    most likely tokens' (n <= 20; 0 gives the sampled token alone). They are those of the raw
+    logprobs = k asks for, per generated token, the sampled token's log-probability and the k
+    most likely tokens' (k <= 20; 0 gives the sampled token alone). They are those of the raw
     model distribution, log_softmax(z) before any penalty, temperature or filter (vLLM's
-    default), so they do not depend on how the token was picked.
+    default), so they do not depend on how the token was picked. prompt_logprobs = k does the
+    same for every prompt token after the first (the prompt is then never read from the prefix
+    cache: its logits are needed).
+
+    n samples are drawn per prompt, sharing its cached blocks. With a seed, sample i uses seed + i.
+    max_tokens = 0 generates nothing: the prompt is only scored (with prompt_logprobs).
     """
 
     max_tokens: int = 256
@@ -72,12 +77,16 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -95,9 +104,11 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2 <= value <= 2:
                 raise ValueError(f"{name} must be in [-2, 2] (0 is off), got {value}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or None for off), got "
-                             f"{self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] (or None for off), got "
+                                 f"{value}")
 
     @property
     def greedy(self) -> bool:
@@ -129,7 +140,8 @@ class EngineConfig:
     load_format: LoadFormat = LoadFormat.AUTO
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    # Tokens one step may feed the model: decodes first, then prompt chunks (chunked prefill).
+    max_num_batched_tokens: int = 2048
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0  # seeds random weights for load_format=random
 

@@ -24,20 +24,33 @@ def test_allocate_covers_every_token_and_free_returns_blocks():
     assert bm.num_free_blocks == 10
 
 
-def test_append_slot_adds_a_block_only_when_crossing_a_boundary():
+def test_append_slots_adds_a_block_only_when_crossing_a_boundary():
     bm = BlockManager(num_blocks=4, block_size=4)
     seq = make_seq(4)
     bm.allocate(seq)
+    seq.num_cached_tokens = 4
     assert len(seq.block_table) == 1
     seq.append_token(5)  # token 4 (0-based) starts block 1
-    assert bm.can_append(seq)
-    bm.append_slot(seq)
+    assert bm.can_append(seq, len(seq))
+    bm.append_slots(seq, len(seq))
     assert len(seq.block_table) == 2
     for token in range(6, 9):  # tokens 5..7 fill block 1
+        seq.num_cached_tokens = len(seq)
         seq.append_token(token)
-        bm.append_slot(seq)
+        bm.append_slots(seq, len(seq))
     assert len(seq.block_table) == 2
     assert bm.num_free_blocks == 2
+
+
+def test_allocate_can_cover_only_a_first_chunk():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = make_seq(20)
+    assert bm.can_allocate(seq, 6)
+    bm.allocate(seq, 6)  # a 6-token first chunk: two blocks, not five
+    assert len(seq.block_table) == 2 and bm.num_free_blocks == 6
+    seq.num_cached_tokens = 6
+    bm.append_slots(seq, 20)
+    assert len(seq.block_table) == 5 and bm.num_free_blocks == 3
 
 
 def test_running_out_of_blocks_is_a_clear_error():

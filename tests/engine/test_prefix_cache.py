@@ -21,9 +21,8 @@ def admit(bm: BlockManager, token_ids: list[int], seq_id: int = 0) -> Sequence:
     """Allocates a sequence and does what a prefill step does to the cache: writes every token."""
     seq = make_seq(token_ids, seq_id)
     bm.allocate(seq)
-    fed = len(seq) - seq.num_cached_tokens
+    bm.cache_blocks(seq, len(seq))
     seq.num_cached_tokens = len(seq)
-    bm.cache_full_blocks(seq, fed)
     return seq
 
 
@@ -77,9 +76,9 @@ def test_partial_blocks_are_never_shared():
     assert b.num_cached_tokens == 4 and b.block_table[1] != a.block_table[1]
     for token in (7, 8):  # a decodes until its second block is full and written
         a.append_token(token)
-        bm.append_slot(a)
+        bm.append_slots(a, len(a))
+        bm.cache_blocks(a, len(a))
         a.num_cached_tokens = len(a)
-        bm.cache_full_blocks(a, 1)
     c = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9], 2)
     bm.allocate(c)
     assert c.num_cached_tokens == 8 and c.block_table[:2] == a.block_table[:2]
@@ -90,9 +89,9 @@ def test_decoding_into_a_shared_block_is_caught():
     admit(bm, list(range(1, 9)), 0)
     b = make_seq(list(range(1, 10)), 1)
     bm.allocate(b)
-    b.token_ids.pop()  # position 7, the next write, is now in the shared block 1
+    b.num_cached_tokens = 7  # as if position 7, in the shared block 1, were to be written
     with pytest.raises(AssertionError, match="shared or cached block"):
-        bm.append_slot(b)
+        bm.append_slots(b, 8)
 
 
 def test_eviction_takes_free_blocks_first_then_the_least_recently_freed():

@@ -77,7 +77,7 @@ def test_top_logprobs_are_sorted_and_hold_the_sampled_token():
     logits = random_logits(3, seed=2)
     params = [SamplingParams(logprobs=5), SamplingParams(), SamplingParams(logprobs=0)]
     sampled = torch.tensor([logits[0].argmin().item(), 0, 7])
-    out = top_logprobs(logits, sampled, params)
+    out = top_logprobs(logits, sampled, [p.logprobs for p in params])
     reference = logits.log_softmax(-1)
     assert out[1] is None
     top = list(out[0].items())[:5]

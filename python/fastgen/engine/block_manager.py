@@ -6,18 +6,22 @@ A sequence of L tokens owns ceil(L / block_size) blocks, listed in order in its 
 keys and values of token i live in slot block_table[i // block_size] * block_size + i % block_size.
 The manager hands out block ids and never touches the cache tensors (the model runner does).
 
-Blocks are allocated whole-sequence at admission and one at a time while decoding, and returned on
-finish or preemption.
+Blocks are given out as a step needs them: at admission for the cached prefix and the first
+prompt chunk, then for each later chunk or decode token (`append_slots`); all are returned on
+finish, abort or preemption.
 
 Prefix caching (automatic, as in vLLM and nano-vLLM): every full block of a sequence is named by a
 hash chained with its prefix, sha256(parent block's hash + the block's token ids), so equal hashes
-mean equal tokens at equal positions — and equal keys and values. Once a block's keys and values
-are written (`cache_full_blocks`, after the step that wrote them), the manager maps its hash to
-it. A newly admitted sequence shares the blocks of its leading full blocks found in that map (a
-reference count per block) and starts its prefill after them (`num_cached_tokens`). Its last token
-is always computed, so there are logits to sample from: a prompt cached to its end recomputes its
-last block. Only full blocks are ever shared and decoding writes only past a sequence's full
-blocks, so no block is written while shared (`append_slot` asserts it).
+mean equal tokens at equal positions — and equal keys and values. When a step is scheduled, the
+blocks it will fill are mapped from their hashes (`cache_blocks`), so a sequence admitted later in
+the same step already shares them: within each layer every key and value of the step is written
+before any attention reads them. (This is how n samples of one prompt share it.) A newly admitted
+sequence shares the blocks of its leading full blocks found in that map (a reference count per
+block) and starts its prefill after them (`num_cached_tokens`). Its last token is always computed,
+so there are logits to sample from: a prompt cached to its end recomputes its last block. Only
+full blocks are ever shared and a step writes only past a sequence's full blocks, so no block is
+written while shared (`append_slots` asserts it). A request asking for prompt logprobs shares
+nothing: it needs the logits of every prompt position.
 
 A block whose count drops to 0 keeps its hash and goes to an LRU of evictable blocks: it is reused
 as is by a sequence that hits it, or, once the never-hashed free blocks run out, evicted oldest
@@ -74,12 +78,17 @@ class BlockManager:
         """How many blocks hold num_tokens tokens."""
         return (num_tokens + self.block_size - 1) // self.block_size
 
-    # Admission: blocks for every token of the sequence (the prompt, or prompt + output when a
-    # preempted sequence is recomputed), the leading ones shared where the cache has them.
+    @property
+    def usage(self) -> float:
+        """Fraction of the pool held by sequences (evictable cached blocks count as free)."""
+        return 1 - self.num_free_blocks / self.num_blocks
+
+    # Admission: blocks for the sequence's leading tokens (its cached prefix and first chunk; by
+    # default all of them), the leading full blocks shared where the cache has them.
 
     def cached_prefix_blocks(self, seq: Sequence) -> list[int]:
         """The cached blocks holding the sequence's leading full blocks, never all of its tokens."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return []
         hits = []
         num_blocks = (len(seq) - 1) // self.block_size
@@ -90,18 +99,21 @@ class BlockManager:
             hits.append(block)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, num_tokens: int | None = None) -> bool:
         hits = self.cached_prefix_blocks(seq)
+        needed = self.blocks_for(len(seq) if num_tokens is None else num_tokens) - len(hits)
         # An evictable hit leaves the pool as surely as a fresh block does.
-        taken = self.blocks_for(len(seq)) - len(hits) + sum(self._ref_count[b] == 0 for b in hits)
+        taken = max(needed, 0) + sum(self._ref_count[b] == 0 for b in hits)
         return taken <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Fills an empty block table; seq.num_cached_tokens becomes the tokens found cached."""
+    def allocate(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Fills an empty block table with blocks for the first num_tokens tokens (default: all),
+        at least its cached prefix; seq.num_cached_tokens becomes the tokens found cached."""
         assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
         hits = self.cached_prefix_blocks(seq)
-        needed = self.blocks_for(len(seq)) - len(hits)
-        if not self.can_allocate(seq):
+        needed = max(self.blocks_for(len(seq) if num_tokens is None else num_tokens) - len(hits),
+                      0)
+        if not self.can_allocate(seq, num_tokens):
             raise OutOfBlocksError(f"sequence {seq.seq_id} needs {needed} more KV cache blocks, "
                                    f"only {self.num_free_blocks} of {self.num_blocks} are free")
         for block in hits:  # claimed before anything is evicted, so no hit is evicted
@@ -111,33 +123,35 @@ class BlockManager:
         seq.block_table = hits + self._take(needed, seq)
         seq.num_cached_tokens = len(hits) * self.block_size
 
-    # Decoding: the newest token is written at position len(seq) - 1; a new block is needed when
-    # that position starts one.
+    # Later steps: the table grows to cover the tokens the step writes, positions
+    # num_cached_tokens .. num_tokens - 1.
 
-    def can_append(self, seq: Sequence) -> bool:
-        return self.blocks_for(len(seq)) <= len(seq.block_table) + self.num_free_blocks
+    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) <= len(seq.block_table) + self.num_free_blocks
 
-    def append_slot(self, seq: Sequence) -> None:
-        needed = self.blocks_for(len(seq)) - len(seq.block_table)
+    def append_slots(self, seq: Sequence, num_tokens: int) -> None:
+        needed = self.blocks_for(num_tokens) - len(seq.block_table)
         if needed > 0:
             seq.block_table.extend(self._take(needed, seq))
-        block = seq.block_table[(len(seq) - 1) // self.block_size]
-        assert self._ref_count[block] == 1 and self._hash_of[block] is None, \
-            f"decoding sequence {seq.seq_id} would write into shared or cached block {block}"
+        first = seq.num_cached_tokens // self.block_size
+        for block in seq.block_table[first:self.blocks_for(num_tokens)]:
+            assert self._ref_count[block] == 1 and self._hash_of[block] is None, \
+                f"sequence {seq.seq_id} would write into shared or cached block {block}"
 
-    def cache_full_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Makes the blocks that the step just run filled findable by hash. The step wrote the
-        keys and values of the last num_new_tokens of the sequence's num_cached_tokens tokens; only
-        the blocks those complete are looked at, so a decode step costs O(1) per sequence."""
+    def cache_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Makes the full blocks among the sequence's first num_tokens tokens findable by hash,
+        once their keys and values are written or scheduled to be (see the module docstring).
+        Only blocks completed past num_cached_tokens are looked at: O(1) per decode token."""
         if not self.enable_prefix_caching:
             return
-        first = (seq.num_cached_tokens - num_new_tokens) // self.block_size
-        last = seq.num_cached_tokens // self.block_size
+        first = seq.num_cached_tokens // self.block_size
+        last = num_tokens // self.block_size
         hashes = self._hashes(seq, last)
         for i in range(first, last):
             block, h = seq.block_table[i], hashes[i]
             # A shared block is already named; a block whose tokens another block already holds
-            # (both prefilled in one step) stays unnamed, and is freed rather than cached.
+            # (both filled in one step before either was named) stays unnamed, and is freed
+            # rather than cached.
             if self._hash_of[block] is None and h not in self._block_of:
                 self._hash_of[block] = h
                 self._block_of[h] = block

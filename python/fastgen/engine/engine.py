@@ -4,59 +4,46 @@
     rid = engine.add_request(token_ids, SamplingParams(max_tokens=32))
     while engine.has_unfinished():
         for out in engine.step():
-            print(out.request_id, out.delta, out.finished)
+            print(out.request_id, out.outputs[0].delta, out.finished)
 
-A step asks the scheduler for a batch (a prefill of newly admitted requests, or one decode token
-for each running one), has the model runner run it, then appends each sampled token, detokenizes
-it and checks the request's stop conditions; the blocks the step filled join the prefix cache.
-Everything a later server needs (continuous batching across requests arriving at any time,
-streaming, aborts) goes through these same calls.
+A request is one Sequence per sample (SamplingParams.n); the samples share the prompt's blocks
+through the prefix cache. A step asks the scheduler for a batch (decode tokens and prompt chunks
+of any running or newly admitted sequences), has the model runner run it, then appends each
+sampled token, detokenizes it and checks the sample's stop conditions. Both front ends drive this
+same object: LLM.generate by calling step() until done, the server through AsyncLLMEngine, which
+calls it from one thread while requests arrive and leave at any time.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastgen import loader
 from fastgen.config import EngineConfig, SamplingParams
 from fastgen.engine.block_manager import BlockManager
 from fastgen.engine.detokenizer import IncrementalDetokenizer
 from fastgen.engine.model_runner import ModelRunner
-from fastgen.engine.scheduler import Scheduler, StepKind
-from fastgen.engine.sequence import FinishReason, Sequence
-
-
-@dataclass
-class RequestOutput:
-    """A request's state after a step: everything generated so far, and what is new."""
-
-    request_id: int
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str                         # output text so far (final once finished)
-    token_ids: list[int]              # output token ids so far, EOS / stop token included
-    finish_reason: FinishReason | None
-    delta: str = ""                   # text safe to stream since this request's last output
-    # With SamplingParams.logprobs = n: one {token_id: logprob} per output token, the n most
-    # likely first (descending), then the sampled token if not among them; else None.
-    logprobs: list[dict[int, float]] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+from fastgen.engine.scheduler import Scheduler
+from fastgen.engine.sequence import Sequence
+from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput
 
 
 @dataclass
 class EngineStats:
     """Counters since the engine started, for tests and metrics. A recomputed (preempted)
-    sequence counts again."""
+    sequence's tokens count again in the fed-token counters."""
 
-    prefill_tokens: int = 0                # tokens fed to the model by prefill steps
-    decode_tokens: int = 0                 # tokens fed by decode steps (one per sequence)
-    prefix_cache_queried_tokens: int = 0   # tokens of the sequences admitted to prefill
+    prefill_tokens: int = 0                # prompt (and recomputed) tokens fed to the model
+    decode_tokens: int = 0                 # tokens fed by decoding (one per sequence and step)
+    prefix_cache_queried_tokens: int = 0   # tokens of the sequences admitted
     prefix_cache_hit_tokens: int = 0       # of those, found in the prefix cache (not fed)
+    prompt_tokens: int = 0                 # prompt tokens of the requests added
+    generation_tokens: int = 0             # tokens sampled
+    requests_added: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    steps: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -64,18 +51,36 @@ class EngineStats:
 
 
 @dataclass
-class _Request:
+class _Sample:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
+
+    def output(self) -> CompletionOutput:
+        seq, detok = self.seq, self.detokenizer
+        return CompletionOutput(seq.index, detok.text, seq.output_token_ids, detok.finish_reason,
+                                None if seq.output_logprobs is None else list(seq.output_logprobs),
+                                detok.pop_delta())
+
+
+@dataclass
+class _Request:
+    request_id: int
+    samples: list[_Sample]
     prompt: str | None
     prompt_token_ids: list[int]  # kept apart so an output per step does not copy the prompt
 
+    @property
+    def finished(self) -> bool:
+        return all(s.detokenizer.finish_reason is not None for s in self.samples)
+
     def output(self) -> RequestOutput:
-        seq = self.seq
-        return RequestOutput(seq.seq_id, self.prompt, self.prompt_token_ids, self.detokenizer.text,
-                             seq.output_token_ids, self.detokenizer.finish_reason,
-                             self.detokenizer.pop_delta(),
-                             None if seq.output_logprobs is None else list(seq.output_logprobs))
+        first = self.samples[0].seq
+        prompt_logprobs = None
+        if first.prompt_logprobs is not None and \
+                len(first.prompt_logprobs) == first.num_prompt_tokens - 1:
+            prompt_logprobs = [None, *first.prompt_logprobs]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [s.output() for s in self.samples], prompt_logprobs)
 
 
 class LLMEngine:
@@ -96,7 +101,31 @@ class LLMEngine:
                                    config.max_num_batched_tokens, self.max_model_len)
         self.stats = EngineStats()
         self._requests: dict[int, _Request] = {}
-        self._ids = itertools.count()
+        self._sample_of: dict[int, tuple[_Request, _Sample]] = {}  # by seq_id
+        self._request_ids = itertools.count()
+        self._seq_ids = itertools.count()
+
+    # Load, for metrics and admission control.
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage
+
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """ValueError when such a request could never run (what add_request would refuse)."""
+        self.scheduler.check(num_prompt_tokens, params.max_tokens)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     prompt: str | None = None) -> int:
@@ -104,53 +133,88 @@ class LLMEngine:
         max_tokens is capped to the room the context leaves after the prompt."""
         params = params if params is not None else SamplingParams()
         prompt_token_ids = list(prompt_token_ids)
+        if not prompt_token_ids:
+            raise ValueError("a prompt needs at least one token")
+        self.check_request(len(prompt_token_ids), params)
         room = self.max_model_len - len(prompt_token_ids)
-        generator = (self.model_runner.sampler.make_generator(params.seed)
-                     if params.seed is not None else None)
-        request_id = next(self._ids)
-        seq = Sequence(request_id, prompt_token_ids, params, max(min(params.max_tokens, room), 1),
-                       generator)
-        self.scheduler.add(seq)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params,
-                                             self.eos_token_ids, seq.max_tokens)
-        self._requests[request_id] = _Request(seq, detokenizer, prompt, prompt_token_ids)
-        return request_id
+        max_tokens = min(params.max_tokens, room)
+        request = _Request(next(self._request_ids), [], prompt, prompt_token_ids)
+        for index in range(params.n):
+            generator = (self.model_runner.sampler.make_generator(params.seed + index)
+                         if params.seed is not None else None)
+            seq = Sequence(next(self._seq_ids), prompt_token_ids, params, max_tokens, generator,
+                           index)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params,
+                                                 self.eos_token_ids, max_tokens)
+            sample = _Sample(seq, detokenizer)
+            request.samples.append(sample)
+            self._sample_of[seq.seq_id] = (request, sample)
+        for sample in request.samples:
+            self.scheduler.add(sample.seq)
+        self._requests[request.request_id] = request
+        self.stats.requests_added += 1
+        self.stats.prompt_tokens += len(prompt_token_ids)
+        return request.request_id
 
     def abort_request(self, request_id: int) -> None:
+        """Cancels a request: its samples leave the queue or the batch, and their blocks are
+        freed at once. A no-op for an unknown or finished request."""
         request = self._requests.pop(request_id, None)
-        if request is not None:
-            self.scheduler.abort(request.seq)
+        if request is None:
+            return
+        for sample in request.samples:
+            self.scheduler.abort(sample.seq)
+            if sample.detokenizer.finish_reason is None:
+                sample.detokenizer.finish(FinishReason.ABORT)
+            del self._sample_of[sample.seq.seq_id]
+        self._count_finished(FinishReason.ABORT)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns an output for every request that got a token."""
+        """Runs one batch; returns an output for every request that advanced."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        new_tokens = [len(seq) - seq.num_cached_tokens for seq in batch.seqs]
         stats = self.stats
-        if batch.kind is StepKind.PREFILL:
-            stats.prefill_tokens += batch.num_tokens
-            for seq in batch.seqs:
-                stats.prefix_cache_queried_tokens += len(seq)
-                stats.prefix_cache_hit_tokens += seq.num_cached_tokens
-        else:
-            stats.decode_tokens += batch.num_tokens
-        tokens, logprobs = self.model_runner.run(batch)
-        outputs = []
-        for seq, token, token_logprobs, written in zip(batch.seqs, tokens, logprobs, new_tokens):
-            # While the sequence still holds its blocks: finishing below frees them.
-            self.block_manager.cache_full_blocks(seq, written)
-            seq.append_token(token, token_logprobs)
-            request = self._requests[seq.seq_id]
-            reason = request.detokenizer.append(token)
+        stats.steps += 1
+        prefill = batch.num_prefill_tokens
+        stats.prefill_tokens += prefill
+        stats.decode_tokens += batch.num_tokens - prefill
+        for seq in batch.admitted:
+            stats.prefix_cache_queried_tokens += len(seq)
+            stats.prefix_cache_hit_tokens += seq.num_cached_tokens
+        results = self.model_runner.run(batch)
+        advanced: dict[int, _Request] = {}
+        for seq, result in zip(batch.seqs, results):
+            request, sample = self._sample_of[seq.seq_id]
+            if result.prompt_logprobs is not None:
+                seq.prompt_logprobs.extend(result.prompt_logprobs)
+            if result.token is not None:
+                stats.generation_tokens += 1
+                seq.append_token(result.token, result.logprobs)
+                reason = sample.detokenizer.append(result.token)
+            elif seq.max_tokens == 0 and seq.num_cached_tokens == len(seq):
+                reason = FinishReason.LENGTH  # a scored prompt: nothing to generate
+                sample.detokenizer.finish(reason)
+            else:
+                continue  # a prompt chunk short of the end: nothing to report yet
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-                del self._requests[seq.seq_id]
+                del self._sample_of[seq.seq_id]
+            advanced[request.request_id] = request
+        outputs = []
+        for request in advanced.values():
             outputs.append(request.output())
+            if request.finished:
+                del self._requests[request.request_id]
+                self._count_finished(request.samples[0].detokenizer.finish_reason)
         return outputs
+
+    def _count_finished(self, reason: FinishReason) -> None:
+        counts = self.stats.requests_finished
+        counts[reason.value] = counts.get(reason.value, 0) + 1
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
                prompt: str | None = None) -> Iterator[RequestOutput]:

@@ -13,16 +13,28 @@ D head size, L layers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from fastgen.config import EngineConfig
 from fastgen.engine.sampler import Sampler, TokenHistory, top_logprobs
-from fastgen.engine.scheduler import ScheduledBatch, StepKind
+from fastgen.engine.scheduler import ScheduledBatch
 from fastgen.engine.sequence import Sequence
+from fastgen.outputs import Logprobs
 from fastgen.layers.attention import AttentionMetadata, KVCache, kv_cache_spec
 
 _GIB = 1 << 30
+
+
+@dataclass
+class StepResult:
+    """What a step gave one sequence."""
+
+    token: int | None = None               # the sampled token, when the step reached its end
+    logprobs: Logprobs | None = None       # that token's, when asked
+    prompt_logprobs: list[Logprobs] | None = None  # for the prompt tokens this chunk predicted
 
 
 class ModelRunner:
@@ -72,32 +84,66 @@ class ModelRunner:
     # One step.
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[dict[int, float] | None]]:
-        """Feeds the batch's new tokens, writes their keys and values into the cache, and returns
-        one sampled token per sequence and, per sequence, its logprobs (None unless asked)."""
+    def run(self, batch: ScheduledBatch) -> list[StepResult]:
+        """Feeds each sequence's next seq.num_scheduled tokens (a prompt chunk, or its last
+        sampled token), writes their keys and values into the cache, and samples a token for
+        each sequence the step brings to its end. Returns one StepResult per sequence, in order;
+        afterwards the fed tokens count as cached."""
         seqs = batch.seqs
-        if batch.kind is StepKind.PREFILL:
-            input_ids, positions, meta, last_rows = self._prepare_prefill(seqs)
-        else:
-            input_ids, positions, meta = self._prepare_decode(seqs)
-            last_rows = None  # one row per sequence already
+        input_ids, positions, meta, cu_seqlens = self._prepare(seqs)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)  # [T, H]
-        if last_rows is not None:
-            hidden = hidden[last_rows]  # [B, H]
-        logits = self.model.compute_logits(hidden)  # [B, V] float32
+
+        # The rows whose logits are needed: each sampling sequence's last, then the rows
+        # predicting prompt tokens whose logprobs are asked for.
+        samplers = [i for i, s in enumerate(seqs)
+                    if s.num_cached_tokens + s.num_scheduled == len(s) and s.max_tokens > 0]
+        rows = [cu_seqlens[i + 1] - 1 for i in samplers]
+        prompt_rows: list[tuple[int, int, int, int]] = []  # (seq, first row, count, position)
+        for i, seq in enumerate(seqs):
+            if seq.prompt_logprobs is not None:
+                # Position p predicts prompt token p + 1; a recomputed prompt is not scored again.
+                start = max(seq.num_cached_tokens, len(seq.prompt_logprobs))
+                end = min(seq.num_cached_tokens + seq.num_scheduled, seq.num_prompt_tokens - 1)
+                if end > start:
+                    first = cu_seqlens[i] + start - seq.num_cached_tokens
+                    prompt_rows.append((i, len(rows), end - start, start))
+                    rows.extend(range(first, first + end - start))
+        results = [StepResult() for _ in seqs]
+        if rows:
+            if len(rows) == hidden.shape[0] and not prompt_rows:
+                logits = self.model.compute_logits(hidden)  # decode: one row per sequence
+            else:
+                logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
+            logits = logits.float()  # [R, V]
+            if samplers:
+                self._sample(logits[:len(samplers)], [seqs[i] for i in samplers],
+                             [results[i] for i in samplers])
+            for i, first, count, start in prompt_rows:
+                seq = seqs[i]
+                targets = seq.token_ids[start + 1: start + 1 + count]
+                results[i].prompt_logprobs = top_logprobs(
+                    logits[first:first + count], self._tensor(targets, torch.int64),
+                    [seq.params.prompt_logprobs] * count)
+        for seq in seqs:
+            seq.num_cached_tokens += seq.num_scheduled
+            seq.num_scheduled = 0
+        return results
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
+                results: list[StepResult]) -> None:
         params = [s.params for s in seqs]
         histories = ([TokenHistory(s.token_ids, s.num_prompt_tokens) for s in seqs]
                      if any(p.has_penalties for p in params) else None)
         tokens = self.sampler(logits, params, [s.generator for s in seqs], histories)  # [B]
-        logprobs = (top_logprobs(logits, tokens, params)
+        logprobs = (top_logprobs(logits, tokens, [p.logprobs for p in params])
                     if any(p.logprobs is not None for p in params) else [None] * len(seqs))
-        for seq in seqs:
-            seq.num_cached_tokens = len(seq)
-        return tokens.tolist(), logprobs
+        for result, token, entry in zip(results, tokens.tolist(), logprobs):
+            result.token = token
+            result.logprobs = entry
 
-    def _prepare_prefill(self, seqs: list[Sequence]):
-        """Every not-yet-cached token of each sequence, packed back to back.
-        -> input_ids [T], positions [T], metadata, last_rows [B] (each sequence's last token)"""
+    def _prepare(self, seqs: list[Sequence]):
+        """Each sequence's scheduled tokens, packed back to back.
+        -> input_ids [T], positions [T], metadata, cu_seqlens (as a list)"""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -105,29 +151,23 @@ class ModelRunner:
         cu_seqlens_q = [0]
         seq_lens: list[int] = []
         for seq in seqs:
-            start, end = seq.num_cached_tokens, len(seq)
+            start = seq.num_cached_tokens
+            end = start + seq.num_scheduled
             table = seq.block_table
-            input_ids.extend(seq.token_ids[start:])
-            positions.extend(range(start, end))
-            slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
+            if end - start == 1:  # decode: the common case, kept cheap
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
             cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
             seq_lens.append(end)
-        last_rows = [end - 1 for end in cu_seqlens_q[1:]]
-        max_q = max(b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:]))
+        max_q = max(s.num_scheduled for s in seqs)
         meta = self._metadata(slots, cu_seqlens_q, seq_lens, seqs, max_q)
         return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
-                self._tensor(last_rows, torch.int64))
-
-    def _prepare_decode(self, seqs: list[Sequence]):
-        """The last token of each sequence; its keys and values go to position len - 1.
-        -> input_ids [B], positions [B], metadata"""
-        bs = self.block_size
-        input_ids = [seq.last_token_id for seq in seqs]
-        seq_lens = [len(seq) for seq in seqs]
-        positions = [n - 1 for n in seq_lens]
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
-        meta = self._metadata(slots, list(range(len(seqs) + 1)), seq_lens, seqs, 1)
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta
+                cu_seqlens_q)
 
     def _metadata(self, slots: list[int], cu_seqlens_q: list[int], seq_lens: list[int],
                   seqs: list[Sequence], max_seqlen_q: int) -> AttentionMetadata:

@@ -160,22 +160,22 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
 
 
 def top_logprobs(logits: torch.Tensor, sampled: torch.Tensor,
-                 params: list[SamplingParams]) -> list[dict[int, float] | None]:
-    """Per row asking for logprobs = n: {token_id: logprob} of the raw distribution
+                 wanted: list[int | None]) -> list[dict[int, float] | None]:
+    """Per row asking for n = wanted[row] logprobs: {token_id: logprob} of the raw distribution
     log_softmax(logits), holding the n most likely tokens in descending order and then the
-    sampled token if it is not among them (so n or n + 1 entries); None for rows not asking.
+    sampled (or actual next prompt) token if it is not among them (so n or n + 1 entries); None
+    for rows where wanted is None.
     logits: [B, V] (before penalties and temperature), sampled: [B] -> B entries"""
-    wanted = [p.logprobs for p in params]
     rows = [row for row, n in enumerate(wanted) if n is not None]
     if not rows:
-        return [None] * len(params)
+        return [None] * len(wanted)
     index = torch.tensor(rows, device=logits.device)
     logprobs = logits[index].float().log_softmax(dim=-1)  # [R, V]
     top_values, top_ids = logprobs.topk(max(wanted[row] for row in rows), dim=-1)  # [R, N]
     sampled_values = logprobs.gather(1, sampled[index][:, None])[:, 0]  # [R]
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
     sampled_ids, sampled_values = sampled[index].tolist(), sampled_values.tolist()
-    out: list[dict[int, float] | None] = [None] * len(params)
+    out: list[dict[int, float] | None] = [None] * len(wanted)
     for r, row in enumerate(rows):
         n = wanted[row]
         entry = dict(zip(top_ids[r][:n], top_values[r][:n]))

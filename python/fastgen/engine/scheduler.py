@@ -1,26 +1,22 @@
-"""Decides what each engine step runs: a prefill of newly admitted sequences, or one decode token
-for every running sequence (continuous batching: sequences join and leave the running batch
-between steps).
+"""Decides what each engine step feeds the model: continuous batching with chunked prefill, so
+prompt chunks and decode tokens share one forward pass under a token budget.
 
-Policy, in the shape of nano-vLLM's:
-- Prefill first. Waiting sequences are admitted in arrival order while the step stays within
-  max_num_batched_tokens, the running set within max_num_seqs, and the pool has their blocks.
-- Otherwise decode all running sequences. When the pool cannot give a sequence the block its next
-  token needs, the most recently admitted running sequence is preempted: its blocks are freed and
-  it goes back to the front of the queue, to be recomputed (prompt + output so far) by a later
-  prefill.
-A request that could never run (prompt beyond the context, or more blocks than the whole cache) is
-refused by `add`, so the queue never holds one that blocks it forever.
-
-Seams for later work: chunked prefill will let `_schedule_prefill` take part of a prompt
-(Sequence.num_cached_tokens already says where a prefill starts) and mix it into decode steps.
-Prefix caching lives in the block manager: admission asks it which leading blocks are cached, and
-a prefill feeds only the tokens after them.
+Each step (vLLM v1's policy, without priorities):
+1. Running sequences, oldest first: a decoding one takes its one token; one still prefilling takes
+   the next chunk of its prompt, as much as the budget (max_num_batched_tokens) has left. When the
+   pool cannot give a sequence the blocks its tokens need, the newest running sequence is
+   preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
+   (prompt + output so far) later — mostly from the prefix cache, which keeps its full blocks.
+2. Waiting sequences, in arrival order, while budget is left, the running set is below
+   max_num_seqs and the pool has their blocks: admitted with their cached prefix (prefix caching)
+   and a first chunk of the rest.
+So a long prompt never stalls the running sequences' decoding: it is fed a budget's remainder at a
+time, between their tokens. A request that could never run (a prompt beyond the context, or more
+blocks than the whole cache) is refused by `add`, so the queue never holds one that blocks it.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from dataclasses import dataclass
 
@@ -28,16 +24,21 @@ from fastgen.engine.block_manager import BlockManager
 from fastgen.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
-class StepKind(enum.Enum):
-    PREFILL = "prefill"  # every new token of each sequence: its prompt (or all of it, if recomputed)
-    DECODE = "decode"    # one token per sequence
-
-
 @dataclass
 class ScheduledBatch:
-    kind: StepKind
+    """A step's sequences, in order; each feeds seq.num_scheduled tokens after its cached ones."""
+
     seqs: list[Sequence]
-    num_tokens: int  # tokens this step feeds the model
+    num_tokens: int  # tokens this step feeds the model: sum of num_scheduled
+    admitted: list[Sequence]  # those of seqs taken from the queue by this step
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_scheduled for s in self.seqs if s.is_prefilling)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_tokens - self.num_prefill_tokens
 
 
 class Scheduler:
@@ -51,80 +52,91 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         """Queues a new sequence; ValueError when it could never be scheduled."""
-        prompt_len = seq.num_prompt_tokens
-        if prompt_len >= self.max_model_len:
-            raise ValueError(f"the prompt has {prompt_len} tokens, but the model's context is "
-                             f"{self.max_model_len} tokens (prompt plus at least one generated "
-                             f"token must fit)")
-        if prompt_len > self.max_num_batched_tokens:
-            raise ValueError(f"the prompt has {prompt_len} tokens, more than "
-                             f"max_num_batched_tokens={self.max_num_batched_tokens} one step may "
-                             f"process; raise max_num_batched_tokens")
-        total = min(prompt_len + seq.max_tokens, self.max_model_len)
+        self.check(seq.num_prompt_tokens, seq.max_tokens)
+        self.waiting.append(seq)
+
+    def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError when a prompt of this length with this max_tokens could never run."""
+        # Without generation (scoring), the prompt may fill the context.
+        limit = self.max_model_len - (1 if max_tokens > 0 else 0)
+        if num_prompt_tokens > limit:
+            raise ValueError(f"the prompt has {num_prompt_tokens} tokens, but the model's "
+                             f"context is {self.max_model_len} tokens (prompt plus at least one "
+                             f"generated token must fit)")
+        total = min(num_prompt_tokens + max_tokens, self.max_model_len)
         blocks = self.block_manager.blocks_for(total)
         if blocks > self.block_manager.num_blocks:
             raise ValueError(f"the prompt and its max_tokens ({total} tokens) need {blocks} KV "
                              f"cache blocks, but the whole cache has "
                              f"{self.block_manager.num_blocks}; lower max_tokens or give the "
                              f"cache more memory")
-        self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        """The next step's batch, or None when nothing is queued or running."""
-        return self._schedule_prefill() or self._schedule_decode()
-
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        seqs: list[Sequence] = []
-        num_tokens = 0
-        while self.waiting and len(self.running) + len(seqs) < self.max_num_seqs:
-            seq = self.waiting[0]
-            # Tokens found in the prefix cache are not fed again.
-            bm = self.block_manager
-            cached = len(bm.cached_prefix_blocks(seq)) * bm.block_size
-            new_tokens = len(seq) - cached
-            # A lone sequence always fits: a preempted one may have grown past the budget.
-            if seqs and num_tokens + new_tokens > self.max_num_batched_tokens:
-                break
-            if not bm.can_allocate(seq):
-                break
-            bm.allocate(seq)  # sets seq.num_cached_tokens to `cached`
-            seq.status = SequenceStatus.RUNNING
-            self.waiting.popleft()
-            seqs.append(seq)
-            num_tokens += new_tokens
-        if not seqs:
-            return None
-        self.running.extend(seqs)
-        return ScheduledBatch(StepKind.PREFILL, seqs, num_tokens)
-
-    def _schedule_decode(self) -> ScheduledBatch | None:
+        """The next step's batch, or None when nothing is queued or running. Sets each scheduled
+        sequence's num_scheduled and gives it the blocks those tokens need."""
+        budget = self.max_num_batched_tokens
         scheduled: list[Sequence] = []
+        admitted: list[Sequence] = []
+        bm = self.block_manager
+
         for seq in list(self.running):
+            if budget == 0:
+                break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted below while making room for an earlier one
-            while not self.block_manager.can_append(seq):
+            num_new = min(len(seq) - seq.num_cached_tokens, budget)
+            end = seq.num_cached_tokens + num_new
+            while not bm.can_append(seq, end):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.append_slot(seq)
-                scheduled.append(seq)
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # it was the newest: nothing left to preempt for it
+            bm.append_slots(seq, end)
+            self._take(seq, num_new, scheduled)
+            budget -= num_new
+
+        preempted = self.num_preemptions
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and self.num_preemptions == preempted):  # no admissions in a step short of blocks
+            seq = self.waiting[0]
+            cached = len(bm.cached_prefix_blocks(seq)) * bm.block_size
+            num_new = min(len(seq) - cached, budget)
+            if not bm.can_allocate(seq, cached + num_new):
+                break
+            bm.allocate(seq, cached + num_new)  # sets seq.num_cached_tokens to `cached`
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            admitted.append(seq)
+            self._take(seq, num_new, scheduled)
+            budget -= num_new
+
         if not scheduled:
             return None
-        return ScheduledBatch(StepKind.DECODE, scheduled, len(scheduled))
+        return ScheduledBatch(scheduled, self.max_num_batched_tokens - budget, admitted)
+
+    def _take(self, seq: Sequence, num_new: int, scheduled: list[Sequence]) -> None:
+        seq.num_scheduled = num_new
+        # Named now, so a sequence admitted after it in this same step shares them.
+        self.block_manager.cache_blocks(seq, seq.num_cached_tokens + num_new)
+        scheduled.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.num_scheduled = 0
         self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Marks a running sequence finished and returns its blocks."""
@@ -140,4 +152,4 @@ class Scheduler:
             self.running.remove(seq)
             self.block_manager.free(seq)
         if not seq.is_finished:
-            seq.finish(FinishReason.STOP)
+            seq.finish(FinishReason.ABORT)

@@ -13,32 +13,34 @@ import enum
 import torch
 
 from fastgen.config import SamplingParams
+from fastgen.outputs import FinishReason, Logprobs
+
+__all__ = ["FinishReason", "Sequence", "SequenceStatus"]
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # queued for prefill (new, or preempted and to be recomputed)
-    RUNNING = "running"    # holds cache blocks and decodes one token per step
+    RUNNING = "running"    # holds cache blocks; prefills (in chunks), then decodes a token a step
     FINISHED = "finished"  # done; its blocks are back in the pool
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"      # EOS, a stop token id, or a stop string
-    LENGTH = "length"  # max_tokens, or the model's context is full
 
 
 class Sequence:
     """A prompt and its generated continuation.
 
     block_table[i] is the cache block holding tokens i * block_size .. (i + 1) * block_size - 1.
-    num_cached_tokens of the tokens have their keys and values written in those blocks.
+    num_cached_tokens of the tokens have their keys and values written in those blocks (or will
+    have, once the step they are scheduled in has run). A step feeds the next `num_scheduled`
+    tokens after them: a prompt chunk, or the last sampled token while decoding. A token is
+    sampled only by a step that reaches the end of the sequence.
     block_hashes[i] names the tokens of full block i and all before it (the block manager's
     prefix cache fills it in as blocks fill; the tokens only grow, so it stays valid)."""
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams,
-                 max_tokens: int, generator: torch.Generator | None = None):
+                 max_tokens: int, generator: torch.Generator | None = None, index: int = 0):
         if not prompt_token_ids:
             raise ValueError("a prompt needs at least one token")
         self.seq_id = seq_id
+        self.index = index  # which of its request's n samples
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -46,12 +48,16 @@ class Sequence:
         self.generator = generator    # the request's own random stream when it has a seed
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
+        self.num_scheduled = 0  # tokens the current step feeds (set by the scheduler)
         self.block_hashes: list[bytes] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         # Per output token {token_id: logprob} (see sampler.top_logprobs); None unless asked.
-        self.output_logprobs: list[dict[int, float]] | None = (
+        self.output_logprobs: list[Logprobs] | None = (
             [] if params.logprobs is not None else None)
+        # Per prompt token from the second on, filled chunk by chunk (see prompt_logprobs).
+        self.prompt_logprobs: list[Logprobs] | None = (
+            [] if params.prompt_logprobs is not None else None)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -68,7 +74,13 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+    @property
+    def is_prefilling(self) -> bool:
+        """Whether its prompt (or, after preemption, prompt and output) is not all cached yet:
+        the next step feeds a chunk of it rather than one decode token."""
+        return self.num_cached_tokens < len(self) - 1 or not self.output_token_ids
+
+    def append_token(self, token_id: int, logprobs: Logprobs | None = None) -> None:
         self.token_ids.append(token_id)
         if self.output_logprobs is not None and logprobs is not None:
             self.output_logprobs.append(logprobs)

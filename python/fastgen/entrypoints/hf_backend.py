@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from fastgen.config import EngineConfig, SamplingParams, parse_dtype
-from fastgen.engine.sequence import FinishReason
-from fastgen.entrypoints.llm import RequestOutput
+from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput
 
 
 class HFBackend:
@@ -90,18 +89,21 @@ class HFBackend:
 
     def _finish(self, prompt: str | None, prompt_token_ids: list[int], token_ids: list[int],
                 params: SamplingParams, stop_ids: set[int], max_tokens: int) -> RequestOutput:
+        def result(text: str, ids: list[int], reason: FinishReason) -> RequestOutput:
+            return RequestOutput(0, prompt, prompt_token_ids,
+                                 [CompletionOutput(0, text, ids, reason)])
+
         for end, token in enumerate(token_ids, start=1):
             if token in stop_ids:
-                return RequestOutput(prompt, prompt_token_ids, self._decode(token_ids[: end - 1]),
-                                     token_ids[:end], FinishReason.STOP)
+                return result(self._decode(token_ids[: end - 1]), token_ids[:end],
+                              FinishReason.STOP)
             if params.stop:
                 text = self._decode(token_ids[:end])
                 hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
                 if hits:
-                    return RequestOutput(prompt, prompt_token_ids, text[: min(hits)],
-                                         token_ids[:end], FinishReason.STOP)
+                    return result(text[: min(hits)], token_ids[:end], FinishReason.STOP)
         reason = FinishReason.LENGTH if len(token_ids) >= max_tokens else FinishReason.STOP
-        return RequestOutput(prompt, prompt_token_ids, self._decode(token_ids), token_ids, reason)
+        return result(self._decode(token_ids), token_ids, reason)
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

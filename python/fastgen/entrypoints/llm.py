@@ -3,40 +3,27 @@
     from fastgen import LLM, SamplingParams
     llm = LLM("smollm2", dtype="bfloat16")
     outs = llm.generate(["The sky is"], SamplingParams(max_tokens=16, temperature=0))
-    print(outs[0].text)
+    print(outs[0].outputs[0].text)   # or outs[0].text: the first sample's
     print(llm.chat([{"role": "user", "content": "What is the capital of France?"}])[0].text)
 
 All prompts of a call are queued at once and run with continuous batching; outputs come back one
-per prompt, in order. String prompts are tokenized with the tokenizer's special tokens (BOS);
+per prompt, in order (a RequestOutput per prompt, with its n samples in `.outputs`). String prompts are tokenized with the tokenizer's special tokens (BOS);
 chat conversations are rendered with its chat template (add_generation_prompt=True) and tokenized
 without adding them again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 from fastgen.config import CacheConfig, EngineConfig, LoadFormat, SamplingParams
 from fastgen.engine.engine import LLMEngine
-from fastgen.engine.sequence import FinishReason
+from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput
+
+__all__ = ["LLM", "RequestOutput", "CompletionOutput", "FinishReason"]
 
 Conversation = list[dict[str, str]]
-
-
-@dataclass
-class RequestOutput:
-    """One prompt's result."""
-
-    prompt: str | None          # None when the prompt was given as token ids
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    # With SamplingParams.logprobs = n: per generated token {token_id: logprob} of the raw model
-    # distribution, the n most likely first (descending), then the sampled token if not among
-    # them (n or n + 1 entries); None when not asked.
-    logprobs: list[dict[int, float]] | None = None
 
 
 class LLM:
@@ -125,9 +112,9 @@ class LLM:
             while engine.has_unfinished():
                 for out in engine.step():
                     if out.finished:
-                        results[order.pop(out.request_id)] = RequestOutput(
-                            out.prompt, out.prompt_token_ids, out.text, out.token_ids,
-                            out.finish_reason, out.logprobs)
+                        for sample in out.outputs:
+                            sample.delta = ""  # everything is in .text
+                        results[order.pop(out.request_id)] = out
                         if progress is not None:
                             progress.update(1)
             if progress is not None:

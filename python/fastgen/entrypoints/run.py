@@ -105,6 +105,8 @@ def _run(args: argparse.Namespace) -> int:
     parse_dtype(args.dtype)  # ValueError on an unknown name, before any model is fetched
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is available")
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompts = args.prompt or [_read_stdin()]
