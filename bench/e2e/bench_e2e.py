@@ -62,7 +62,9 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 29) -> float:
 
 class FastgenRunner:
     def __init__(self, args):
-        self.llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format)
+        # No prefix caching: the repeats feed the same prompts, and each must be computed.
+        self.llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+                       enable_prefix_caching=False)
         self.tokenizer = self.llm.tokenizer
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.llm.model.parameters())
 

@@ -78,7 +78,8 @@ class Sequence:
     def is_prefilling(self) -> bool:
         """Whether its prompt (or, after preemption, prompt and output) is not all cached yet:
         the next step feeds a chunk of it rather than one decode token."""
-        return self.num_cached_tokens < len(self) - 1 or not self.output_token_ids
+        return (self.num_cached_tokens < len(self.token_ids) - 1
+                or len(self.token_ids) == self.num_prompt_tokens)
 
     def append_token(self, token_id: int, logprobs: Logprobs | None = None) -> None:
         self.token_ids.append(token_id)
