@@ -1,0 +1,215 @@
+"""PUT /api, Megatron-LM's text generation API, against a real server on the tiny float32 Llama:
+greedy generation and prompt scoring checked against Hugging Face transformers on the same
+weights, Megatron's response shape, stop_on_eol, seeds, a client that disconnects, and every
+validation rule answered as a JSON 400 by a server that keeps serving."""
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+from fastgen.ops.tolerances import assert_logits_close
+from fastgen.server.megatron_api import MAX_PROMPTS, MegatronRequest
+
+PROMPTS = ["The capital of France is", "Once upon a time", "Numbers: 0 1 2"]
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+
+
+def put(server, body: dict, **kwargs) -> httpx.Response:
+    return httpx.put(f"{server.url}/api", json=body, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+
+def encode(server, prompt: str) -> list[int]:
+    return server.tokenizer.encode(prompt, add_special_tokens=False)
+
+
+@torch.inference_mode()
+def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Prompt plus transformers' greedy continuation (stopping at the model's EOS)."""
+    prompt = torch.tensor([ids])
+    return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                          do_sample=False, max_new_tokens=max_new_tokens)[0].tolist()
+
+
+@torch.inference_mode()
+def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) for i >= 1: [len(ids) - 1]."""
+    logits = model(torch.tensor([ids])).logits[0, :-1].float()  # [T - 1, V]
+    return logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_greedy_generation_matches_transformers(server, hf_model):
+    """top_k=1 (Megatron's greedy) over several prompts at once: text, tokens, segments and
+    logprobs as Megatron lays them out, each prompt's equal to transformers' greedy."""
+    response = put(server, {"prompts": PROMPTS, "tokens_to_generate": TOKENS, "top_k": 1,
+                            "temperature": 0.7, "logprobs": True})
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert list(out) == ["text", "tokens", "logprobs", "segments"]
+    tokenizer = server.tokenizer
+    for i, prompt in enumerate(PROMPTS):
+        expected = hf_greedy(hf_model, encode(server, prompt), TOKENS)
+        generated = expected[len(encode(server, prompt)):]
+        assert out["tokens"][i] == expected
+        assert out["text"][i] == prompt + tokenizer.decode(generated, skip_special_tokens=True)
+        assert out["segments"][i] == [tokenizer.decode([t]) for t in expected]
+        assert len(out["logprobs"][i]) == len(expected) - 1
+        assert_logits_close(torch.tensor(out["logprobs"][i]), hf_logprobs(hf_model, expected),
+                            torch.float32)
+
+
+def test_scoring_returns_the_prompts_logprobs(server, hf_model):
+    """tokens_to_generate=0: nothing generated, every prompt token after the first scored; with
+    add_BOS the BOS leads (and an empty prompt is just the BOS)."""
+    bos = server.tokenizer.bos_token_id
+    for add_bos in (False, True):
+        prompts = PROMPTS + ([""] if add_bos else [])
+        out = put(server, {"prompts": prompts, "tokens_to_generate": 0, "logprobs": True,
+                           "add_BOS": add_bos}).json()
+        assert out["text"] == prompts
+        for prompt, tokens, logprobs in zip(prompts, out["tokens"], out["logprobs"]):
+            assert tokens == [bos] * add_bos + encode(server, prompt)
+            assert len(logprobs) == len(tokens) - 1
+            if logprobs:
+                assert_logits_close(torch.tensor(logprobs), hf_logprobs(hf_model, tokens),
+                                    torch.float32)
+
+
+def test_stop_on_eol_and_seeds(server):
+    """Seeded sampling at a high temperature, the same prompt many times (prompt i is seeded
+    random_seed + i): reproducible, different per prompt, and with stop_on_eol each generation
+    ends at the token that brings the first newline, that token kept."""
+    body = {"prompts": ["Once upon a time"] * 64, "tokens_to_generate": 48, "temperature": 50.0,
+            "random_seed": 1234}
+    free = put(server, body).json()
+    assert list(free) == ["text", "tokens", "segments"]  # no logprobs unless asked
+    assert put(server, body).json() == free
+    assert len({tuple(t) for t in free["tokens"]}) > 1
+    stopped = put(server, {**body, "stop_on_eol": True}).json()
+    prompt_len = len(encode(server, "Once upon a time"))
+    newlines = 0
+    for tokens, segments, cut_tokens, cut_text in zip(free["tokens"], free["segments"],
+                                                      stopped["tokens"], stopped["text"]):
+        first = next((i for i in range(prompt_len, len(tokens)) if "\n" in segments[i]), None)
+        if first is None:
+            assert cut_tokens == tokens
+        else:
+            newlines += 1
+            assert cut_tokens == tokens[:first + 1]
+            assert cut_text.endswith(segments[first]) and "\n" in cut_text
+    assert newlines > 0, "no sampled newline to stop at: pick another seed"
+
+
+def test_client_disconnect_aborts_its_requests(server):
+    """A client that hangs up once its prompts run: every one still running is aborted and
+    its blocks freed, long before the generation would have ended."""
+    engine = server.llm_engine
+    aborted = engine.stats.requests_finished.get("abort", 0)
+    decoded = engine.stats.decode_tokens
+    body = json.dumps({"prompts": ["Once upon a time"] * MAX_PROMPTS,
+                       "tokens_to_generate": 240, "random_seed": 7}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(b"PUT /api HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: engine.stats.decode_tokens > decoded)
+    wait_for(lambda: not engine.has_unfinished())
+    assert engine.stats.requests_finished.get("abort", 0) > aborted
+    assert engine.kv_cache_usage == 0
+
+
+def wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+BAD_BODIES = [
+    ({}, "prompts argument required"),
+    ({"prompts": ["a"], "max_len": 5}, "tokens_to_generate"),
+    ({"prompts": ["a"], "sentences": ["a"]}, "replace it with prompts"),
+    ({"prompts": "a"}, "list of strings"),
+    ({"prompts": ["a", 1]}, "list of strings"),
+    ({"prompts": []}, "empty"),
+    ({"prompts": ["a"] * (MAX_PROMPTS + 1)}, f"at most {MAX_PROMPTS}"),
+    ({"prompts": ["a"], "tokens_to_generate": -1}, "tokens_to_generate"),
+    ({"prompts": ["a"], "tokens_to_generate": 2.5}, "tokens_to_generate"),
+    ({"prompts": ["a"], "tokens_to_generate": True}, "tokens_to_generate"),
+    ({"prompts": ["a"], "tokens_to_generate": 10**6}, "context"),
+    ({"prompts": ["a"], "logprobs": "yes"}, "logprobs must be a boolean"),
+    ({"prompts": ["a"], "tokens_to_generate": 0}, "needs logprobs"),
+    ({"prompts": ["a"], "temperature": 0}, "temperature"),
+    ({"prompts": ["a"], "temperature": 100.5}, "temperature"),
+    ({"prompts": ["a"], "temperature": "hot"}, "temperature"),
+    ({"prompts": ["a"], "top_k": 1001}, "top_k"),
+    ({"prompts": ["a"], "top_k": -1}, "top_k"),
+    ({"prompts": ["a"], "top_k": 5, "top_p": 0.9}, "both top_k and top_p"),
+    ({"prompts": ["a"], "top_p": 1.5}, "top_p"),
+    ({"prompts": ["a"], "top_p_decay": 0.5}, "without top_p"),
+    ({"prompts": ["a"], "top_p": 0.9, "top_p_decay": 2.0}, "top_p_decay"),
+    ({"prompts": ["a"], "top_p_bound": 0.5}, "without top_p"),
+    ({"prompts": ["a"], "top_p": 0.5, "top_p_bound": 0.9}, "top_p_bound"),
+    ({"prompts": ["a"], "add_BOS": 1}, "add_BOS must be a boolean"),
+    ({"prompts": ["a", ""]}, "add_BOS"),
+    ({"prompts": ["a"], "stop_on_eol": "no"}, "stop_on_eol"),
+    ({"prompts": ["a"], "stop_on_double_eol": None}, "stop_on_double_eol"),
+    ({"prompts": ["a"], "prevent_newline_after_colon": True}, "not supported"),
+    ({"prompts": ["a"], "random_seed": -3}, "random_seed"),
+    ({"prompts": ["a"], "random_seed": "42"}, "random_seed"),
+    ({"prompts": ["a"], "no_log": 0}, "no_log"),
+    ({"prompts": ["a"], "beam_width": 2}, "beam search"),
+    ({"prompts": ["a"], "stop_token": -1}, "stop_token"),
+    ({"prompts": ["a"], "stop_token": 2.0}, "stop_token"),
+    ({"prompts": ["a"], "length_penalty": "long"}, "length_penalty"),
+]
+
+
+@pytest.mark.parametrize("body, fragment", BAD_BODIES, ids=lambda v: str(v)[:40])
+def test_invalid_requests_are_json_400s(server, body, fragment):
+    response = put(server, body)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content", [b"{", b"", b"\xff\xfe", b"[1, 2]", b'"prompts"',
+                                     b'{"prompts": NaN}', b"[" * 100000])
+def test_malformed_bodies_are_json_400s(server, content):
+    response = httpx.put(f"{server.url}/api", content=content,
+                         headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == 400
+
+
+def test_server_keeps_serving_after_refusals(server):
+    for body, _ in BAD_BODIES[:5]:
+        assert put(server, body).status_code == 400
+    response = put(server, {"prompts": ["a"], "tokens_to_generate": 2, "top_k": 1})
+    assert response.status_code == 200 and len(response.json()["tokens"][0]) == 3
+
+
+def test_sampling_params_follow_megatron():
+    greedy = MegatronRequest.parse({"prompts": ["a", "b"], "top_k": 1, "temperature": 3.0,
+                                    "random_seed": 10, "stop_token": 7,
+                                    "stop_on_eol": True, "stop_on_double_eol": True})
+    first, second = greedy.sampling_params(0), greedy.sampling_params(1)
+    assert first.greedy and first.top_k is None and first.top_p is None
+    assert (first.seed, second.seed) == (10, 11)
+    assert first.stop == ["\n\n"] and first.stop_token_ids == [7]  # double eol wins
+    assert first.logprobs is None and first.prompt_logprobs is None
+    nucleus = MegatronRequest.parse({"prompts": ["a"], "top_p": 0.9, "top_p_decay": 0.5,
+                                     "top_p_bound": 0.2, "logprobs": True, "stop_on_eol": True})
+    params = nucleus.sampling_params(0)
+    assert (params.temperature, params.top_k, params.top_p, params.seed) == (1.0, None, 0.9, None)
+    assert params.stop == ["\n"] and params.max_tokens == 64
+    assert (params.logprobs, params.prompt_logprobs) == (0, 0)
