@@ -40,11 +40,22 @@ def tiny_model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def start_server(tiny_model_path):
     """start_server(**options) -> RunningServer; options go to build_app (api_key,
-    max_body_bytes), max_waiting_requests to the AsyncLLMEngine, anything else to LLM()."""
+    max_body_bytes), max_waiting_requests to the AsyncLLMEngine, step_delay (seconds added to
+    every engine step: a slow model, for tests that must catch a request in flight) to the
+    model runner, anything else to LLM()."""
     started = []
 
-    def start(api_key=None, max_body_bytes=None, max_waiting_requests=1024, **llm_options):
+    def start(api_key=None, max_body_bytes=None, max_waiting_requests=1024, step_delay=0.0,
+              **llm_options):
         llm = make_llm(tiny_model_path, **llm_options)
+        if step_delay:
+            run = llm.engine.model_runner.run
+
+            def slow_run(batch):
+                time.sleep(step_delay)
+                return run(batch)
+
+            llm.engine.model_runner.run = slow_run
         engine = AsyncLLMEngine(llm.engine, max_waiting_requests=max_waiting_requests)
         options = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
         app = build_app(engine, MODEL_NAME, api_key=api_key, **options)

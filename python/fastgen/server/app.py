@@ -2,7 +2,8 @@
 Megatron-LM's `PUT /api` (megatron_api.py), plus /health, /v1/models and /metrics.
 
 Shared state lives on `app.state`: `engine` (AsyncLLMEngine), `model_name` (the name clients
-must send as "model"), `max_model_len`. Cross-cutting rules are enforced here, once:
+must send as "model"), `max_model_len`, `metrics` (ServerMetrics: routes time their requests with
+`metrics.request(endpoint, ...)`). Cross-cutting rules are enforced here, once:
 - `api_key`: every path but /health needs `Authorization: Bearer <key>` (401 otherwise);
 - `max_body_bytes`: larger request bodies get 413 before they are read into memory;
 - any error is OpenAI's error JSON (errors.py): validation failures are 400, not FastAPI's 422.
@@ -14,12 +15,15 @@ import hmac
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastgen.engine.async_engine import AsyncLLMEngine, QueueFullError
 from fastgen.server.errors import APIError, error_response
+from fastgen.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -40,26 +44,9 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     app.state.engine = engine
     app.state.model_name = model_name
     app.state.max_model_len = engine.engine.max_model_len
+    app.state.metrics = metrics = ServerMetrics(engine)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
-                return error_response(401, "missing or wrong API key: send 'Authorization: "
-                                           "Bearer <key>'")
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return error_response(400, "invalid Content-Length header")
-            if int(length) > max_body_bytes:
-                return error_response(413, f"request body of {length} bytes is over the "
-                                           f"{max_body_bytes}-byte limit")
-        elif request.headers.get("transfer-encoding", "").lower() == "chunked":
-            return error_response(411, "send a Content-Length; chunked request bodies are not "
-                                       "accepted")
-        return await call_next(request)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError):
@@ -96,11 +83,54 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
             "id": model_name, "object": "model", "created": 0, "owned_by": "fastgen",
             "max_model_len": app.state.max_model_len}]}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     from fastgen.server import megatron_api, openai_api
 
     app.include_router(openai_api.router)
     app.include_router(megatron_api.router)
     return app
+
+
+class _Guard:
+    """The API key and body size rules, checked before any route runs. Plain ASGI rather than
+    @app.middleware("http") (BaseHTTPMiddleware): that one relays every response through a
+    queue, and a route behind it can no longer see its client disconnect."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> Response | None:
+        headers = Headers(scope=scope)
+        if self.api_key is not None and scope["path"] != "/health":
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            # Bytes: compare_digest refuses str with non-ASCII characters.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode(), self.api_key.encode()):
+                return error_response(401, "missing or wrong API key: send 'Authorization: "
+                                           "Bearer <key>'")
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return error_response(400, "invalid Content-Length header")
+            if int(length) > self.max_body_bytes:
+                return error_response(413, f"request body of {length} bytes is over the "
+                                           f"{self.max_body_bytes}-byte limit")
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            return error_response(411, "send a Content-Length; chunked request bodies are not "
+                                       "accepted")
+        return None
 
 
 def _describe(error: RequestValidationError) -> str:

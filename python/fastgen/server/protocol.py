@@ -1,0 +1,206 @@
+"""Request bodies of the OpenAI-compatible routes (openai_api.py), as pydantic models, and their
+translation into SamplingParams.
+
+Fields follow OpenAI's API plus vLLM's sampling extras (top_k, min_p, repetition_penalty,
+stop_token_ids, ignore_eos). Unknown fields are ignored, as OpenAI clients send extras (`user`,
+`metadata`, ...); fields OpenAI defines that change the output but that fastgen does not implement
+(`logit_bias`, `suffix`, `best_of`, tools, JSON response formats) are refused with a 400 rather
+than silently dropped. Types are checked here (a pydantic error becomes a 400 naming the field);
+values are checked by SamplingParams (its ValueError becomes a 400), except the few whose
+message would otherwise name the wrong field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fastgen.config import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 64  # samples per prompt: beyond this a request is a denial of service, not a use case
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+_INT64 = 2 ** 63
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """What both routes share: the model name, sampling, streaming."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None  # None: the served model
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, lt=2 ** 31)  # vLLM's extra; 0 and -1 mean off, as in vLLM
+    min_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)  # sample i uses seed + i (a torch seed)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and ignored
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """ValueError for a value out of range or a field fastgen does not implement."""
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        n = 1 if self.n is None else self.n
+        if n > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N} (the server's cap on samples per "
+                             f"prompt), got {n}")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_or(self.temperature, SamplingParams.temperature),
+            top_k=None if self.top_k in (None, 0, -1) else self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            n=n,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            seed=self.seed,
+            presence_penalty=_or(self.presence_penalty, SamplingParams.presence_penalty),
+            frequency_penalty=_or(self.frequency_penalty, SamplingParams.frequency_penalty),
+            repetition_penalty=_or(self.repetition_penalty, SamplingParams.repetition_penalty),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. `prompt`: a string, a list of strings, a list of token ids, or a
+    list of token id lists; each prompt gets n choices."""
+
+    prompt: Any  # checked by `prompts`, for one clear message instead of four union errors
+    max_tokens: int | None = None  # None: 16, as OpenAI; 0 scores the prompt (with echo)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of is not supported by this server (use n)")
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompt as a list of prompts (strings or token id lists); ValueError for any
+        other shape."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return prompt
+            if all(_is_token_id(t) for t in prompt):
+                return [prompt]
+            if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p)
+                   for p in prompt):
+                return prompt
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a "
+                         "list of token id lists, none of them empty")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+
+    def for_template(self, where: str) -> dict[str, str]:
+        """The message as a chat template reads it; ValueError naming `where` (messages[i])
+        for a role or content this server cannot render."""
+        if self.role not in CHAT_ROLES:
+            raise ValueError(f"{where}.role: unknown role {self.role!r}; use one of: "
+                             f"{', '.join(CHAT_ROLES)} (tool messages are not supported)")
+        if self.tool_calls:
+            raise ValueError(f"{where}.tool_calls: tool calls are not supported by this server")
+        if self.content is None:
+            raise ValueError(f"{where}.content: a message needs content")
+        if isinstance(self.content, str):
+            text = self.content
+        else:
+            kinds = sorted({part.type for part in self.content if part.type != "text"})
+            if kinds:
+                raise ValueError(f"{where}.content: only text parts are supported, got "
+                                 f"{', '.join(kinds)}")
+            text = "\n".join(part.text or "" for part in self.content)
+        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+        role = "system" if self.role == "developer" else self.role
+        message = {"role": role, "content": text}
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # OpenAI's older name for max_completion_tokens
+    max_completion_tokens: int | None = None  # None: what the context leaves after the prompt
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        if not self.messages:
+            raise ValueError("messages must hold at least one message")
+        if self.tools:
+            raise ValueError("tools are not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not "
+                             f"supported by this server (only 'text')")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: top_logprobs alternatives (0 for the sampled token alone)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [m.for_template(f"messages[{i}]") for i, m in enumerate(self.messages)]
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _or(value, default):
+    return default if value is None else value
