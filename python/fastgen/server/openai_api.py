@@ -5,9 +5,9 @@ has one conversation), each with n samples: choice index = prompt index * n + sa
 engine requests run as one `_Generation`: their outputs merged into one async stream, each timed
 for the metrics, all cancelled by `close()`.
 
-- Non-streaming: the final outputs become one JSON body. Meanwhile a task polls whether the
-  client is still connected and cancels the generation when it is not (uvicorn never cancels a
-  handler whose client left).
+- Non-streaming: the final outputs become one JSON body. Meanwhile a task waits for the
+  client's disconnect message and cancels the generation if it comes first (uvicorn never
+  cancels a handler whose client left).
 - Streaming: server-sent events, `data: {chunk}\\n\\n`, ending with `data: [DONE]\\n\\n`. Each
   sample's `delta` (text that can no longer change) goes out as soon as a step produces it, with
   the logprobs of its new tokens; its finish_reason goes out once. The response closes the
@@ -47,9 +47,8 @@ from fastgen.server.protocol import (
 
 router = APIRouter()
 
-DISCONNECT_POLL_S = 0.1   # how often a non-streaming request checks that its client is there
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
-MIN_LOGPROB = -9999.0     # JSON has no -inf; vLLM clamps to the same value
+MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps to the same value
 
 
 @router.post("/v1/completions")
@@ -316,8 +315,10 @@ async def _collect(generation: _Generation, request: Request) -> bool:
 
 
 async def _watch_disconnect(generation: _Generation, request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
+    # The body has been read, so the next ASGI message can only be the disconnect: waiting
+    # for it costs nothing, unlike polling request.is_disconnected().
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
     generation.client_gone()
 
 
