@@ -47,26 +47,36 @@ def test_counters_and_histograms_follow_the_requests(server):
     streamed = httpx.post(f"{server.url}/v1/completions", timeout=60,
                           json={"prompt": "Hi", "max_tokens": 3, "stream": True})
     assert streamed.text.endswith("data: [DONE]\n\n")
+    megatron = httpx.put(f"{server.url}/api", timeout=60,
+                         json={"prompts": ["Hi", "Hello"], "tokens_to_generate": 2, "top_k": 1})
+    assert megatron.status_code == 200, megatron.text
+    megatron_prompt = sum(len(server.tokenizer.encode(p, add_special_tokens=False))
+                          for p in ("Hi", "Hello"))
     after = scrape(server)
 
     requests = "fastgen:requests_total{endpoint=%s,finished_reason=%s}"
     assert delta(before, after, requests % ("completions", "length")) == 3  # 2 prompts + stream
     assert delta(before, after, requests % ("completions", "stop")) == 1
     assert delta(before, after, requests % ("chat_completions", "length")) == 1
+    megatron_ended = sum(delta(before, after, requests % ("megatron", reason))
+                         for reason in ("length", "stop"))
+    assert megatron_ended == 2
     usages = [one["usage"], two["usage"], stop["usage"]]
     streamed_prompt = len(server.tokenizer.encode("Hi"))
+    megatron_generated = sum(len(t) for t in megatron.json()["tokens"]) - megatron_prompt
     assert delta(before, after, "fastgen:prompt_tokens_total") == \
-        sum(u["prompt_tokens"] for u in usages) + streamed_prompt
+        sum(u["prompt_tokens"] for u in usages) + streamed_prompt + megatron_prompt
     assert delta(before, after, "fastgen:generation_tokens_total") == \
-        sum(u["completion_tokens"] for u in usages) + 3
+        sum(u["completion_tokens"] for u in usages) + 3 + megatron_generated
     for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
                       "request_prompt_tokens", "request_generation_tokens"):
-        assert delta(before, after, f"fastgen:{histogram}_count") == 5  # engine requests
-    # Outputs after the first: 4 + 4 (two prompts), 3 (two samples per step), 2 (streamed).
-    assert delta(before, after, "fastgen:inter_token_latency_seconds_count") == 13
+        assert delta(before, after, f"fastgen:{histogram}_count") == 7  # engine requests
+    # Outputs after the first: 4 + 4 (two prompts), 3 (two samples per step), 2 (streamed),
+    # 1 + 1 (Megatron's two prompts).
+    assert delta(before, after, "fastgen:inter_token_latency_seconds_count") == 15
     assert 0 < delta(before, after, "fastgen:e2e_request_latency_seconds_sum") < 60
     assert delta(before, after, "fastgen:request_generation_tokens_sum") == \
-        sum(u["completion_tokens"] for u in usages) + 3
+        sum(u["completion_tokens"] for u in usages) + 3 + megatron_generated
 
 
 def test_gauges_show_a_request_in_flight_then_idle(start_server):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import TYPE_CHECKING
+
+from fastgen.entrypoints.cli import Parser, UsageError, run_cli
 
 if TYPE_CHECKING:  # imported lazily at run time, so --help and usage errors stay fast
     from fastgen.config import SamplingParams
@@ -30,20 +31,11 @@ if TYPE_CHECKING:  # imported lazily at run time, so --help and usage errors sta
 PROG = "fastgen-run"
 
 
-class UsageError(Exception):
-    """A bad command line; reported like argparse's own errors."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage too; one line is the contract
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from fastgen.config import EngineConfig, SamplingParams
 
     engine, sampling = EngineConfig(), SamplingParams()
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--model", default=engine.model,
@@ -73,28 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not sys.stderr.isatty():
-        # No progress bars in logs and pipes. Set before torch is imported: it imports tqdm,
-        # which reads its TQDM_* settings once, at import.
-        os.environ.setdefault("TQDM_DISABLE", "1")
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as e:
-        return _fail(str(e), status=2)
-    from fastgen.loader import ModelLoadError
-
-    try:
-        return _run(args)
-    except (ModelLoadError, ValueError, UsageError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return 130
-
-
-def _fail(message: str, status: int = 1) -> int:
-    lines = message.strip().splitlines() or ["failed"]
-    print(f"{PROG}: error: {lines[0]}", file=sys.stderr)
-    return status
+    return run_cli(PROG, lambda: build_parser().parse_args(argv), _run)
 
 
 def _run(args: argparse.Namespace) -> int:

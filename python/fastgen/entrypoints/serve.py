@@ -21,17 +21,10 @@ import os
 import socket
 import sys
 
+from fastgen.entrypoints.cli import Parser, UsageError, run_cli
+
 PROG = "fastgen-serve"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-
-
-class UsageError(Exception):
-    """A bad command line; reported like argparse's own errors."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage too; one line is the contract
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine, cache = EngineConfig(), CacheConfig()
     waiting = inspect.signature(AsyncLLMEngine).parameters["max_waiting_requests"].default
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--model", default=engine.model,
@@ -89,27 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")  # before torch imports tqdm (see fastgen-run)
-    try:
+    def parse() -> argparse.Namespace:
         args = build_parser().parse_args(argv)
         _check(args)
-    except UsageError as e:
-        return _fail(str(e), status=2)
-    from fastgen.loader import ModelLoadError
+        return args
 
-    try:
-        return _serve(args)
-    except (ModelLoadError, ValueError, UsageError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return 130
-
-
-def _fail(message: str, status: int = 1) -> int:
-    lines = message.strip().splitlines() or ["failed"]
-    print(f"{PROG}: error: {lines[0]}", file=sys.stderr)
-    return status
+    return run_cli(PROG, parse, _serve)
 
 
 def _check(args: argparse.Namespace) -> None:

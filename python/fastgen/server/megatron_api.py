@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -44,6 +45,7 @@ from fastgen.config import SamplingParams
 from fastgen.engine.async_engine import RequestStream
 from fastgen.outputs import RequestOutput
 from fastgen.server.errors import APIError
+from fastgen.server.metrics import RequestMetrics
 
 router = APIRouter()
 
@@ -218,14 +220,19 @@ async def megatron_generate(request: Request) -> Response:
     prompt_ids = [_tokenize(tokenizer, prompt, req.add_bos) for prompt in req.prompts]
     _check_lengths(prompt_ids, req.tokens_to_generate, request.app.state.max_model_len)
 
+    arrival = time.monotonic()
+    metrics = request.app.state.metrics
     streams: list[RequestStream] = []
+    timers: list[RequestMetrics] = []
     try:
         for index, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids)):
             streams.append(engine.add_request(ids, req.sampling_params(index), prompt))
-        outputs = await _final_outputs(request, streams)
+            timers.append(metrics.request("megatron", arrival, len(ids)))
+        outputs = await _final_outputs(request, streams, timers)
     finally:
-        for stream in streams:
+        for stream, timer in zip(streams, timers):
             stream.abort()  # a no-op for finished requests
+            timer.abort()   # likewise
     if outputs is None:
         return Response(status_code=_CLIENT_CLOSED_REQUEST)
     return JSONResponse(_response(tokenizer, req, outputs))
@@ -250,11 +257,12 @@ def _check_lengths(prompt_ids: list[list[int]], tokens_to_generate: int, max_len
                       f"tokens)")
 
 
-async def _final_outputs(request: Request,
-                         streams: list[RequestStream]) -> list[RequestOutput] | None:
+async def _final_outputs(request: Request, streams: list[RequestStream],
+                         timers: list[RequestMetrics]) -> list[RequestOutput] | None:
     """Each stream's last output, in order; None when the client disconnects first. A stream
     that failed raises its error, once every stream has ended."""
-    everything = asyncio.gather(*(_last_output(s) for s in streams), return_exceptions=True)
+    everything = asyncio.gather(*(_last_output(s, t) for s, t in zip(streams, timers)),
+                                return_exceptions=True)
     gone = asyncio.ensure_future(_disconnect(request))
     try:
         await asyncio.wait([everything, gone], return_when=asyncio.FIRST_COMPLETED)
@@ -270,9 +278,10 @@ async def _final_outputs(request: Request,
     return outputs
 
 
-async def _last_output(stream: RequestStream) -> RequestOutput:
+async def _last_output(stream: RequestStream, timer: RequestMetrics) -> RequestOutput:
     last = None
     async for out in stream:
+        timer.observe(out)
         last = out
     return last
 
