@@ -88,6 +88,15 @@ def test_math_by_hand(math_file):
     assert math500.majority == 1.0  # the unboxed response does not vote
 
 
+def test_rows_without_responses_are_skipped(tmp_path):
+    rows = [verl_row("openai/gsm8k", 0, "3", ["#### 3", "#### 4"]),
+            verl_row("openai/gsm8k", 1, "5", []),  # a prompt fastgen-generate rejected
+            verl_row("lighteval/MATH", 2, "1", [r"\boxed{1}", r"\boxed{1}"])]
+    gsm8k, math = evaluate(EvalConfig(write_parquet(tmp_path / "gen.parquet", rows))).sources
+    assert (gsm8k.rows, gsm8k.skipped, gsm8k.mean_score) == (1, 1, 0.5)
+    assert (math.rows, math.skipped, math.mean_score) == (1, 0, 1.0)
+
+
 def test_custom_reward_and_renamed_columns(tmp_path):
     reward = tmp_path / "reward.py"
     reward.write_text(
@@ -104,8 +113,8 @@ def test_custom_reward_and_renamed_columns(tmp_path):
         row["outputs"], row["source"], row["rm"] = (row.pop("responses"), row.pop("data_source"),
                                                     row.pop("reward_model"))
     path = write_parquet(tmp_path / "custom.parquet", rows)
-    config = dict(data_path=path, response_key="outputs", data_source_key="source",
-                  reward_model_key="rm")
+    config = {"data_path": path, "response_key": "outputs", "data_source_key": "source",
+              "reward_model_key": "rm"}
     with pytest.raises(EvalError, match="no built-in reward for data_source 'my/task'"):
         evaluate(EvalConfig(**config))
     [source] = evaluate(EvalConfig(**config, custom_reward_path=str(reward),
@@ -134,10 +143,10 @@ def test_cli_table_and_json(gsm8k_file, math_file, tmp_path, capsys):
     assert main([f"data.path={gsm8k_file}", "data.response_key=responses", "ray_init.num_cpus=4",
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["data", "source", "rows", "n", "score", "pass@1", "pass@2",
-                                "pass@4", "maj@n"]
-    assert table[1].split() == ["openai/gsm8k", "3", "4", "0.5833", "0.5833", "0.7778", "1.0000",
-                                "0.6667"]
+    assert table[0].split() == ["data", "source", "rows", "skipped", "n", "score", "pass@1",
+                                "pass@2", "pass@4", "maj@n"]
+    assert table[1].split() == ["openai/gsm8k", "3", "0", "4", "0.5833", "0.5833", "0.7778",
+                                "1.0000", "0.6667"]
     report = json.loads(out.read_text())
     assert report["metrics"]["test_score/openai/gsm8k"] == pytest.approx(7 / 12)
     assert report["metrics"]["maj@4/openai/gsm8k"] == pytest.approx(2 / 3)
@@ -152,9 +161,9 @@ def test_cli_table_and_json(gsm8k_file, math_file, tmp_path, capsys):
 def test_cli_as_module(gsm8k_file):
     done = subprocess.run([sys.executable, "-m", "fastgen.entrypoints.eval", "--gsm8k-method",
                            "flexible", "--data-path", gsm8k_file], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[1].split()[3] == "0.6667"
+    assert done.stdout.splitlines()[1].split()[4] == "0.6667"
 
 
 def expect_error(capsys, argv, status, message):
@@ -185,7 +194,9 @@ def test_input_errors(capsys, tmp_path, gsm8k_file):
                             [verl_row("openai/humaneval", 0, "1", ["1"])])
     expect_error(capsys, [unknown], 1, "no built-in reward for data_source 'openai/humaneval'")
     empty = write_parquet(tmp_path / "empty.parquet", [verl_row("openai/gsm8k", 0, "1", [])])
-    expect_error(capsys, [empty], 1, "row 0: column 'responses' must be a non-empty list")
+    expect_error(capsys, [empty], 1, "no row of data_source 'openai/gsm8k' has responses")
+    numbers = write_parquet(tmp_path / "numbers.parquet", [verl_row("openai/gsm8k", 0, "1", [1])])
+    expect_error(capsys, [numbers], 1, "row 0: column 'responses' must hold lists of strings")
     no_truth = verl_row("openai/gsm8k", 0, "1", ["#### 1"])
     no_truth["reward_model"] = {"style": "rule"}
     expect_error(capsys, [write_parquet(tmp_path / "nogt.parquet", [no_truth])], 1,

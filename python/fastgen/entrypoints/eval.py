@@ -18,8 +18,9 @@ data.response_key, data.data_source_key, data.reward_model_key, custom_reward_fu
 (--reward-path) and custom_reward_function.name (--reward-name); ray_init.num_cpus and
 data.use_shm are accepted and ignored (scoring runs in this process).
 
-Prints, per data source: rows, responses per row (n), the mean score (verl's
-test_score/<data_source>), pass@k for k = 1, 2, 4, ... and n, and maj@n. A user error (missing
+Prints, per data source: rows scored, rows skipped (no responses: prompts rejected as too long),
+responses per row (n), the mean score (verl's test_score/<data_source>), pass@k for
+k = 1, 2, 4, ... and n, and maj@n. A user error (missing
 file or column, unknown data source, broken reward file) prints one line on stderr and exits 1
 (2 for a bad command line).
 """

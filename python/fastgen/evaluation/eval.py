@@ -9,6 +9,9 @@ for its data source (rewards.py) or by one user reward for all rows; per data so
     pass@k       the unbiased estimator, averaged over rows, for k = 1, 2, 4, ... below n, and n
     maj@n        the share of rows whose most common answer is correct (when n > 1)
 
+Rows without responses (prompts fastgen-generate rejected as too long) are left out of these and
+counted as `skipped`.
+
 A response counts as correct when its reward says so (built-in rules; a user reward's "acc"),
 else when its score is at least `correct_threshold`. All input problems (a missing file or
 column, a malformed row, a data source with no reward) raise `EvalError` with one line to show.
@@ -56,7 +59,8 @@ class Row:
 @dataclass(frozen=True)
 class SourceReport:
     data_source: str
-    rows: int
+    rows: int  # scored: with at least one response
+    skipped: int  # without responses
     samples_min: int  # responses per row; rows may differ, and pass@k stops at the fewest
     samples_max: int
     mean_score: float
@@ -90,7 +94,8 @@ class EvalReport:
             "path": self.path,
             "metrics": self.metrics(),
             "sources": [{
-                "data_source": s.data_source, "rows": s.rows, "samples_min": s.samples_min,
+                "data_source": s.data_source, "rows": s.rows, "skipped": s.skipped,
+                "samples_min": s.samples_min,
                 "samples_max": s.samples_max, "mean_score": s.mean_score,
                 "pass_at_k": {str(k): v for k, v in s.pass_at_k.items()}, "majority": s.majority,
             } for s in self.sources],
@@ -98,10 +103,11 @@ class EvalReport:
 
     def table(self) -> str:
         ks = sorted({k for s in self.sources for k in s.pass_at_k})
-        header = ["data source", "rows", "n", "score"] + [f"pass@{k}" for k in ks] + ["maj@n"]
+        header = ["data source", "rows", "skipped", "n", "score"] + [f"pass@{k}" for k in ks] + ["maj@n"]
         lines = [header]
         for s in self.sources:
-            lines.append([s.data_source, str(s.rows), s.samples, f"{s.mean_score:.4f}"]
+            lines.append([s.data_source, str(s.rows), str(s.skipped), s.samples,
+                          f"{s.mean_score:.4f}"]
                          + [f"{s.pass_at_k[k]:.4f}" if k in s.pass_at_k else "-" for k in ks]
                          + ["-" if s.majority is None else f"{s.majority:.4f}"])
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -139,9 +145,11 @@ def _row(i: int, record: dict[str, Any], config: EvalConfig) -> Row:
     responses = record[config.response_key]
     if isinstance(responses, str):  # one response stored as a plain string
         responses = [responses]
-    if not responses or not all(isinstance(r, str) for r in responses):
-        raise EvalError(f"row {i}: column {config.response_key!r} must be a non-empty list of "
-                        f"strings, got {responses!r:.80}")
+    if responses is None:  # a rejected prompt
+        responses = []
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise EvalError(f"row {i}: column {config.response_key!r} must hold lists of strings, "
+                        f"got {responses!r:.80}")
     reward_data = record[config.reward_model_key]
     if not isinstance(reward_data, dict) or reward_data.get("ground_truth") is None:
         raise EvalError(f"row {i}: column {config.reward_model_key!r} has no 'ground_truth'")
@@ -171,8 +179,12 @@ def evaluate(config: EvalConfig) -> EvalReport:
         raise EvalError(f"no built-in reward for data_source {', '.join(map(repr, unknown))} "
                         f"(built-in: {', '.join(sorted(BUILTIN_REWARDS))}); pass "
                         "custom_reward_function.path=FILE.py custom_reward_function.name=FN")
-    judged: dict[str, list[list[Judgement]]] = {}
+    judged: dict[str, list[list[Judgement]]] = {row.data_source: [] for row in rows}
+    skipped = dict.fromkeys(judged, 0)
     for i, row in enumerate(rows):
+        if not row.responses:
+            skipped[row.data_source] += 1
+            continue
         try:
             judgements = [reward.judge(row.data_source, response, row.ground_truth, row.extra_info)
                           for response in row.responses]
@@ -180,13 +192,17 @@ def evaluate(config: EvalConfig) -> EvalReport:
             raise EvalError(f"row {i}: {e}") from e
         judged.setdefault(row.data_source, []).append(judgements)
     return EvalReport(config.data_path, [
-        summarize(source, source_rows, config.correct_threshold, reward.extracts_answers())
+        summarize(source, source_rows, skipped[source], config.correct_threshold,
+                  reward.extracts_answers())
         for source, source_rows in judged.items()])
 
 
-def summarize(data_source: str, rows: list[list[Judgement]], correct_threshold: float,
-              extracts_answers: bool) -> SourceReport:
+def summarize(data_source: str, rows: list[list[Judgement]], skipped: int,
+              correct_threshold: float, extracts_answers: bool) -> SourceReport:
     """One data source's metrics from its rows' judgements (each row: its n responses)."""
+    if not rows:
+        raise EvalError(f"no row of data_source {data_source!r} has responses "
+                        f"({skipped} without: prompts rejected as too long?)")
     correct = [[j.score >= correct_threshold if j.correct is None else j.correct for j in row]
                for row in rows]
     fewest = min(len(row) for row in rows)
@@ -196,7 +212,7 @@ def summarize(data_source: str, rows: list[list[Judgement]], correct_threshold: 
     if fewest > 1 and extracts_answers:
         votes = [majority_vote([j.answer for j in row]) for row in rows]
         majority = mean([0.0 if v is None else float(ok[v]) for v, ok in zip(votes, correct)])
-    return SourceReport(data_source, len(rows), fewest, max(len(row) for row in rows),
+    return SourceReport(data_source, len(rows), skipped, fewest, max(len(row) for row in rows),
                         mean([mean([j.score for j in row]) for row in rows]), pass_at, majority)
 
 
