@@ -1,0 +1,76 @@
+"""Data parallelism with torchrun on CPU (gloo): 2 processes on one machine, and 2 "nodes" of one
+process each meeting at a c10d rendezvous on loopback, write exactly the rows, and with the fixed
+seed exactly the responses, of a single-process run. The second node runs in its own folder, so
+its parts are not on rank 0's file system: rank 0 gets its rows over gloo."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from fastgen.entrypoints.generate import main
+from tests.generation.conftest import gsm8k_table, job_args, write_parquet
+
+ROWS = 11  # odd: the shards differ in size
+KEYS = {"rollout.seed": 7, "data.batch_size": 3, "data.n_samples": 2}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture(scope="module")
+def job(tiny_model, tmp_path_factory):
+    """The input, and the single-process run's output table."""
+    folder = tmp_path_factory.mktemp("dp")
+    data = write_parquet(gsm8k_table(ROWS), folder / "in.parquet")
+    single = folder / "single.parquet"
+    assert main(job_args(tiny_model, data, single, **KEYS)) == 0
+    return tiny_model, data, pq.read_table(single)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_two_processes_on_one_machine(job, tmp_path):
+    model, data, single = job
+    out = tmp_path / "dp.parquet"
+    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
+                          "-m", "fastgen.entrypoints.generate",
+                          *job_args(model, data, out, **KEYS)],
+                         stderr=subprocess.PIPE, text=True, timeout=180, env=env())
+    assert run.returncode == 0, run.stderr
+    assert pq.read_table(out).equals(single)
+    assert run.stderr.count(f"{ROWS} rows (0 resumed from parts)") == 1  # rank 0 alone reports
+
+
+def test_two_nodes_on_loopback(job, tmp_path):
+    model, data, single = job
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for rank in range(2):
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        nodes.append(subprocess.Popen(
+            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "fastgen-test",
+             "-m", "fastgen.entrypoints.generate",
+             *job_args(model, data, "out.parquet", **KEYS), "--keep-parts"],  # in its folder
+            cwd=folder, stderr=subprocess.PIPE, text=True, env=env()))
+    errors = [node.communicate(timeout=180)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors
+    outputs = [tmp_path / f"node{rank}" / "out.parquet" for rank in range(2)]
+    written = [path for path in outputs if path.exists()]
+    assert len(written) == 1  # by whichever node holds rank 0
+    assert pq.read_table(written[0]).equals(single)
+    rows_by_node = [sorted(row for part in (tmp_path / f"node{rank}" / "out.parquet.parts")
+                           .glob("rows-*") for row in pq.read_table(part).column("_row").to_pylist())
+                    for rank in range(2)]  # each node generated its own shard, and only that
+    assert sorted(rows_by_node) == [list(range(0, 6)), list(range(6, ROWS))]
