@@ -23,7 +23,8 @@ def verl_row(data_source: str, index: int, ground_truth: str, responses: list[st
         "prompt": [{"role": "user", "content": question + QUESTION_SUFFIX}],
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": ground_truth},
-        "extra_info": {"split": "test", "index": index, "answer": ground_truth, "question": question},
+        "extra_info": {"split": "test", "index": index, "answer": ground_truth,
+                       "question": question},
         "responses": responses,
     }
 
@@ -47,7 +48,8 @@ def gsm8k_file(tmp_path):
 @pytest.fixture
 def math_file(tmp_path):
     return write_parquet(tmp_path / "math.parquet", [
-        verl_row("lighteval/MATH", 0, r"\frac{1}{2}", [r"So $\boxed{\dfrac12}$.", r"$\boxed{0.5}$"]),
+        verl_row("lighteval/MATH", 0, r"\frac{1}{2}",
+                 [r"So $\boxed{\dfrac12}$.", r"$\boxed{0.5}$"]),
         verl_row("lighteval/MATH", 1, "10", [r"\boxed{10\text{ cm}}", r"\boxed{11}"]),
         verl_row("HuggingFaceH4/MATH-500", 2, "(3,4)", [r"\boxed{\left(3, 4\right)}", "no box"]),
     ])
@@ -179,6 +181,14 @@ def test_usage_errors(capsys, gsm8k_file):
                  "unknown key 'data.prompt_length'")
     expect_error(capsys, [gsm8k_file, "--data-path", "other.parquet"], 2, "two input files")
     expect_error(capsys, [gsm8k_file, "--gsm8k-method", "loose"], 2, "invalid choice")
+    expect_error(capsys, [gsm8k_file, "data.foo=null"], 2, "unknown key 'data.foo'")
+
+
+def test_verl_keys_null_and_ignored(gsm8k_file, capsys):
+    assert main([f"data.path={gsm8k_file}", "custom_reward_function.path=null",
+                 "data.use_shm=False", "ray_init.num_cpus=8",
+                 "+data.response_key=responses"]) == 0
+    assert "0.5833" in capsys.readouterr().out
 
 
 def test_input_errors(capsys, tmp_path, gsm8k_file):

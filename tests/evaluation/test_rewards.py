@@ -78,6 +78,7 @@ def test_last_boxed(text, boxed):
     (r"y = 2x + 1", "2x+1"),
     (r"1\,000", "1000"),
     ("1,000,000", "1000000"),
+    ("10{,}000", "10000"),
     ("(1,2)", "(1,2)"),
     ("3.0", "3"),
     ("2.50", "2.5"),
@@ -112,6 +113,9 @@ def test_math_reward():
     assert math_reward(r"$\boxed{0.5}$", r"\frac12").score == 1.0
     assert math_reward(r"\boxed{3} hmm, no: \boxed{4}", "3").score == 0.0
     assert math_reward("The answer is 3.", "3") == Judgement(0.0, None, False)
+    # a ground truth holding the whole reference solution
+    solution = r"Since $2 \cdot 3 = 6$, the answer is $\boxed{6}$."
+    assert math_reward(r"\boxed{6}", solution).score == 1.0
 
 
 @pytest.mark.parametrize("source, rule", [

@@ -59,12 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-key", default=defaults.response_key,
                    help=f"column of response lists (default: {defaults.response_key})")
     p.add_argument("--data-source-key", default=defaults.data_source_key,
-                   help=f"column naming each row's data source (default: {defaults.data_source_key})")
+                   help="column naming each row's data source "
+                   f"(default: {defaults.data_source_key})")
     p.add_argument("--reward-model-key", default=defaults.reward_model_key,
-                   help=f"struct column holding ground_truth (default: {defaults.reward_model_key})")
+                   help="struct column holding ground_truth "
+                   f"(default: {defaults.reward_model_key})")
     p.add_argument("--reward-path", help="Python file with a custom reward function")
     p.add_argument("--reward-name", default=defaults.custom_reward_name,
-                   help=f"the function's name in that file (default: {defaults.custom_reward_name})")
+                   help="the function's name in that file "
+                   f"(default: {defaults.custom_reward_name})")
     p.add_argument("--gsm8k-method", default=defaults.gsm8k_method, choices=["strict", "flexible"],
                    help="strict: the number after the last '####'; flexible: the last number "
                    f"(default: {defaults.gsm8k_method})")
@@ -72,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GSM8K score for a well-formed but wrong answer, as verl's format_score "
                    f"(default: {defaults.format_score})")
     p.add_argument("--correct-threshold", type=float, default=defaults.correct_threshold,
-                   help="a custom reward's score that counts as correct for pass@k and maj@n when it "
-                   f"returns no 'acc' (default: {defaults.correct_threshold})")
+                   help="a custom reward's score that counts as correct for pass@k and maj@n "
+                   f"when it returns no 'acc' (default: {defaults.correct_threshold})")
     p.add_argument("--json", metavar="PATH",
-                   help="also write the report as JSON to PATH ('-': print JSON instead of the table)")
+                   help="also write the report as JSON to PATH "
+                   "('-': print the JSON instead of the table)")
     return p
 
 
@@ -88,11 +92,10 @@ def translate_dotted(argv: list[str]) -> list[str]:
             out.append(token)
             continue
         key, value = match.groups()
-        if key in IGNORED_KEYS or value in ("null", "None", "~"):
-            continue
-        if key not in DOTTED_KEYS:
+        if key not in DOTTED_KEYS and key not in IGNORED_KEYS:
             raise UsageError(f"unknown key {key!r} (known: {', '.join(sorted(DOTTED_KEYS))})")
-        out += [DOTTED_KEYS[key], value]
+        if key in DOTTED_KEYS and value not in ("null", "None", "~"):  # Hydra's null: the default
+            out += [DOTTED_KEYS[key], value]
     return out
 
 

@@ -103,7 +103,8 @@ class EvalReport:
 
     def table(self) -> str:
         ks = sorted({k for s in self.sources for k in s.pass_at_k})
-        header = ["data source", "rows", "skipped", "n", "score"] + [f"pass@{k}" for k in ks] + ["maj@n"]
+        header = (["data source", "rows", "skipped", "n", "score"] + [f"pass@{k}" for k in ks]
+                  + ["maj@n"])
         lines = [header]
         for s in self.sources:
             lines.append([s.data_source, str(s.rows), str(s.skipped), s.samples,
@@ -133,7 +134,8 @@ def read_rows(config: EvalConfig) -> list[Row]:
             "data.reward_model_key": config.reward_model_key}
     for option, key in keys.items():
         if key not in names:
-            raise EvalError(f"{path} has no column {key!r} ({option}); its columns: {', '.join(names)}")
+            raise EvalError(f"{path} has no column {key!r} ({option}); "
+                            f"its columns: {', '.join(names)}")
     columns = list(keys.values()) + ([EXTRA_INFO_KEY] if EXTRA_INFO_KEY in names else [])
     records = pq.read_table(path, columns=columns).to_pylist()
     if not records:

@@ -95,8 +95,9 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` or `\\fbox{...}` (braces nested to any depth), or of
-    `\\boxed 5` (up to the next `$` or line end); None if there is none or its braces never close."""
+    """The content of the last `\\boxed{...}` or `\\fbox{...}` (braces nested to any depth), or
+    of `\\boxed 5` (up to the next `$` or line end); None if there is none or its braces never
+    close."""
     start = max(text.rfind(command) for command in _BOX_COMMANDS)
     if start < 0:
         return None
@@ -119,7 +120,7 @@ def last_boxed(text: str) -> str | None:
 
 _TRAILING_UNIT = re.compile(r"^(.+?)\s*\\(?:text|textbf|mbox|mathrm)\{[^{}]*\}(?:\^\{?\d\}?)?$")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
-_SHORT_LHS = re.compile(r"^[A-Za-z](?:_?[A-Za-z0-9])?$")  # "x", "k", "a_1": a name, not an expression
+_SHORT_LHS = re.compile(r"^[A-Za-z](?:_?[A-Za-z0-9])?$")  # "x", "k", "a_1": a name
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _DECIMAL = re.compile(r"^-?\d*\.?\d+$")
 _FRAC_NUMBER = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
@@ -169,8 +170,8 @@ def normalize_math_answer(answer: str) -> str:
     """A canonical string for a MATH answer, in the spirit of the Hendrycks MATH normaliser: no
     `\\left`/`\\right`, spacing commands, `$`, degrees, percent signs or trailing units
     (`\\text{ cm}`); `dfrac`/`tfrac` -> `frac`, `\\frac12` -> `\\frac{1}{2}`, `\\sqrt2` ->
-    `\\sqrt{2}`, integer `a/b` -> `\\frac{a}{b}`; `x = 5` -> `5`; `1,000` -> `1000`; `2.50` -> `2.5`,
-    `3.0` -> `3`, `.5` -> `0.5`; no spaces."""
+    `\\sqrt{2}`, integer `a/b` -> `\\frac{a}{b}`; `x = 5` -> `5`; `1,000` and `1{,}000` ->
+    `1000`; `2.50` -> `2.5`, `3.0` -> `3`, `.5` -> `0.5`; no spaces."""
     s = answer.replace("\n", "").strip()
     s = s.replace("\\!", "").replace("\\\\", "\\")
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
@@ -189,6 +190,7 @@ def normalize_math_answer(answer: str) -> str:
     s = _brace_arguments(s, "\\frac", 2)
     if slash := _INT_SLASH_INT.match(s):
         s = f"{slash.group(1)}\\frac{{{slash.group(2)}}}{{{slash.group(3)}}}"
+    s = s.replace("{,}", ",")  # MATH writes 10{,}000
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     if _DECIMAL.match(s) and "." in s:
@@ -219,11 +221,14 @@ def math_answers_equal(answer: str, ground_truth: str) -> bool:
 
 
 def math_reward(solution: str, ground_truth: Any) -> Judgement:
-    """1 when the last boxed answer equals the ground truth after normalisation, else 0."""
+    """1 when the last boxed answer equals the ground truth after normalisation, else 0. A ground
+    truth that is a whole solution is reduced to its boxed answer."""
     boxed = last_boxed(solution)
     if boxed is None:
         return Judgement(0.0, None, False)
-    correct = math_answers_equal(boxed, str(ground_truth))
+    truth = str(ground_truth)
+    truth = last_boxed(truth) or truth
+    correct = math_answers_equal(boxed, truth)
     return Judgement(float(correct), math_answer_key(boxed), correct)
 
 
@@ -320,7 +325,8 @@ def load_custom_reward(path: str | Path, name: str = "compute_score") -> CustomR
     try:
         spec.loader.exec_module(module)
     except Exception as e:
-        raise RewardError(f"importing custom reward file {path} raised {type(e).__name__}: {e}") from e
+        raise RewardError(f"importing custom reward file {path} raised "
+                          f"{type(e).__name__}: {e}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
         raise RewardError(f"custom reward file {path} has no function {name!r}")
