@@ -94,6 +94,17 @@ def gsm8k_reward(solution: str, ground_truth: Any, method: str = "strict",
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
+def _braced(text: str, i: int) -> tuple[str, int] | None:
+    """The inside of the {...} group opening at text[i] (nested braces kept) and the index after
+    it; None when its braces never close."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j], j + 1
+    return None
+
+
 def last_boxed(text: str) -> str | None:
     """The content of the last `\\boxed{...}` or `\\fbox{...}` (braces nested to any depth), or
     of `\\boxed 5` (up to the next `$` or line end); None if there is none or its braces never
@@ -104,12 +115,8 @@ def last_boxed(text: str) -> str | None:
     rest = text[start:]
     rest = rest[len(next(c for c in _BOX_COMMANDS if rest.startswith(c))):]
     if rest.startswith("{"):
-        depth = 0
-        for i, char in enumerate(rest):
-            depth += {"{": 1, "}": -1}.get(char, 0)
-            if depth == 0:
-                return rest[1:i]
-        return None  # cut off mid-answer
+        group = _braced(rest, 0)
+        return None if group is None else group[0]  # None: cut off mid-answer
     if rest.startswith(" "):
         return re.split(r"[$\n]", rest.strip(), maxsplit=1)[0].strip()
     return None
@@ -136,12 +143,7 @@ def _read_argument(text: str, i: int) -> tuple[str, int] | None:
         return command.group(), i + command.end()
     if text[i] != "{":
         return text[i], i + 1
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j], j + 1
-    return None
+    return _braced(text, i)
 
 
 def _brace_arguments(text: str, command: str, count: int) -> str:
