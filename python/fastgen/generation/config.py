@@ -14,6 +14,7 @@ internals) are accepted and listed once as ignored; any other key is an error na
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +27,14 @@ class ConfigError(ValueError):
     """A bad key, value or config file; the message is one line that names it."""
 
 
-class Truncation:
-    """What happens to a prompt longer than rollout.prompt_length tokens."""
+class Truncation(str, enum.Enum):
+    """What happens to a prompt longer than rollout.prompt_length tokens. LEFT is the default,
+    not verl's RIGHT: cutting a prompt's end cuts the chat template's generation prompt too."""
 
     LEFT = "left"      # keep its last tokens: the end of the question and the generation prompt
     RIGHT = "right"    # keep its first tokens (what verl's tokenizer call does)
     REJECT = "reject"  # generate nothing for it: the row is kept with no responses
     ERROR = "error"    # stop the job before generating anything
-    CHOICES = (LEFT, RIGHT, REJECT, ERROR)
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,9 @@ KEYS: tuple[Key, ...] = (
     Key("data.output_path", "--output", str, None, "output parquet file (required)"),
     Key("data.batch_size", "--batch-size", int, 128,
         "rows per part file: the unit of progress that a restarted job keeps"),
-    Key("data.truncation", "--truncation", str, Truncation.LEFT,
+    Key("data.truncation", "--truncation", str, Truncation.LEFT.value,
         "prompts over rollout.prompt_length tokens: left / right (cut), reject (no responses) "
-        "or error", Truncation.CHOICES),
+        "or error", tuple(t.value for t in Truncation)),
     Key("data.chat_template", "--chat-template", bool, True,
         "render plain-text prompts as a user message through the chat template (chat lists "
         "always are)"),

@@ -87,6 +87,10 @@ class Group:
             if device_type == "cuda":
                 import torch
 
+                if layout.local_rank >= torch.cuda.device_count():
+                    raise ConfigError(f"local rank {layout.local_rank} has no GPU: this node has "
+                                      f"{torch.cuda.device_count()}; use --nproc-per-node "
+                                      f"{torch.cuda.device_count()} or fewer")
                 torch.cuda.set_device(layout.local_rank)
             dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         self._group = (dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)

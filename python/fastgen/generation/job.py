@@ -3,8 +3,8 @@ batch at a time with n = data.n_samples samples each; every finished batch is sa
 (parts.py), so a killed job restarts where it stopped; rank 0 gathers every shard's rows and
 writes the output: each input column, in input order, plus `responses`.
 
-The engine is fed one batch ahead of the one being finished, so continuous batching never runs
-dry at a batch's tail. Row i's sample j is drawn with seed rollout.seed + i * n_samples + j: the
+The engine is fed at least one batch ahead of the one being finished (more while it has room), so
+continuous batching never runs dry at a batch's tail; a kill loses only the batches in flight. Row i's sample j is drawn with seed rollout.seed + i * n_samples + j: the
 responses do not depend on the batch size, the number of processes, or where a job resumed.
 """
 
@@ -207,7 +207,10 @@ def _generate(llm, config: JobConfig, prompts: Prompts, pending: list[int], work
     start = time.perf_counter()
     try:
         while waiting or in_flight:
-            while waiting and len(in_flight) < 2:  # the batch being finished, and the next
+            # At least the batch being finished and the next, and more while the engine has
+            # room for more sequences than it was given.
+            while waiting and (len(in_flight) < 2 or (
+                    engine.num_waiting == 0 and engine.num_running < engine.config.max_num_seqs)):
                 batch = waiting.popleft()
                 in_flight.append(batch)
                 for row in batch.rows:
