@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from fastgen.errors import ModelLoadError
+
 
 class UsageError(Exception):
     """A bad command line; reported like argparse's own errors."""
@@ -30,8 +32,6 @@ def run_cli(prog: str, parse: Callable[[], argparse.Namespace],
         args = parse()
     except UsageError as e:
         return fail(prog, str(e), status=2)
-    from fastgen.loader import ModelLoadError
-
     try:
         return run(args)
     except (ModelLoadError, ValueError, UsageError) as e:

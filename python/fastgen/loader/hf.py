@@ -16,11 +16,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from fastgen.errors import ModelLoadError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-class ModelLoadError(Exception):
-    """A model could not be found, read or built; the message says which and why, on one line."""
 
 
 def one_line(error: BaseException) -> str:
