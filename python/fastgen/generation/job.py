@@ -134,7 +134,7 @@ def _run(config: JobConfig, layout: Layout, group: Group) -> Summary | None:
     shard = layout.shard(len(prompts))
     done = covered_rows(work.parts())
     pending = [row for row in shard if row not in done]
-    if layout.is_main and len(done):
+    if layout.is_main and done:
         say(f"resuming: {len(done)} rows already in {work.path}, skipped")
     stats = _generate(llm, config, prompts, pending, work, layout, len(shard) - len(pending))
     payload = _to_ipc(work.read_rows(shard))
