@@ -85,3 +85,26 @@ def test_unseeded_sampling_is_reproducible_from_the_engine_seed():
     params = [SamplingParams()] * 3
     assert draw(Sampler("cpu", seed=5), logits, params, [None] * 3) == \
         draw(Sampler("cpu", seed=5), logits, params, [None] * 3)
+
+
+def test_top_k_draws_among_candidates_follow_the_filtered_distribution():
+    # Every row has a top_k, so the sampler draws among topk candidates without sorting the
+    # vocabulary; the frequencies must still be those of top-k then top-p, renormalised.
+    logits = random_logits(1, seed=4)
+    params = SamplingParams(temperature=1.3, top_k=6, top_p=0.8)
+    expected = apply_top_k_top_p(logits / 1.3, [6], [0.8]).softmax(-1)[0]
+    sampler = Sampler("cpu", seed=0)
+    rows = 4000
+    tokens = sampler(logits.expand(rows, -1), [params] * rows, [None] * rows)
+    counts = torch.bincount(tokens, minlength=VOCAB).float() / rows
+    assert set(tokens.tolist()) <= set(expected.nonzero()[:, 0].tolist())
+    assert torch.allclose(counts, expected, atol=0.03)
+
+
+def test_a_seeded_top_k_row_ignores_its_batch_mates_k():
+    logits = random_logits(2, seed=5)
+    params = [SamplingParams(temperature=1.0, top_k=5, seed=11)]
+    alone = [row[0] for row in draw(Sampler("cpu", seed=1), logits[:1], params, [11])]
+    mate = SamplingParams(temperature=1.0, top_k=200)  # widens the candidates to 200
+    mixed = [row[0] for row in draw(Sampler("cpu", seed=2), logits, params + [mate], [11, None])]
+    assert mixed == alone

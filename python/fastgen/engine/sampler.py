@@ -10,8 +10,10 @@ exponential race:
     token = argmax_i  p_i / E_i,   E_i ~ Exp(1) independent
 
 which picks i with probability p_i (the race's winner is the first of independent exponential
-clocks with rates p_i). Each draw consumes exactly V exponentials from one generator: a seeded
-request's own generator, so its tokens do not depend on its batch mates, or else the engine's.
+clocks with rates p_i). Each draw consumes exactly V exponentials from one generator (k of them
+when every sampled row of the batch has a top_k: the draw is then made among each row's k
+candidates, found with topk rather than a sort of the vocabulary): a seeded request's own
+generator, so its tokens do not depend on its batch mates, or else the engine's.
 """
 
 from __future__ import annotations
@@ -63,42 +65,71 @@ class Sampler:
         scaled = logits / temperatures[:, None]  # [B, V]
         if any(p.min_p is not None for p in params):
             scaled = apply_min_p(scaled, [p.min_p for p in params])
-        if any(p.top_k is not None or p.top_p is not None for p in params):
-            scaled = apply_top_k_top_p(scaled, [p.top_k for p in params],
-                                       [p.top_p for p in params])
-        probs = scaled.softmax(dim=-1)
-        noise = self._exponential_noise(probs, greedy, generators)
-        sampled = (probs / noise).argmax(dim=-1)  # [B]
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        sampled_k = [k for k, g in zip(top_k, greedy) if not g]
+        if all(k is not None for k in sampled_k) and max(sampled_k) < logits.shape[-1]:
+            # Every sampled row keeps at most K tokens: work on the K candidates alone (no sort
+            # of the vocabulary, K exponentials per row instead of V). Greedy rows ride along
+            # with k = 1 and are replaced below.
+            ks = [1 if g else k for k, g in zip(top_k, greedy)]
+            candidates, token_ids = scaled.topk(max(ks), dim=-1)  # [B, K] each, descending
+            candidates = apply_top_k_top_p(candidates, ks, top_p, presorted=True)
+            picked = self._race(candidates, greedy, generators, ks)  # [B] indices into K
+            sampled = token_ids.gather(1, picked[:, None])[:, 0]
+        else:
+            if any(k is not None or p is not None for k, p in zip(top_k, top_p)):
+                scaled = apply_top_k_top_p(scaled, top_k, top_p)
+            sampled = self._race(scaled, greedy, generators)
         if any(greedy):
             is_greedy = torch.tensor(greedy, device=logits.device)
             sampled = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
         return sampled
 
+    def _race(self, scaled: torch.Tensor, greedy: list[bool],
+              generators: list[torch.Generator | None],
+              widths: list[int] | None = None) -> torch.Tensor:
+        """One draw per row from softmax(scaled) by the exponential race; widths[row] columns of
+        the row (default all) can win. [B, C] -> [B]"""
+        probs = scaled.softmax(dim=-1)
+        noise = self._exponential_noise(probs, greedy, generators, widths)
+        return (probs / noise).argmax(dim=-1)
+
     def _exponential_noise(self, probs: torch.Tensor, greedy: list[bool],
-                           generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Exp(1) draws, each row from its request's generator; 1 on greedy rows.
-        probs: [B, V] -> [B, V]"""
-        noise = torch.empty_like(probs)  # [B, V]
-        if not any(greedy) and all(g is None for g in generators):
+                           generators: list[torch.Generator | None],
+                           widths: list[int] | None = None) -> torch.Tensor:
+        """Exp(1) draws, each row from its request's generator; 1 on greedy rows. A row draws
+        widths[row] of them (its top_k; default all C), so what a seeded row draws never depends
+        on its batch mates; its other columns hold 1 (their probability is 0).
+        probs: [B, C] -> [B, C]"""
+        noise = torch.empty_like(probs)  # [B, C]
+        if widths is None and not any(greedy) and all(g is None for g in generators):
             noise.exponential_(generator=self.generator)
         else:
+            if widths is not None:
+                noise.fill_(1.0)
             for row, (is_greedy, gen) in enumerate(zip(greedy, generators)):
                 if is_greedy:
                     noise[row] = 1.0  # the row takes the argmax of the raw logits instead
                 else:
-                    noise[row].exponential_(generator=gen if gen is not None else self.generator)
+                    cells = noise[row] if widths is None else noise[row, :widths[row]]
+                    cells.exponential_(generator=gen if gen is not None else self.generator)
         # An exact zero would make an excluded token's 0 / 0 a NaN, which argmax prefers.
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int | None],
-                      top_p: list[float | None]) -> torch.Tensor:
+                      top_p: list[float | None], presorted: bool = False) -> torch.Tensor:
     """Sets to -inf every logit outside its row's k largest (top_k) and outside the smallest set of
     largest-probability tokens whose probabilities sum to at least p (top_p); None is off.
-    Exactly k tokens survive top-k even with ties. logits: [B, V] -> [B, V]"""
+    Exactly k tokens survive top-k even with ties. presorted: each row is already in descending
+    order (the top-k candidates), so no sort is needed. logits: [B, V] -> [B, V]"""
     vocab = logits.shape[-1]
     device = logits.device
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V] each
+    if presorted:
+        sorted_logits, order = logits.clone(), None
+    else:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V] each
     if any(k is not None for k in top_k):
         ks = torch.tensor([vocab if k is None else k for k in top_k], device=device)
         rank = torch.arange(vocab, device=device)
@@ -111,6 +142,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int | None],
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V]; 0 for the top token
         outside = (mass_before >= ps[:, None]) & has_p[:, None]
         sorted_logits.masked_fill_(outside, float("-inf"))
+    if order is None:
+        return sorted_logits
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 
