@@ -140,7 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
                   enable_prefix_caching=args.enable_prefix_caching)
         engine = AsyncLLMEngine(llm.engine, max_waiting_requests=args.max_waiting_requests)
         name = args.served_model_name or args.model
-        app = build_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        app = build_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                        start_engine=False)
         host, port = sock.getsockname()[:2]
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         print(f"{PROG}: serving {name!r} at {url} (OpenAI API under /v1, Megatron-LM at "
@@ -151,10 +152,38 @@ def _serve(args: argparse.Namespace) -> int:
             logging.getLogger(PROG).warning("listening on %s without --api-key: anyone who can "
                                             "reach this port can use the model", host)
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
-        server.run(sockets=[sock])
+        _run_beside(engine, server, sock)
     finally:
         sock.close()
     return 0
+
+
+def _run_beside(engine, server, sock: socket.socket) -> None:
+    """The engine loop on this (the main) thread, which loaded the model, and the HTTP server on
+    another (see AsyncLLMEngine on why the thread matters). SIGINT or SIGTERM stops both; so does
+    the server thread ending."""
+    import signal
+    import threading
+
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.stop()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    thread = threading.Thread(target=http, name="fastgen-http", daemon=True)
+    thread.start()
+    try:
+        engine.run_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -31,14 +31,19 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20  # 8 MiB: far more than any context's worth of 
 
 
 def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, start_engine: bool = True) -> FastAPI:
+    """start_engine: the app's lifespan runs the engine on a thread of its own; False when the
+    caller runs engine.run_forever() itself (fastgen-serve, on its main thread)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if start_engine:
+            engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            if start_engine:
+                engine.stop()
 
     app = FastAPI(title="fastgen", lifespan=lifespan)
     app.state.engine = engine
