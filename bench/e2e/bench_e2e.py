@@ -105,12 +105,20 @@ def measure(runner, prompts: list[list[int]], decode_tokens: int, device: str, r
     return {"time_to_first_token_s": first, "decode_step_s": step, "decode_tok_s": len(prompts) / step}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser with the options every end-to-end benchmark shares: which
+    model, in which dtype, on which device, with real or random weights."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--load-format", default="auto", choices=["auto", "random"])
+    return parser
+
+
+def main() -> None:
+    parser = model_parser(__doc__)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prefill-tokens", type=int, default=512)

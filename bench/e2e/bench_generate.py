@@ -29,8 +29,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_gsm8k import make_rows, write_parquet  # noqa: E402
+from synthetic_gsm8k import make_rows, write_parquet
 
 
 def run_fastgen(args, data: Path, output: Path) -> dict:

@@ -21,16 +21,15 @@ whole run under about four minutes on a 2-core CPU, HF's padded prefill being mo
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import time
 from pathlib import Path
 
 import torch
-from bench_e2e import HFRunner, copy_bandwidth, sync, timed
+from bench_e2e import HFRunner, copy_bandwidth, model_parser, sync, timed
 from fastgen import LLM, SamplingParams
-from fastgen.config import DEFAULT_MODEL, DTYPES, CacheConfig, EngineConfig
+from fastgen.config import DTYPES, CacheConfig, EngineConfig
 
 
 def make_prompts(tokenizer, num: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
@@ -104,12 +103,7 @@ def git_commit() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "random"])
+    parser = model_parser(__doc__)
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--min-prompt-len", type=int, default=16)
     parser.add_argument("--max-prompt-len", type=int, default=256)

@@ -12,13 +12,12 @@ after the system prompt's last full block; with it off, every request prefills e
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from bench_e2e import model_parser
 from fastgen import LLM, SamplingParams
-from fastgen.config import DEFAULT_MODEL, DTYPES
 
 SYSTEM_SENTENCES = [
     "You are a careful, friendly assistant for the staff of a small public library.",
@@ -71,12 +70,7 @@ def first_tokens(llm: LLM, prompts: list[list[int]], device: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "random"])
+    parser = model_parser(__doc__)
     parser.add_argument("--system-tokens", type=int, default=600)
     args = parser.parse_args()
 

@@ -100,28 +100,32 @@ class BlockManager:
         return hits
 
     def can_allocate(self, seq: Sequence, num_tokens: int | None = None) -> bool:
-        hits = self.cached_prefix_blocks(seq)
-        needed = self.blocks_for(len(seq) if num_tokens is None else num_tokens) - len(hits)
-        # An evictable hit leaves the pool as surely as a fresh block does.
-        taken = max(needed, 0) + sum(self._ref_count[b] == 0 for b in hits)
-        return taken <= self.num_free_blocks
+        return self._blocks_taken(self.cached_prefix_blocks(seq), seq, num_tokens) \
+            <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_tokens: int | None = None) -> None:
         """Fills an empty block table with blocks for the first num_tokens tokens (default: all),
         at least its cached prefix; seq.num_cached_tokens becomes the tokens found cached."""
         assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
         hits = self.cached_prefix_blocks(seq)
-        needed = max(self.blocks_for(len(seq) if num_tokens is None else num_tokens) - len(hits),
-                      0)
-        if not self.can_allocate(seq, num_tokens):
-            raise OutOfBlocksError(f"sequence {seq.seq_id} needs {needed} more KV cache blocks, "
+        taken = self._blocks_taken(hits, seq, num_tokens)
+        if taken > self.num_free_blocks:
+            raise OutOfBlocksError(f"sequence {seq.seq_id} needs {taken} more KV cache blocks, "
                                    f"only {self.num_free_blocks} of {self.num_blocks} are free")
         for block in hits:  # claimed before anything is evicted, so no hit is evicted
             if self._ref_count[block] == 0:
                 del self._evictable[block]
             self._ref_count[block] += 1
+        needed = max(self.blocks_for(len(seq) if num_tokens is None else num_tokens) - len(hits),
+                     0)
         seq.block_table = hits + self._take(needed, seq)
         seq.num_cached_tokens = len(hits) * self.block_size
+
+    def _blocks_taken(self, hits: list[int], seq: Sequence, num_tokens: int | None) -> int:
+        """Blocks an allocation removes from the pool: fresh ones past the hits, and the hits
+        that are evictable (an evictable hit leaves the pool as surely as a fresh block)."""
+        needed = self.blocks_for(len(seq) if num_tokens is None else num_tokens) - len(hits)
+        return max(needed, 0) + sum(self._ref_count[b] == 0 for b in hits)
 
     # Later steps: the table grows to cover the tokens the step writes, positions
     # num_cached_tokens .. num_tokens - 1.
