@@ -18,6 +18,11 @@
                         int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox);      \
   void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, \
                          at::Tensor& value_cache, const at::Tensor& slot_mapping);              \
+  void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,               \
+                                  const at::Tensor& key, const at::Tensor& value,               \
+                                  int64_t head_size, const at::Tensor& cos_sin_cache,           \
+                                  bool is_neox, at::Tensor& key_cache, at::Tensor& value_cache, \
+                                  const at::Tensor& slot_mapping);                              \
   void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,         \
                  const at::Tensor& value_cache, const at::Tensor& cu_seqlens_q,                 \
                  const at::Tensor& seq_lens_k, const at::Tensor& block_tables,                  \

@@ -24,10 +24,18 @@ TORCH_LIBRARY(fastgen, m) {
   // is_neox: rotate-half layout (Llama, HF); otherwise GPT-J interleaved pairs.
   m.def("rotary_embedding(Tensor positions, Tensor! query, Tensor! key, int head_size, "
         "Tensor cos_sin_cache, bool is_neox) -> ()");
-  // Writes each token's key / value into its slot of the paged cache (slot = block * S + offset).
+  // Writes each token's key / value into its slot of the paged cache (slot = block * S + offset);
+  // a negative slot is padding (a CUDA graph's unused rows) and is skipped.
   // key, value: [T, Hkv, D]; key_cache, value_cache: [N, S, Hkv, D]; slot_mapping: [T] int64
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
         "Tensor slot_mapping) -> ()");
+  // rotary_embedding and reshape_and_cache in one pass: query is rotated in place, and each
+  // token's rotated key and its value are written into its cache slot (negative: skipped); key is
+  // left as it was. positions: [T] int64; query: [T, Hq * D]; key, value: [T, Hkv * D];
+  // cos_sin_cache: [P, R] float32; caches: [N, S, Hkv, D]; slot_mapping: [T] int64
+  m.def("rotary_embedding_and_cache(Tensor positions, Tensor! query, Tensor key, Tensor value, "
+        "int head_size, Tensor cos_sin_cache, bool is_neox, Tensor! key_cache, "
+        "Tensor! value_cache, Tensor slot_mapping) -> ()");
   // Causal attention of packed variable-length queries over a paged KV cache: prefill, chunked
   // prefill and decode in one op. Sequence b's queries are rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
   // and are the last q_len of its seq_lens_k[b] cached keys, so query i sits at position
@@ -45,11 +53,12 @@ TORCH_LIBRARY(fastgen, m) {
 }
 
 #define FASTGEN_IMPL_OPS(m, ns)                              \
-  m.impl("rms_norm", &ns::rms_norm);                         \
-  m.impl("fused_add_rms_norm", &ns::fused_add_rms_norm);     \
-  m.impl("silu_and_mul", &ns::silu_and_mul);                 \
-  m.impl("rotary_embedding", &ns::rotary_embedding);         \
-  m.impl("reshape_and_cache", &ns::reshape_and_cache);       \
+  m.impl("rms_norm", &ns::rms_norm);                                      \
+  m.impl("fused_add_rms_norm", &ns::fused_add_rms_norm);                  \
+  m.impl("silu_and_mul", &ns::silu_and_mul);                              \
+  m.impl("rotary_embedding", &ns::rotary_embedding);                      \
+  m.impl("reshape_and_cache", &ns::reshape_and_cache);                    \
+  m.impl("rotary_embedding_and_cache", &ns::rotary_embedding_and_cache);  \
   m.impl("attention", &ns::attention);
 
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) {

@@ -203,6 +203,14 @@ struct CpuKernels {
     const int64_t row = m.kv_heads * m.head_dim;
     fastgen::cpu::reshape_and_cache_launch<T>(k, v, kc, vc, slots, tokens, m.kv_heads, m.head_dim, row, row);
   }
+  void rotary_and_cache(const int64_t* pos, T* qkv, const float* cache, T* kc, T* vc, const int64_t* slots,
+                        int64_t tokens, int64_t, const ModelShape& m) const {
+    const int64_t stride = (m.heads + 2 * m.kv_heads) * m.head_dim;
+    T* k = qkv + m.heads * m.head_dim;
+    fastgen::cpu::rotary_embedding_and_cache_launch<T>(pos, qkv, k, k + m.kv_heads * m.head_dim, cache, kc, vc,
+                                                       slots, tokens, m.heads, m.kv_heads, m.head_dim,
+                                                       m.head_dim, stride, stride, stride, true);
+  }
   void attention(T* out, const T* q, const T* kc, const T* vc, const int32_t* cu_q, const int32_t* seq_k,
                  const int32_t* tables, const AttentionProblem& p, const ModelShape& m) const {
     fastgen::cpu::attention_launch<T>(out, q, kc, vc, cu_q, seq_k, tables, p.batch, m.heads, m.kv_heads,
@@ -212,8 +220,26 @@ struct CpuKernels {
 };
 
 #ifdef FASTGEN_WITH_CUDA
+// Device floats that grow on demand (the decode kernel's split workspace).
+class Workspace {
+ public:
+  ~Workspace() { cudaFree(ptr_); }
+  void resize(int64_t count) {
+    if (count <= count_) return;
+    cudaFree(ptr_);
+    cudaMalloc(&ptr_, count * sizeof(float));
+    count_ = count;
+  }
+  float* get() const { return ptr_; }
+
+ private:
+  float* ptr_ = nullptr;
+  int64_t count_ = 0;
+};
+
 template <typename T>
 struct CudaKernels {
+  mutable Workspace workspace_;
   static constexpr Device device = Device::kCuda;
   void rms_norm(T* out, const T* in, const T* w, int64_t tokens, int64_t hidden) const {
     fastgen::cuda::rms_norm_launch<T>(out, in, w, 1e-5f, tokens, hidden, hidden, nullptr);
@@ -235,11 +261,31 @@ struct CudaKernels {
     fastgen::cuda::reshape_and_cache_launch<T>(k, v, kc, vc, slots, tokens, num_slots, m.kv_heads, m.head_dim,
                                                row, row, nullptr);
   }
+  void rotary_and_cache(const int64_t* pos, T* qkv, const float* cache, T* kc, T* vc, const int64_t* slots,
+                        int64_t tokens, int64_t, const ModelShape& m) const {
+    const int64_t stride = (m.heads + 2 * m.kv_heads) * m.head_dim;
+    T* k = qkv + m.heads * m.head_dim;
+    fastgen::cuda::rotary_embedding_and_cache_launch<T>(pos, qkv, k, k + m.kv_heads * m.head_dim, cache, kc, vc,
+                                                        slots, tokens, m.heads, m.kv_heads, m.head_dim,
+                                                        m.head_dim, stride, stride, stride, true, nullptr);
+  }
+  // Decode batches take the split-KV kernel, as the op does; its workspace is kept between calls.
   void attention(T* out, const T* q, const T* kc, const T* vc, const int32_t* cu_q, const int32_t* seq_k,
                  const int32_t* tables, const AttentionProblem& p, const ModelShape& m) const {
     const float scale = 1.f / std::sqrt(static_cast<float>(m.head_dim));
     auto launch = [&](auto head_dim) {
-      fastgen::cuda::attention_launch<T, decltype(head_dim)::value>(
+      constexpr int D = decltype(head_dim)::value;
+      if (p.q_len == 1) {
+        int sms = 0;
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+        const int splits = fastgen::cuda::decode_attention_num_splits(p.batch, m.heads, m.kv_heads, p.k_len, sms);
+        workspace_.resize(fastgen::cuda::decode_attention_workspace_floats(p.batch, m.heads, D, splits));
+        fastgen::cuda::decode_attention_launch<T, D>(
+            out, q, kc, vc, cu_q, seq_k, tables, workspace_.get(), p.batch, m.heads, m.kv_heads, p.kBlockSize,
+            p.blocks_per_seq(), m.heads * m.head_dim, scale, std::nullopt, std::nullopt, splits, nullptr);
+        return;
+      }
+      fastgen::cuda::attention_launch<T, D>(
           out, q, kc, vc, cu_q, seq_k, tables, p.batch * p.q_len, p.batch, m.heads, m.kv_heads, p.kBlockSize,
           p.blocks_per_seq(), m.heads * m.head_dim, scale, std::nullopt, std::nullopt, nullptr);
     };
@@ -279,6 +325,14 @@ void run_attention_cases(const Kernels& kernels, const Reporter& report) {
   }
 }
 
+constexpr int64_t kMaxPosition = 8192;
+
+std::vector<int64_t> positions(int64_t tokens) {
+  std::vector<int64_t> pos(tokens);
+  for (int64_t t = 0; t < tokens; ++t) pos[t] = t % kMaxPosition;
+  return pos;
+}
+
 template <typename T, typename Kernels>
 void run_cases(const Kernels& kernels, const Reporter& report) {
   constexpr Device dev = Kernels::device;
@@ -302,14 +356,12 @@ void run_cases(const Kernels& kernels, const Reporter& report) {
                    time_us(dev, [&] { kernels.silu_and_mul(out.get(), in.get(), tokens, m.inter); }),
                    3.0 * tokens * m.inter * e);
       }
+      // rotary: positions 0, 1, ... (wrapping at kMaxPosition) and a cos / sin table
+      Buffer<int64_t> pos(dev, positions(tokens));
+      Buffer<float> cos_sin(dev, kMaxPosition * m.head_dim);
       {  // rotary: q and k heads read and written in place inside the fused qkv rows
-        const int64_t max_pos = 8192, qkv = (m.heads + 2 * m.kv_heads) * m.head_dim;
-        std::vector<int64_t> positions(tokens);
-        std::iota(positions.begin(), positions.end(), 0);
-        for (auto& p : positions) p %= max_pos;
-        Buffer<int64_t> pos(dev, positions);
+        const int64_t qkv = (m.heads + 2 * m.kv_heads) * m.head_dim;
         Buffer<T> fused(dev, tokens * qkv);
-        Buffer<float> cos_sin(dev, max_pos * m.head_dim);
         report.row("rotary_embedding", shape, time_us(dev, [&] {
                      kernels.rotary(pos.get(), fused.get(), fused.get() + m.heads * m.head_dim, cos_sin.get(), tokens, m);
                    }),
@@ -327,6 +379,13 @@ void run_cases(const Kernels& kernels, const Reporter& report) {
                      kernels.cache(k.get(), v.get(), kc.get(), vc.get(), slots.get(), tokens, num_slots, m);
                    }),
                    4.0 * tokens * row * e);
+        // fused: q read and written in place, k and v read from the qkv rows, written to the cache
+        Buffer<T> qkv(dev, tokens * (m.heads + 2 * m.kv_heads) * m.head_dim);
+        report.row("rotary_and_cache", shape, time_us(dev, [&] {
+                     kernels.rotary_and_cache(pos.get(), qkv.get(), cos_sin.get(), kc.get(), vc.get(), slots.get(),
+                                              tokens, num_slots, m);
+                   }),
+                   (2.0 * m.heads * m.head_dim + 4.0 * row) * tokens * e);
       }
     }
   }

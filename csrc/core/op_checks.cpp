@@ -61,8 +61,7 @@ void check_silu_and_mul_args(const at::Tensor& out, const at::Tensor& input) {
 
 void check_rotary_embedding_args(const at::Tensor& positions, const at::Tensor& query,
                                  const at::Tensor& key, int64_t head_size,
-                                 const at::Tensor& cos_sin_cache) {
-  constexpr const char* op = "rotary_embedding";
+                                 const at::Tensor& cos_sin_cache, const char* op) {
   FASTGEN_CHECK_DIM(op, positions, 1);
   FASTGEN_CHECK_DIM(op, query, 2);
   FASTGEN_CHECK_DIM(op, key, 2);
@@ -92,8 +91,7 @@ void check_rotary_embedding_args(const at::Tensor& positions, const at::Tensor& 
 
 void check_reshape_and_cache_args(const at::Tensor& key, const at::Tensor& value,
                                   const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                  const at::Tensor& slot_mapping) {
-  constexpr const char* op = "reshape_and_cache";
+                                  const at::Tensor& slot_mapping, const char* op) {
   FASTGEN_CHECK_DIM(op, key, 3);
   FASTGEN_CHECK_DIM(op, key_cache, 4);
   FASTGEN_CHECK_DIM(op, slot_mapping, 1);
@@ -124,6 +122,23 @@ void check_reshape_and_cache_args(const at::Tensor& key, const at::Tensor& value
                 "strides ",
                 t->strides());
   }
+}
+
+void check_rotary_embedding_and_cache_args(const at::Tensor& positions, const at::Tensor& query,
+                                           const at::Tensor& key, const at::Tensor& value,
+                                           int64_t head_size, const at::Tensor& cos_sin_cache,
+                                           const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache,
+                                           const at::Tensor& slot_mapping) {
+  constexpr const char* op = "rotary_embedding_and_cache";
+  check_rotary_embedding_args(positions, query, key, head_size, cos_sin_cache, op);
+  FASTGEN_CHECK_DIM(op, value, 2);
+  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value shape ", value.sizes(),
+              " != key shape ", key.sizes());
+  const int64_t tokens = key.size(0), num_kv_heads = key.size(1) / head_size;
+  check_reshape_and_cache_args(key.view({tokens, num_kv_heads, head_size}),
+                               value.view({tokens, num_kv_heads, head_size}), key_cache,
+                               value_cache, slot_mapping, op);
 }
 
 void check_attention_args(const at::Tensor& out, const at::Tensor& query,

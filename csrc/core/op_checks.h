@@ -31,14 +31,25 @@ void check_silu_and_mul_args(const at::Tensor& out, const at::Tensor& input);
 // float32 with rot_dim even and <= D, one device. Positions' values are not read.
 void check_rotary_embedding_args(const at::Tensor& positions, const at::Tensor& query,
                                  const at::Tensor& key, int64_t head_size,
-                                 const at::Tensor& cos_sin_cache);
+                                 const at::Tensor& cos_sin_cache,
+                                 const char* op = "rotary_embedding");
 
 // reshape_and_cache: key and value [T, Hkv, D] with each token's [Hkv, D] contiguous, caches
 // [N, S, Hkv, D] contiguous, slot_mapping [T] int64, one dtype, one device. Slots' values are
-// not read.
+// not read. (rotary_embedding_and_cache runs both checks under its own name.)
 void check_reshape_and_cache_args(const at::Tensor& key, const at::Tensor& value,
                                   const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                  const at::Tensor& slot_mapping);
+                                  const at::Tensor& slot_mapping,
+                                  const char* op = "reshape_and_cache");
+
+// rotary_embedding_and_cache: rotary_embedding's checks for (positions, query, key), and
+// reshape_and_cache's for key and value viewed as [T, Hkv, D] (value shaped like key).
+void check_rotary_embedding_and_cache_args(const at::Tensor& positions, const at::Tensor& query,
+                                           const at::Tensor& key, const at::Tensor& value,
+                                           int64_t head_size, const at::Tensor& cos_sin_cache,
+                                           const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache,
+                                           const at::Tensor& slot_mapping);
 
 // attention: query and out [T, Hq, D] (query rows may be strided), caches [N, S, Hkv, D]
 // contiguous with Hkv dividing Hq, int32 metadata cu_seqlens_q [B + 1], seq_lens_k [B] and

@@ -36,6 +36,7 @@ void reshape_and_cache_launch(const T* key, const T* value, T* key_cache, T* val
   at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slot_mapping[t];
+      if (slot < 0) continue;  // padding
       std::memcpy(key_cache + slot * row, key + t * key_stride, row * sizeof(T));
       std::memcpy(value_cache + slot * row, value + t * value_stride, row * sizeof(T));
     }
@@ -59,8 +60,8 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < num_tokens; ++t) {
-    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, op, ": slot_mapping[", t, "] = ",
-                slots[t], " is outside the cache's slots [0, ", num_slots, ")");
+    TORCH_CHECK(slots[t] < num_slots, op, ": slot_mapping[", t, "] = ", slots[t],
+                " is outside the cache's slots [0, ", num_slots, ") (negative slots are padding)");
   }
   FASTGEN_DISPATCH_FLOAT(key.scalar_type(), op, [&] {
     reshape_and_cache_launch<scalar_t>(

@@ -6,6 +6,7 @@
 // neox rows, two contiguous halves, are rotated with the fp32 SIMD helpers of cpu/vec.h.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -96,24 +97,96 @@ FASTGEN_INSTANTIATE(c10::Half)
 FASTGEN_INSTANTIATE(c10::BFloat16)
 #undef FASTGEN_INSTANTIATE
 
+template <typename T>
+void rotary_embedding_and_cache_launch(const int64_t* positions, T* query, const T* key,
+                                       const T* value, const float* cos_sin_cache, T* key_cache,
+                                       T* value_cache, const int64_t* slot_mapping,
+                                       int64_t num_tokens, int64_t num_heads,
+                                       int64_t num_kv_heads, int64_t head_size, int64_t rot_dim,
+                                       int64_t query_stride, int64_t key_stride,
+                                       int64_t value_stride, bool is_neox) {
+  const int64_t half = rot_dim / 2, row = num_kv_heads * head_size;
+  const int64_t per_token = std::max<int64_t>((num_heads + num_kv_heads) * rot_dim + 2 * row, 1);
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / per_token);
+  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
+    at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* cos = cos_sin_cache + positions[t] * rot_dim;
+        const float* sin = cos + half;
+        rotate_heads<T, IS_NEOX>(query + t * query_stride, cos, sin, num_heads, head_size, half);
+        const int64_t slot = slot_mapping[t];
+        if (slot < 0) continue;  // padding
+        // The key row is copied to its slot and rotated there: the cache row is the only copy.
+        T* k_out = key_cache + slot * row;
+        std::memcpy(k_out, key + t * key_stride, row * sizeof(T));
+        rotate_heads<T, IS_NEOX>(k_out, cos, sin, num_kv_heads, head_size, half);
+        std::memcpy(value_cache + slot * row, value + t * value_stride, row * sizeof(T));
+      }
+    });
+  });
+}
+
+#define FASTGEN_INSTANTIATE(T)                                                                  \
+  template void rotary_embedding_and_cache_launch<T>(                                          \
+      const int64_t*, T*, const T*, const T*, const float*, T*, T*, const int64_t*, int64_t,  \
+      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool);
+FASTGEN_INSTANTIATE(float)
+FASTGEN_INSTANTIATE(c10::Half)
+FASTGEN_INSTANTIATE(c10::BFloat16)
+#undef FASTGEN_INSTANTIATE
+
+namespace {
+
+// Positions are on the host, so their range is checked here (the kernels trust them).
+void check_positions(const char* op, const at::Tensor& positions, int64_t max_position) {
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < positions.size(0); ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, op, ": positions[", t, "] = ", pos[t],
+                " is outside the cos_sin_cache range [0, ", max_position, ")");
+  }
+}
+
+}  // namespace
+
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox) {
   constexpr const char* op = "rotary_embedding";
   check_rotary_embedding_args(positions, query, key, head_size, cos_sin_cache);
-  // Positions are on the host, so their range is checked here too (the kernel trusts them).
+  check_positions(op, positions, cos_sin_cache.size(0));
   const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
-  const int64_t max_position = cos_sin_cache.size(0);
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, op, ": positions[", t, "] = ", pos[t],
-                " is outside the cos_sin_cache range [0, ", max_position, ")");
-  }
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     rotary_embedding_launch<scalar_t>(pos, query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
                                       cos_sin_cache.data_ptr<float>(), num_tokens,
                                       query.size(1) / head_size, key.size(1) / head_size,
                                       head_size, rot_dim, query.stride(0), key.stride(0),
                                       is_neox);
+  });
+}
+
+void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,
+                                const at::Tensor& key, const at::Tensor& value, int64_t head_size,
+                                const at::Tensor& cos_sin_cache, bool is_neox,
+                                at::Tensor& key_cache, at::Tensor& value_cache,
+                                const at::Tensor& slot_mapping) {
+  constexpr const char* op = "rotary_embedding_and_cache";
+  check_rotary_embedding_and_cache_args(positions, query, key, value, head_size, cos_sin_cache,
+                                        key_cache, value_cache, slot_mapping);
+  check_positions(op, positions, cos_sin_cache.size(0));
+  const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(slots[t] < num_slots, op, ": slot_mapping[", t, "] = ", slots[t],
+                " is outside the cache's slots [0, ", num_slots, ") (negative slots are padding)");
+  }
+  FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
+    rotary_embedding_and_cache_launch<scalar_t>(
+        positions.data_ptr<int64_t>(), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
+        value.data_ptr<scalar_t>(), cos_sin_cache.data_ptr<float>(),
+        key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), slots, num_tokens,
+        query.size(1) / head_size, key.size(1) / head_size, head_size, rot_dim, query.stride(0),
+        key.stride(0), value.stride(0), is_neox);
   });
 }
 

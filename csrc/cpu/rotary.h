@@ -21,4 +21,21 @@ void rotary_embedding_launch(const int64_t* positions,     // [num_tokens]
                              int64_t head_size, int64_t rot_dim, int64_t query_stride,
                              int64_t key_stride, bool is_neox);
 
+// Rotates query in place and writes each token's rotated key and its value into its slot of the
+// paged cache (slot = block * block_size + offset); a negative slot (padding) is skipped and key
+// is not modified. Positions and slots are not checked here.
+template <typename T>
+void rotary_embedding_and_cache_launch(const int64_t* positions,     // [num_tokens]
+                                       T* query,                     // [num_tokens, num_heads * head_size]
+                                       const T* key,                 // [num_tokens, num_kv_heads * head_size]
+                                       const T* value,               // [num_tokens, num_kv_heads * head_size]
+                                       const float* cos_sin_cache,   // [max_position, rot_dim]
+                                       T* key_cache,                 // [N, S, num_kv_heads, head_size]
+                                       T* value_cache,               // [N, S, num_kv_heads, head_size]
+                                       const int64_t* slot_mapping,  // [num_tokens]
+                                       int64_t num_tokens, int64_t num_heads,
+                                       int64_t num_kv_heads, int64_t head_size, int64_t rot_dim,
+                                       int64_t query_stride, int64_t key_stride,
+                                       int64_t value_stride, bool is_neox);
+
 }  // namespace fastgen::cpu

@@ -1,5 +1,6 @@
-// Paged causal attention on the GPU, plain and complete (prefill, chunked prefill, decode, GQA,
-// sliding window, chunks); the tiled tensor-core version comes with the prefill / decode split.
+// Paged causal attention on the GPU: the op's adapter, and the plain kernel for batches with
+// prefill tokens (prefill, chunked prefill; GQA, sliding window, chunks). Decode-only batches go
+// to the split-KV kernel in decode_attention.cu; the tiled tensor-core prefill kernel is next.
 // One thread block per (query token, query head), kWarps warps: each warp takes every kWarps-th
 // visible key, a key's dot product is spread over the warp's lanes (HEAD_DIM / 32 elements each,
 // coalesced) and reduced with shuffles, and each warp keeps a float32 online softmax; the warps'
@@ -8,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -110,6 +112,16 @@ attention_kernel(T* __restrict__ out,                       // [num_tokens, num_
   }
 }
 
+// The device's SM count, asked once per device (a cheap attribute query, no sync).
+int num_sms(int device) {
+  static int counts[64] = {};
+  TORCH_CHECK(device >= 0 && device < 64, "attention: device index ", device, " out of range");
+  if (counts[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return counts[device];
+}
+
 }  // namespace
 
 template <typename T, int HEAD_DIM>
@@ -159,9 +171,30 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
   TORCH_CHECK(query.size(1) <= 65535, op, ": at most 65535 query heads, got ", query.size(1));
   const int64_t num_seqs = seq_lens_k.size(0);
   const c10::cuda::CUDAGuard guard(query.device());
+  // Decode steps (one query per sequence) take the split-KV kernel; the grid's y is the batch.
+  const bool decode = max_seqlen_q == 1 && num_seqs <= 65535;
+  const int num_splits =
+      decode ? decode_attention_num_splits(num_seqs, query.size(1), key_cache.size(2), max_seqlen_k,
+                                           num_sms(query.get_device()))
+             : 1;
+  const int64_t workspace_floats =
+      decode ? decode_attention_workspace_floats(num_seqs, query.size(1), query.size(2), num_splits) : 0;
+  // Allocated by torch's caching allocator (from the graph's pool while a CUDA graph captures).
+  at::Tensor workspace = at::empty({workspace_floats}, query.options().dtype(at::kFloat));
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;
     FASTGEN_DISPATCH_HEAD_DIM(query.size(2), op, [&] {
+      if (decode) {
+        C10_CUDA_CHECK((decode_attention_launch<T, HEAD_DIM>(
+            reinterpret_cast<T*>(out.data_ptr()), reinterpret_cast<const T*>(query.data_ptr()),
+            reinterpret_cast<const T*>(key_cache.data_ptr()),
+            reinterpret_cast<const T*>(value_cache.data_ptr()), cu_seqlens_q.data_ptr<int32_t>(),
+            seq_lens_k.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(),
+            workspace.data_ptr<float>(), num_seqs, query.size(1), key_cache.size(2),
+            key_cache.size(1), block_tables.size(1), query.stride(0), static_cast<float>(scale),
+            sliding_window, chunk_size, num_splits, c10::cuda::getCurrentCUDAStream())));
+        return;
+      }
       C10_CUDA_CHECK((attention_launch<T, HEAD_DIM>(
           reinterpret_cast<T*>(out.data_ptr()), reinterpret_cast<const T*>(query.data_ptr()),
           reinterpret_cast<const T*>(key_cache.data_ptr()),

@@ -30,4 +30,31 @@ cudaError_t attention_launch(T* out,                       // [num_tokens, num_h
                              std::optional<int64_t> sliding_window,
                              std::optional<int64_t> chunk_size, cudaStream_t stream);
 
+// The decode special case (every sequence has at most one query, the last of its cached keys):
+// split-KV attention, see decode_attention.cu. num_splits comes from decode_attention_num_splits
+// (an upper bound on the context is enough; sequences use only the splits their length needs),
+// and workspace holds decode_attention_workspace_floats(...) floats (none when num_splits is 1).
+// A sequence with no visible key (seq_lens_k[b] == 0: a CUDA graph's padding row) gets zeros.
+int decode_attention_num_splits(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                                int64_t max_seqlen_k, int num_sms);
+
+int64_t decode_attention_workspace_floats(int64_t num_seqs, int64_t num_heads, int64_t head_dim,
+                                          int num_splits);
+
+template <typename T, int HEAD_DIM>
+cudaError_t decode_attention_launch(T* out,                       // [num_tokens, num_heads, HEAD_DIM]
+                                    const T* query,               // [num_tokens, num_heads, HEAD_DIM],
+                                                                  //   rows query_stride apart
+                                    const T* key_cache,           // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
+                                    const T* value_cache,         // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
+                                    const int32_t* cu_seqlens_q,  // [num_seqs + 1], steps of 0 or 1
+                                    const int32_t* seq_lens_k,    // [num_seqs]
+                                    const int32_t* block_tables,  // [num_seqs, max_blocks_per_seq]
+                                    float* workspace, int64_t num_seqs, int64_t num_heads,
+                                    int64_t num_kv_heads, int64_t block_size,
+                                    int64_t max_blocks_per_seq, int64_t query_stride, float scale,
+                                    std::optional<int64_t> sliding_window,
+                                    std::optional<int64_t> chunk_size, int num_splits,
+                                    cudaStream_t stream);
+
 }  // namespace fastgen::cuda

@@ -1,7 +1,8 @@
 // Paged KV cache writes on the GPU: one block per token, its threads striding over the token's
-// [Hkv, D] key and value rows. key / value may be row slices of the fused qkv tensor, so rows are
-// addressed by their strides. A slot outside the cache is skipped rather than written (a device
-// kernel cannot raise); the CPU adapter rejects such slots.
+// [Hkv, D] key and value rows in 16-byte vectors when the rows allow (element by element
+// otherwise). key / value may be row slices of the fused qkv tensor, so rows are addressed by
+// their strides. A negative slot is padding and is skipped; so is a slot past the cache (a
+// device kernel cannot raise; the CPU adapter rejects such slots).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -15,9 +16,9 @@ namespace fastgen::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;
 
-template <typename T>
+template <typename T, int N>
 __global__ void reshape_and_cache_kernel(const T* __restrict__ key,                 // [num_tokens, num_kv_heads, head_size]
                                          const T* __restrict__ value,               // [num_tokens, num_kv_heads, head_size]
                                          T* __restrict__ key_cache,                 // [num_slots, num_kv_heads, head_size]
@@ -32,9 +33,9 @@ __global__ void reshape_and_cache_kernel(const T* __restrict__ key,             
   const T* v = value + t * value_stride;
   T* k_out = key_cache + slot * row;
   T* v_out = value_cache + slot * row;
-  for (int64_t i = threadIdx.x; i < row; i += blockDim.x) {
-    k_out[i] = k[i];
-    v_out[i] = v[i];
+  for (int64_t i = threadIdx.x * N; i < row; i += blockDim.x * N) {
+    Vec<T, N>::load(k + i).store(k_out + i);
+    Vec<T, N>::load(v + i).store(v_out + i);
   }
 }
 
@@ -47,9 +48,18 @@ cudaError_t reshape_and_cache_launch(const T* key, const T* value, T* key_cache,
                                      int64_t key_stride, int64_t value_stride,
                                      cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  reshape_and_cache_kernel<T><<<num_tokens, kThreads, 0, stream>>>(
-      key, value, key_cache, value_cache, slot_mapping, num_slots, num_kv_heads * head_size,
-      key_stride, value_stride);
+  constexpr int N = kVec16<T>;
+  const int64_t row = num_kv_heads * head_size;
+  if (vec_aligned<N, T>(row, key_stride, {key, key_cache}) &&
+      vec_aligned<N, T>(row, value_stride, {value, value_cache})) {
+    reshape_and_cache_kernel<T, N><<<num_tokens, kThreads, 0, stream>>>(
+        key, value, key_cache, value_cache, slot_mapping, num_slots, row, key_stride,
+        value_stride);
+  } else {
+    reshape_and_cache_kernel<T, 1><<<num_tokens, kThreads, 0, stream>>>(
+        key, value, key_cache, value_cache, slot_mapping, num_slots, row, key_stride,
+        value_stride);
+  }
   return cudaGetLastError();
 }
 

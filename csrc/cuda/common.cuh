@@ -1,6 +1,9 @@
 // Device helpers shared by the CUDA kernels: dtype mapping from torch's types to CUDA's, float
-// conversions, and warp / block reductions.
+// conversions, 16-byte vectors, and warp / block reductions.
 #pragma once
+
+#include <cstdint>
+#include <initializer_list>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,6 +29,29 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// N consecutive elements of T loaded or stored as one access: with 16 / sizeof(T) elements, one
+// 128-bit instruction (LDG.E.128 / STG.E.128), the widest a thread can issue.   N = 1 is the
+// scalar fallback for rows whose size or alignment does not allow wide accesses.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+  __device__ __forceinline__ static Vec load(const T* p) { return *reinterpret_cast<const Vec*>(p); }
+  __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<Vec*>(p) = *this; }
+  __device__ __forceinline__ float f(int i) const { return to_float(v[i]); }
+};
+
+template <typename T> constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));  // 8 bf16, 4 float
+
+// Whether rows of `width` elements starting at `ptrs`, rows `stride` apart, allow N-wide accesses.
+template <int N, typename T>
+inline bool vec_aligned(int64_t width, int64_t stride, std::initializer_list<const T*> ptrs) {
+  if (width % N != 0 || stride % N != 0) return false;
+  for (const T* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) != 0) return false;
+  }
+  return true;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

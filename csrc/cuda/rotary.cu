@@ -1,8 +1,12 @@
-// Rotary position embedding on the GPU, in place on query and key: one block per token, its
-// threads striding over the (head, pair) work items of the query heads, then the key heads; the
-// token's cos / sin row is read from the float32 cache. query and key may be column slices of
-// one fused qkv tensor, so rows are addressed through their own strides. Positions are trusted
-// here (a device kernel cannot raise); the CPU adapter checks them.
+// Rotary position embedding on the GPU, alone (in place on query and key) or fused with the paged
+// KV cache write (query rotated in place; the rotated key and the value go straight into their
+// cache slot, so the key is read once and never written back). One block per token: its
+// threads take the token's work items (a rotated vector of a query head, of a key head, a
+// key's unrotated tail, a value vector) in turn. Where sizes and alignment allow, an item is N
+// elements moved with 16-byte accesses (N = 8 for bf16); otherwise one element (pair) at a time.
+// query and key may be column slices of one fused qkv tensor, so rows are addressed through their
+// own strides. Positions and slots are trusted here (a device kernel cannot raise; the CPU
+// adapters check them); a negative slot is padding and is not written.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -16,40 +20,154 @@ namespace fastgen::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;
 
-// Rotates the first 2 * half dims of each of num_heads heads of one token row.
-template <typename T, bool IS_NEOX>
-__device__ __forceinline__ void rotate_heads(T* __restrict__ x,              // [num_heads, head_size]
-                                             const float* __restrict__ cos,  // [half]
-                                             const float* __restrict__ sin,  // [half]
-                                             int64_t num_heads, int64_t head_size, int64_t half) {
-  for (int64_t item = threadIdx.x; item < num_heads * half; item += blockDim.x) {
-    const int64_t h = item / half, i = item % half;
-    const int64_t a = IS_NEOX ? i : 2 * i;
-    const int64_t b = IS_NEOX ? i + half : 2 * i + 1;
-    T* head = x + h * head_size;
-    const float xa = to_float(head[a]), xb = to_float(head[b]);
-    const float c = cos[i], s = sin[i];
-    head[a] = from_float<T>(xa * c - xb * s);
-    head[b] = from_float<T>(xb * c + xa * s);
+// Rotates item `item` of a head (src -> dst; the same row when in place).
+//   neox:  the pairs (i, i + half) for i in [item * N, item * N + N): two N-vectors.
+//   GPT-J: the pairs (2i, 2i + 1) inside the N-vector at item * N (N / 2 pairs); with N = 1 the
+//          item is one pair, read element by element.
+template <typename T, int N, bool IS_NEOX>
+__device__ __forceinline__ void rotate_item(const T* __restrict__ src, T* __restrict__ dst,
+                                            const float* __restrict__ cos,
+                                            const float* __restrict__ sin, int64_t item,
+                                            int64_t half) {
+  if constexpr (IS_NEOX) {
+    const int64_t i = item * N;
+    const auto a = Vec<T, N>::load(src + i), b = Vec<T, N>::load(src + i + half);
+    Vec<T, N> ra, rb;
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const float c = cos[i + e], s = sin[i + e];
+      ra.v[e] = from_float<T>(a.f(e) * c - b.f(e) * s);
+      rb.v[e] = from_float<T>(b.f(e) * c + a.f(e) * s);
+    }
+    ra.store(dst + i);
+    rb.store(dst + i + half);
+  } else if constexpr (N == 1) {
+    const float xa = to_float(src[2 * item]), xb = to_float(src[2 * item + 1]);
+    const float c = cos[item], s = sin[item];
+    dst[2 * item] = from_float<T>(xa * c - xb * s);
+    dst[2 * item + 1] = from_float<T>(xb * c + xa * s);
+  } else {
+    const int64_t i = item * N;
+    const auto x = Vec<T, N>::load(src + i);
+    Vec<T, N> r;
+#pragma unroll
+    for (int p = 0; p < N / 2; ++p) {
+      const float c = cos[i / 2 + p], s = sin[i / 2 + p];
+      r.v[2 * p] = from_float<T>(x.f(2 * p) * c - x.f(2 * p + 1) * s);
+      r.v[2 * p + 1] = from_float<T>(x.f(2 * p + 1) * c + x.f(2 * p) * s);
+    }
+    r.store(dst + i);
   }
 }
 
-template <typename T, bool IS_NEOX>
-__global__ void rotary_embedding_kernel(const int64_t* __restrict__ positions,    // [num_tokens]
-                                        T* __restrict__ query,                    // [num_tokens, num_heads * head_size]
-                                        T* __restrict__ key,                      // [num_tokens, num_kv_heads * head_size]
-                                        const float* __restrict__ cos_sin_cache,  // [max_position, rot_dim]
-                                        int64_t num_heads, int64_t num_kv_heads,
-                                        int64_t head_size, int64_t rot_dim, int64_t query_stride,
-                                        int64_t key_stride) {
+// CACHE = false: query and key rotated in place. CACHE = true: query in place, and the token's
+// rotated key heads (with their unrotated tails) and value heads written to its cache slot.
+template <typename T, int N, bool IS_NEOX, bool CACHE>
+__global__ void __launch_bounds__(kThreads)
+rotary_kernel(const int64_t* __restrict__ positions,    // [num_tokens]
+              T* __restrict__ query,                    // [num_tokens, num_heads * head_size]
+              T* __restrict__ key,                      // [num_tokens, num_kv_heads * head_size]
+              const T* __restrict__ value,              // [num_tokens, num_kv_heads * head_size] (CACHE)
+              const float* __restrict__ cos_sin_cache,  // [max_position, rot_dim]
+              T* __restrict__ key_cache,                // [num_slots, num_kv_heads, head_size] (CACHE)
+              T* __restrict__ value_cache,              // [num_slots, num_kv_heads, head_size] (CACHE)
+              const int64_t* __restrict__ slot_mapping, // [num_tokens] (CACHE)
+              int num_heads, int num_kv_heads, int head_size, int rot_dim, int64_t query_stride,
+              int64_t key_stride, int64_t value_stride) {
   const int64_t t = blockIdx.x;
   const int64_t half = rot_dim / 2;
   const float* cos = cos_sin_cache + positions[t] * rot_dim;
   const float* sin = cos + half;
-  rotate_heads<T, IS_NEOX>(query + t * query_stride, cos, sin, num_heads, head_size, half);
-  rotate_heads<T, IS_NEOX>(key + t * key_stride, cos, sin, num_kv_heads, head_size, half);
+  // Items per head: rotated ones (N pairs for neox, N elements = N / 2 pairs for GPT-J), and the
+  // head's vectors past rot_dim (copied to the cache unrotated).
+  const int rot_items = IS_NEOX ? static_cast<int>(half / N) : rot_dim / (N == 1 ? 2 : N);
+  const int tail_items = (head_size - rot_dim) / N;
+  const int head_items = head_size / N;
+
+  T* q_row = query + t * query_stride;
+  for (int item = threadIdx.x; item < num_heads * rot_items; item += blockDim.x) {
+    T* head = q_row + static_cast<int64_t>(item / rot_items) * head_size;
+    rotate_item<T, N, IS_NEOX>(head, head, cos, sin, item % rot_items, half);
+  }
+
+  T* k_row = key + t * key_stride;
+  if constexpr (!CACHE) {
+    for (int item = threadIdx.x; item < num_kv_heads * rot_items; item += blockDim.x) {
+      T* head = k_row + static_cast<int64_t>(item / rot_items) * head_size;
+      rotate_item<T, N, IS_NEOX>(head, head, cos, sin, item % rot_items, half);
+    }
+  } else {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) return;
+    const int64_t row = static_cast<int64_t>(num_kv_heads) * head_size;
+    T* k_out = key_cache + slot * row;
+    T* v_out = value_cache + slot * row;
+    const T* v_row = value + t * value_stride;
+    const int k_items = rot_items + tail_items;
+    for (int item = threadIdx.x; item < num_kv_heads * (k_items + head_items); item += blockDim.x) {
+      if (item < num_kv_heads * k_items) {
+        const int64_t offset = static_cast<int64_t>(item / k_items) * head_size;
+        const int i = item % k_items;
+        if (i < rot_items) {
+          rotate_item<T, N, IS_NEOX>(k_row + offset, k_out + offset, cos, sin, i, half);
+        } else {
+          const int64_t e = rot_dim + static_cast<int64_t>(i - rot_items) * N;
+          Vec<T, N>::load(k_row + offset + e).store(k_out + offset + e);
+        }
+      } else {
+        const int64_t e = static_cast<int64_t>(item - num_kv_heads * k_items) * N;
+        Vec<T, N>::load(v_row + e).store(v_out + e);  // a value row is its heads back to back
+      }
+    }
+  }
+}
+
+template <typename T, int N, bool IS_NEOX, bool CACHE>
+void launch(const int64_t* positions, T* query, T* key, const T* value,
+            const float* cos_sin_cache, T* key_cache, T* value_cache,
+            const int64_t* slot_mapping, int64_t num_tokens, int64_t num_heads,
+            int64_t num_kv_heads, int64_t head_size, int64_t rot_dim, int64_t query_stride,
+            int64_t key_stride, int64_t value_stride, cudaStream_t stream) {
+  rotary_kernel<T, N, IS_NEOX, CACHE><<<static_cast<unsigned>(num_tokens), kThreads, 0, stream>>>(
+      positions, query, key, value, cos_sin_cache, key_cache, value_cache, slot_mapping,
+      static_cast<int>(num_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_size),
+      static_cast<int>(rot_dim), query_stride, key_stride, value_stride);
+}
+
+// Picks the vector width (16 bytes when every row, head, rotary half and pointer allows it) and
+// the layout, and launches.
+template <typename T, bool CACHE>
+cudaError_t dispatch(const int64_t* positions, T* query, T* key, const T* value,
+                     const float* cos_sin_cache, T* key_cache, T* value_cache,
+                     const int64_t* slot_mapping, int64_t num_tokens, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_size, int64_t rot_dim,
+                     int64_t query_stride, int64_t key_stride, int64_t value_stride,
+                     bool is_neox, cudaStream_t stream) {
+  if (num_tokens == 0 || (rot_dim == 0 && !CACHE)) return cudaSuccess;
+  constexpr int N = kVec16<T>;
+  // neox rotates runs of half elements, GPT-J runs of rot_dim; both need whole vectors.
+  const int64_t run = is_neox ? rot_dim / 2 : rot_dim;
+  const bool wide = run % N == 0 && head_size % N == 0 &&
+                    vec_aligned<N, T>(head_size, query_stride, {query}) &&
+                    vec_aligned<N, T>(head_size, key_stride, {key}) &&
+                    (!CACHE || vec_aligned<N, T>(head_size, value_stride,
+                                                 {value, key_cache, value_cache}));
+  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
+    if (wide) {
+      launch<T, N, IS_NEOX, CACHE>(positions, query, key, value, cos_sin_cache, key_cache,
+                                   value_cache, slot_mapping, num_tokens, num_heads, num_kv_heads,
+                                   head_size, rot_dim, query_stride, key_stride, value_stride,
+                                   stream);
+    } else {
+      launch<T, 1, IS_NEOX, CACHE>(positions, query, key, value, cos_sin_cache, key_cache,
+                                   value_cache, slot_mapping, num_tokens, num_heads, num_kv_heads,
+                                   head_size, rot_dim, query_stride, key_stride, value_stride,
+                                   stream);
+    }
+  });
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -60,19 +178,32 @@ cudaError_t rotary_embedding_launch(const int64_t* positions, T* query, T* key,
                                     int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
                                     int64_t rot_dim, int64_t query_stride, int64_t key_stride,
                                     bool is_neox, cudaStream_t stream) {
-  if (num_tokens == 0 || rot_dim == 0) return cudaSuccess;
-  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
-    rotary_embedding_kernel<T, IS_NEOX><<<num_tokens, kThreads, 0, stream>>>(
-        positions, query, key, cos_sin_cache, num_heads, num_kv_heads, head_size, rot_dim,
-        query_stride, key_stride);
-  });
-  return cudaGetLastError();
+  return dispatch<T, false>(positions, query, key, nullptr, cos_sin_cache, nullptr, nullptr,
+                            nullptr, num_tokens, num_heads, num_kv_heads, head_size, rot_dim,
+                            query_stride, key_stride, 0, is_neox, stream);
 }
 
-#define FASTGEN_INSTANTIATE(T)                                                                \
-  template cudaError_t rotary_embedding_launch<T>(const int64_t*, T*, T*, const float*,      \
+template <typename T>
+cudaError_t rotary_embedding_and_cache_launch(
+    const int64_t* positions, T* query, const T* key, const T* value, const float* cos_sin_cache,
+    T* key_cache, T* value_cache, const int64_t* slot_mapping, int64_t num_tokens,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_size, int64_t rot_dim,
+    int64_t query_stride, int64_t key_stride, int64_t value_stride, bool is_neox,
+    cudaStream_t stream) {
+  // The kernel only reads key when writing the cache; the cast keeps one kernel for both uses.
+  return dispatch<T, true>(positions, query, const_cast<T*>(key), value, cos_sin_cache, key_cache,
+                           value_cache, slot_mapping, num_tokens, num_heads, num_kv_heads,
+                           head_size, rot_dim, query_stride, key_stride, value_stride, is_neox,
+                           stream);
+}
+
+#define FASTGEN_INSTANTIATE(T)                                                                 \
+  template cudaError_t rotary_embedding_launch<T>(const int64_t*, T*, T*, const float*,       \
                                                   int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                                  int64_t, int64_t, bool, cudaStream_t);
+                                                  int64_t, int64_t, bool, cudaStream_t);       \
+  template cudaError_t rotary_embedding_and_cache_launch<T>(                                  \
+      const int64_t*, T*, const T*, const T*, const float*, T*, T*, const int64_t*, int64_t,  \
+      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, cudaStream_t);
 FASTGEN_INSTANTIATE(float)
 FASTGEN_INSTANTIATE(__half)
 FASTGEN_INSTANTIATE(__nv_bfloat16)
@@ -91,6 +222,29 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
         reinterpret_cast<T*>(key.data_ptr()), cos_sin_cache.data_ptr<float>(), num_tokens,
         query.size(1) / head_size, key.size(1) / head_size, head_size, rot_dim, query.stride(0),
         key.stride(0), is_neox, c10::cuda::getCurrentCUDAStream()));
+  });
+}
+
+void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,
+                                const at::Tensor& key, const at::Tensor& value, int64_t head_size,
+                                const at::Tensor& cos_sin_cache, bool is_neox,
+                                at::Tensor& key_cache, at::Tensor& value_cache,
+                                const at::Tensor& slot_mapping) {
+  constexpr const char* op = "rotary_embedding_and_cache";
+  check_rotary_embedding_and_cache_args(positions, query, key, value, head_size, cos_sin_cache,
+                                        key_cache, value_cache, slot_mapping);
+  const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
+  const c10::cuda::CUDAGuard guard(query.device());
+  FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
+    using T = cuda_type_t<scalar_t>;
+    C10_CUDA_CHECK(rotary_embedding_and_cache_launch<T>(
+        positions.data_ptr<int64_t>(), reinterpret_cast<T*>(query.data_ptr()),
+        reinterpret_cast<const T*>(key.data_ptr()), reinterpret_cast<const T*>(value.data_ptr()),
+        cos_sin_cache.data_ptr<float>(), reinterpret_cast<T*>(key_cache.data_ptr()),
+        reinterpret_cast<T*>(value_cache.data_ptr()), slot_mapping.data_ptr<int64_t>(),
+        num_tokens, query.size(1) / head_size, key.size(1) / head_size, head_size, rot_dim,
+        query.stride(0), key.stride(0), value.stride(0), is_neox,
+        c10::cuda::getCurrentCUDAStream()));
   });
 }
 

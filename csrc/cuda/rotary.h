@@ -23,4 +23,21 @@ cudaError_t rotary_embedding_launch(const int64_t* positions,    // [num_tokens]
                                     int64_t head_size, int64_t rot_dim, int64_t query_stride,
                                     int64_t key_stride, bool is_neox, cudaStream_t stream);
 
+// Rotates query in place and writes each token's rotated key and its value into the token's slot
+// of the paged cache (slot = block * block_size + offset); a negative slot (padding) is skipped.
+// key is not modified.
+template <typename T>
+cudaError_t rotary_embedding_and_cache_launch(
+    const int64_t* positions,     // [num_tokens]
+    T* query,                     // [num_tokens, num_heads * head_size], rows query_stride apart
+    const T* key,                 // [num_tokens, num_kv_heads * head_size], rows key_stride apart
+    const T* value,               // [num_tokens, num_kv_heads * head_size], rows value_stride apart
+    const float* cos_sin_cache,   // [max_position, rot_dim]
+    T* key_cache,                 // [N, S, num_kv_heads, head_size]
+    T* value_cache,               // [N, S, num_kv_heads, head_size]
+    const int64_t* slot_mapping,  // [num_tokens]
+    int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
+    int64_t rot_dim, int64_t query_stride, int64_t key_stride, int64_t value_stride,
+    bool is_neox, cudaStream_t stream);
+
 }  // namespace fastgen::cuda

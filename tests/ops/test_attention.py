@@ -102,6 +102,52 @@ def test_long_decode(window: int | None, chunk: int | None, dtype: torch.dtype, 
     run_and_compare(batch, window, chunk)
 
 
+# Decode batches (one query per sequence) take the CUDA split-KV kernel: GQA groups of every tile
+# shape (1, 2, 3 -> 4, 4, 5 -> 8, 8, and 12 = two CTAs per KV head), lengths on both sides of a
+# split's minimum (256 keys), a long context cut into many splits, and a sequence with no query.
+DECODE_LAYOUTS = [(8, 8), (6, 3), (9, 3), (8, 2), (10, 2), (16, 2), (12, 1)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("num_heads,num_kv_heads", DECODE_LAYOUTS)
+def test_decode_groups(num_heads: int, num_kv_heads: int, head_dim: int, device: str) -> None:
+    batch = make_batch([1, 1, 0, 1, 1, 1], [1, 255, 40, 256, 257, 1100], num_heads, num_kv_heads,
+                       head_dim, block_size=16, dtype=torch.bfloat16, device=device, seed=6)
+    run_and_compare(batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,chunk", [(None, None), (4000, None), (None, 8192), (700, 1000)])
+def test_decode_long_context(window: int | None, chunk: int | None, dtype: torch.dtype,
+                             device: str) -> None:
+    """One 20k-token sequence (many splits) beside short ones, Llama-3-8B's head layout."""
+    batch = make_batch([1, 1, 1], [20001, 3, 777], num_heads=8, num_kv_heads=2, head_dim=128,
+                       block_size=16, dtype=dtype, device=device, seed=7)
+    run_and_compare(batch, window, chunk)
+
+
+def test_decode_upper_bound_max_seqlen_k(device: str) -> None:
+    """A CUDA graph captures the decode kernels with max_seqlen_k = the model's context length
+    and replays them on shorter sequences: the result must not depend on the bound."""
+    batch = make_batch([1, 1, 1, 1], [5, 300, 1, 2049], num_heads=8, num_kv_heads=2, head_dim=64,
+                       block_size=16, dtype=torch.bfloat16, device=device, seed=8)
+    batch["max_seqlen_k"] = 131072
+    run_and_compare(batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_padding_rows_give_zeros() -> None:
+    """seq_lens_k = 0 (no visible key) writes zeros on the CUDA decode path, never NaN."""
+    batch = make_batch([1, 1], [9, 1], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.bfloat16, device="cuda", seed=9)
+    batch["seq_lens_k"][1] = 0
+    out = torch.full_like(batch["query"], float("nan"))
+    ops.attention(**batch, out=out)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert out[0].isfinite().all()
+
+
 @pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 9, 3), (128, 8, 2)])
 def test_long_prefill_bf16(head_dim: int, num_heads: int, num_kv_heads: int, device: str) -> None:
     """2048 tokens in bf16: the CPU kernel rounds probabilities to bf16 for P.V, and the error

@@ -42,6 +42,21 @@ def test_reshape_and_cache(device, dtype, num_tokens, fused):
     assert torch.equal(value_cache, expected_value_cache)
 
 
+def test_negative_slots_are_padding(device):
+    """A CUDA graph's padded rows carry slot -1: they write nothing."""
+    key, value = make_kv(5, True, torch.bfloat16, device)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE)
+    key_cache = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    value_cache = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    slots = torch.tensor([3, -1, 40, -1, -1], device=device)
+    expected_key_cache, expected_value_cache = key_cache.clone(), value_cache.clone()
+    expected_key_cache.view(-1, NUM_KV_HEADS, HEAD_SIZE)[[3, 40]] = key[[0, 2]]
+    expected_value_cache.view(-1, NUM_KV_HEADS, HEAD_SIZE)[[3, 40]] = value[[0, 2]]
+    ops.reshape_and_cache(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache, expected_key_cache)
+    assert torch.equal(value_cache, expected_value_cache)
+
+
 def test_reshape_and_cache_opcheck():
     key, value = make_kv(3, True, torch.float32, "cpu")
     shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE)
@@ -56,8 +71,6 @@ def test_reshape_and_cache_rejects_bad_input():
     num_slots = NUM_BLOCKS * BLOCK_SIZE
     with pytest.raises(RuntimeError, match=rf"slot_mapping\[1\] = {num_slots} is outside the cache's slots"):
         ops.reshape_and_cache(key, value, key_cache, value_cache, torch.tensor([0, num_slots]))
-    with pytest.raises(RuntimeError, match=r"slot_mapping\[0\] = -1 is outside"):
-        ops.reshape_and_cache(key, value, key_cache, value_cache, torch.tensor([-1, 0]))
     with pytest.raises(RuntimeError, match="slot_mapping must be Long, got Int"):
         ops.reshape_and_cache(key, value, key_cache, value_cache, torch.tensor([0, 1], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="key_cache and key must have the same dtype"):

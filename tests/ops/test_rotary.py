@@ -34,7 +34,7 @@ def make_qkv(num_tokens: int, fused: bool, dtype: torch.dtype, device: str):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [1, 3, 67])
-@pytest.mark.parametrize("rotary_dim", [HEAD_SIZE, 32])
+@pytest.mark.parametrize("rotary_dim", [HEAD_SIZE, 32, 20])  # 20: no whole 16-byte vectors (CUDA)
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
 def test_rotary_embedding(device, dtype, num_tokens, rotary_dim, is_neox, fused):
@@ -49,6 +49,60 @@ def test_rotary_embedding(device, dtype, num_tokens, rotary_dim, is_neox, fused)
     assert_close(key, expected_k, dtype)
     if qkv is not None:  # the value columns of the fused tensor are left alone
         assert torch.equal(qkv[:, query.shape[1] + key.shape[1]:], value_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 5, 67])
+@pytest.mark.parametrize("rotary_dim", [HEAD_SIZE, 20])
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_rotary_embedding_and_cache(device, dtype, num_tokens, rotary_dim, is_neox):
+    """The fused op: query rotated in place; the rotated key (with its unrotated tail) and the
+    value land in their slots; slot -1 (padding) writes nothing; key and other slots unchanged."""
+    num_blocks, block_size = 9, 16
+    cache = build_cos_sin_cache(HEAD_SIZE, rotary_dim, MAX_POSITION, 10000.0, None).to(device)
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), device=device)
+    qkv, query, key = make_qkv(num_tokens, True, dtype, device)
+    value = qkv[:, query.shape[1] + key.shape[1]:]
+    shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_SIZE)
+    key_cache = torch.randn(shape, dtype=dtype, device=device)
+    value_cache = torch.randn(shape, dtype=dtype, device=device)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
+    slots[1::3] = -1
+    key_before = key.clone()
+    expected_key_cache, expected_value_cache = key_cache.clone(), value_cache.clone()
+    expected_q = reference.rotary_embedding_and_cache(
+        positions, query, key, value, HEAD_SIZE, cache, is_neox, expected_key_cache,
+        expected_value_cache, slots)
+    ops.rotary_embedding_and_cache(positions, query, key, value, HEAD_SIZE, cache, is_neox,
+                                   key_cache, value_cache, slots)
+    assert_close(query, expected_q, dtype)
+    assert_close(key_cache, expected_key_cache, dtype)
+    assert torch.equal(value_cache, expected_value_cache)  # copied exactly
+    assert torch.equal(key, key_before)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=device)
+    written[slots[slots >= 0]] = True
+    untouched = ~written.view(num_blocks, block_size)
+    assert torch.equal(key_cache[untouched], expected_key_cache[untouched])
+
+
+def test_rotary_embedding_and_cache_checks():
+    cache = build_cos_sin_cache(HEAD_SIZE, HEAD_SIZE, MAX_POSITION, 10000.0, None)
+    qkv, query, key = make_qkv(2, True, torch.float32, "cpu")
+    value = qkv[:, query.shape[1] + key.shape[1]:]
+    caches = [torch.zeros(4, 16, NUM_KV_HEADS, HEAD_SIZE) for _ in range(2)]
+    with pytest.raises(RuntimeError, match=r"rotary_embedding_and_cache: slot_mapping\[1\] = 64 is "
+                                           r"outside the cache's slots \[0, 64\)"):
+        ops.rotary_embedding_and_cache(torch.tensor([0, 1]), query, key, value, HEAD_SIZE, cache,
+                                       True, *caches, torch.tensor([0, 64]))
+    with pytest.raises(RuntimeError, match=r"rotary_embedding_and_cache: positions\[0\] = 1000"):
+        ops.rotary_embedding_and_cache(torch.tensor([MAX_POSITION, 1]), query, key, value,
+                                       HEAD_SIZE, cache, True, *caches, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: value shape"):
+        ops.rotary_embedding_and_cache(torch.tensor([0, 1]), query, key, value[:, :64],
+                                       HEAD_SIZE, cache, True, *caches, torch.tensor([0, 1]))
+    torch.library.opcheck(torch.ops.fastgen.rotary_embedding_and_cache.default,
+                          (torch.tensor([0, 1]), query, key, value, HEAD_SIZE, cache, True,
+                           *caches, torch.tensor([3, -1])))
 
 
 def test_rotary_embedding_layer(device):

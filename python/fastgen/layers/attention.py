@@ -1,6 +1,8 @@
 """Paged attention as a layer: write this step's keys and values into the cache, then attend over
-everything cached. The batch's metadata travels as one explicit AttentionMetadata object that the
-model runner builds once per forward pass and every layer reads."""
+everything cached. With a rotary embedding the layer rotates q and k on the way, in the same
+kernel as the cache write (the rotated key goes straight to its slot). The batch's metadata
+travels as one explicit AttentionMetadata object that the model runner builds once per forward
+pass and every layer reads."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from fastgen import ops
+from fastgen.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -32,11 +35,17 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache), each [N
 
 class Attention(nn.Module):
     """softmax(q k^T * scale) v over the paged cache, causal, with grouped-query heads and an
-    optional sliding window (Mistral) or local-chunk restriction (Llama 4)."""
+    optional sliding window (Mistral) or local-chunk restriction (Llama 4). With rotary_emb, q and
+    k are rotated by their positions first."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
-                 sliding_window: int | None = None, chunk_size: int | None = None):
+                 sliding_window: int | None = None, chunk_size: int | None = None,
+                 rotary_emb: RotaryEmbedding | None = None):
         super().__init__()
+        if rotary_emb is not None and rotary_emb.head_size != head_size:
+            raise ValueError(f"rotary head size {rotary_emb.head_size} != attention head size "
+                             f"{head_size}")
+        self.rotary_emb = rotary_emb
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not split into {num_kv_heads} KV groups")
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
@@ -45,13 +54,19 @@ class Attention(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq * D]; k, v: [T, Hkv * D] -> [T, Hq * D]"""
+                meta: AttentionMetadata, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [T, Hq * D]; k, v: [T, Hkv * D]; positions: [T] int64 (with rotary_emb)
+        -> [T, Hq * D]. q is rotated in place; k is only read."""
         tokens = q.shape[0]
         key_cache, value_cache = kv_cache
-        ops.reshape_and_cache(k.view(tokens, self.num_kv_heads, self.head_size),
-                              v.view(tokens, self.num_kv_heads, self.head_size),
-                              key_cache, value_cache, meta.slot_mapping)
+        if self.rotary_emb is not None:
+            rope = self.rotary_emb
+            ops.rotary_embedding_and_cache(positions, q, k, v, self.head_size, rope.cos_sin_cache,
+                                           rope.is_neox, key_cache, value_cache, meta.slot_mapping)
+        else:
+            ops.reshape_and_cache(k.view(tokens, self.num_kv_heads, self.head_size),
+                                  v.view(tokens, self.num_kv_heads, self.head_size),
+                                  key_cache, value_cache, meta.slot_mapping)
         out = ops.attention(q.view(tokens, self.num_heads, self.head_size), key_cache, value_cache,
                             meta.cu_seqlens_q, meta.seq_lens_k, meta.block_tables,
                             meta.max_seqlen_q, meta.max_seqlen_k, self.scale,

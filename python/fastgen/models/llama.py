@@ -3,8 +3,8 @@ Mistral (with or without a sliding window), SmolLM2, deepseek-llm.
 
 Decoder layer: x -> RMSNorm -> attention (+ residual) -> RMSNorm -> SwiGLU MLP (+ residual).
 q, k and v come out of one fused matmul and gate and up out of another; q/k/v are views of the
-fused output (rotary and the cache write take strided rows), and each residual add is fused
-into the following norm, so a decode step costs about ten op calls per layer.
+fused output (the rotary + cache-write kernel takes strided rows), and each residual add is fused
+into the following norm, so a decode step costs nine kernel calls per layer.
 Hugging Face checkpoints keep the projections separate; `packed_modules_mapping` says which fused
 parameter and which shard each of them loads into.
 
@@ -39,19 +39,19 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * head_size, hidden, bias, tp_rank, tp_size)
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         base, scaling = rope_params_from_config(config)
-        self.rotary_emb = RotaryEmbedding(head_size, head_size, config.max_position_embeddings,
-                                          base, scaling)
+        rotary_emb = RotaryEmbedding(head_size, head_size, config.max_position_embeddings, base,
+                                     scaling)
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_size,
                               scale=head_size ** -0.5,
-                              sliding_window=getattr(config, "sliding_window", None))
+                              sliding_window=getattr(config, "sliding_window", None),
+                              rotary_emb=rotary_emb)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         """positions: [T]; x: [T, H] -> [T, H]"""
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # views
-        q, k = self.rotary_emb(positions, q, k)  # in place
-        out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq D]
+        out = self.attn(q, k, v, kv_cache, meta, positions)  # rotates q, k; [T, Hq D]
         return self.o_proj(out)
 
 

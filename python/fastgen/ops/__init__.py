@@ -46,9 +46,22 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """key_cache.view(N * S, Hkv, D)[slot_mapping] = key (and value).   key, value: [T, Hkv, D];
-    caches: [N, S, Hkv, D]; slot_mapping: [T] int64"""
+    """key_cache.view(N * S, Hkv, D)[slot_mapping] = key (and value); negative slots (padding)
+    are skipped.   key, value: [T, Hkv, D]; caches: [N, S, Hkv, D]; slot_mapping: [T] int64"""
     _ops.reshape_and_cache.default(key, value, key_cache, value_cache, slot_mapping)
+
+
+def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, head_size: int, cos_sin_cache: torch.Tensor,
+                               is_neox: bool, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               slot_mapping: torch.Tensor) -> None:
+    """rotary_embedding and reshape_and_cache in one pass: query is rotated in place, and each
+    token's rotated key and its value go into its cache slot (negative slots are skipped); key
+    itself is left unrotated.   positions: [T] int64; query: [T, Hq * D]; key, value:
+    [T, Hkv * D]; cos_sin_cache: [P, R] float32; caches: [N, S, Hkv, D]; slot_mapping: [T] int64"""
+    _ops.rotary_embedding_and_cache.default(positions, query, key, value, head_size,
+                                            cos_sin_cache, is_neox, key_cache, value_cache,
+                                            slot_mapping)
 
 
 def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -59,11 +59,29 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """key_cache.view(N * S, Hkv, D)[slot_mapping] = key; the same for value (in place).
+    """key_cache.view(N * S, Hkv, D)[slot_mapping] = key; the same for value (in place). Tokens
+    with a negative slot (padding) are skipped.
     key, value: [T, Hkv, D]; caches: [N, S, Hkv, D]; slot_mapping: [T] int64"""
     num_blocks, block_size = key_cache.shape[:2]
-    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slot_mapping] = key
-    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slot_mapping] = value
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slots] = key[keep]
+    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slots] = value[keep]
+
+
+def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, head_size: int, cos_sin_cache: torch.Tensor,
+                               is_neox: bool, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding, then reshape_and_cache of the rotated key (rounded to the cache's dtype)
+    and the value, in place on the caches. Returns the rotated query in float32.
+    positions: [T]; query: [T, Hq * D]; key, value: [T, Hkv * D]; caches: [N, S, Hkv, D]"""
+    q, k = rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+    tokens, num_kv_heads = key.shape[0], key.shape[1] // head_size
+    reshape_and_cache(k.to(key_cache.dtype).view(tokens, num_kv_heads, head_size),
+                      value.view(tokens, num_kv_heads, head_size), key_cache, value_cache,
+                      slot_mapping)
+    return q
 
 
 def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
