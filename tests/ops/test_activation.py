@@ -9,7 +9,7 @@ from fastgen.layers.activation import SiluAndMul
 from fastgen.ops import reference
 from fastgen.ops.tolerances import DTYPES, assert_close
 
-INTERMEDIATE_SIZES = [1, 7, 576, 769, 5125]
+INTERMEDIATE_SIZES = [1, 7, 576, 769, 5125, 14336]  # odd ones: the CUDA kernel's scalar path
 NUM_TOKENS = [1, 3, 67]
 
 
@@ -31,10 +31,11 @@ def test_silu_and_mul_extreme_gates(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_strided_rows(device, dtype):
+@pytest.mark.parametrize("inter", [769, 1024])  # 1024: rows that allow 16-byte accesses
+def test_silu_and_mul_strided_rows(device, dtype, inter):
     """input may be a column slice of a wider tensor (rows stride(0) apart)."""
-    wide = torch.randn(5, 3 * 769, dtype=dtype, device=device)
-    x = wide[:, :2 * 769]
+    wide = torch.randn(5, 3 * inter, dtype=dtype, device=device)
+    x = wide[:, :2 * inter]
     assert_close(ops.silu_and_mul(x), reference.silu_and_mul(x), dtype)
 
 

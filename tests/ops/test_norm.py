@@ -9,7 +9,10 @@ from fastgen.layers.norm import RMSNorm
 from fastgen.ops import reference
 from fastgen.ops.tolerances import DTYPES, assert_close
 
-HIDDEN_SIZES = [1, 7, 576, 769, 5125]
+# Odd sizes (CUDA: the scalar kernel), and sizes whose 16-byte vectors take 1, 2 and 8 registers
+# per thread in the CUDA kernel (576, 12288, 40000 in bf16; 40000 fp32 is past the register
+# path and goes scalar).
+HIDDEN_SIZES = [1, 7, 576, 769, 5125, 12288, 40000]
 NUM_TOKENS = [1, 3, 67]
 EPS = 1e-6
 
@@ -24,11 +27,12 @@ def test_rms_norm(device, dtype, hidden, num_tokens):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_strided_rows(device, dtype):
+@pytest.mark.parametrize("hidden", [769, 1024])  # 1024: slices that allow 16-byte accesses
+def test_rms_norm_strided_rows(device, dtype, hidden):
     """input may be a column slice of a wider tensor (rows stride(0) apart)."""
-    wide = torch.randn(5, 3 * 769, dtype=dtype, device=device)
-    x = wide[:, 769:2 * 769]  # [5, 769], stride (3 * 769, 1)
-    weight = torch.randn(769, dtype=dtype, device=device)
+    wide = torch.randn(5, 3 * hidden, dtype=dtype, device=device)
+    x = wide[:, hidden:2 * hidden]  # [5, hidden], stride (3 * hidden, 1)
+    weight = torch.randn(hidden, dtype=dtype, device=device)
     assert_close(ops.rms_norm(x, weight, EPS), reference.rms_norm(x, weight, EPS), dtype)
 
 
