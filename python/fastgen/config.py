@@ -144,6 +144,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0  # seeds random weights for load_format=random
+    # Turns CUDA graphs off (for debugging): decode steps then launch their kernels one by one.
+    # No effect on CPU, where nothing is captured.
+    enforce_eager: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:

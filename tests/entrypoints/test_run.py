@@ -11,6 +11,7 @@ import pytest
 from fastgen import LLM, SamplingParams
 from fastgen.entrypoints import run
 from tests.engine.tiny_model import save_tiny_llama
+from tests.entrypoints.llm_spy import llm_arguments
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,10 @@ def test_empty_stdin_is_an_error(tiny_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert run.main(["--model", str(tiny_path)]) != 0
     assert_one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag, eager", [([], False), (["--enforce-eager"], True)])
+def test_enforce_eager_reaches_the_engine(capsys, monkeypatch, flag, eager):
+    argv = ["--model", "m", "--prompt", "hi", *flag]
+    assert llm_arguments(monkeypatch, run.main, argv)["enforce_eager"] is eager
+    assert "no effect on CPU" in run.build_parser().format_help()

@@ -16,6 +16,7 @@ import pytest
 
 from fastgen.entrypoints import serve
 from tests.engine.tiny_model import save_tiny_llama
+from tests.entrypoints.llm_spy import llm_arguments
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,13 @@ def assert_one_error_line(stderr: str) -> None:
 def test_bad_flags_are_one_line_errors(tiny_path, capsys, args):
     assert serve.main(["--model", str(tiny_path), *args]) == 2
     assert_one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag, eager", [([], False), (["--enforce-eager"], True)])
+def test_enforce_eager_reaches_the_engine(capsys, monkeypatch, flag, eager):
+    argv = ["--model", "m", "--port", "0", *flag]
+    assert llm_arguments(monkeypatch, serve.main, argv)["enforce_eager"] is eager
+    assert "no effect on CPU" in serve.build_parser().format_help()
 
 
 def test_unloadable_model_and_busy_port(tiny_path, tmp_path, capsys):

@@ -49,6 +49,13 @@ def test_flags_and_yaml_file(tmp_path):
     assert config.ignored == ["actor.strategy", "ray_init.num_cpus"]
 
 
+def test_enforce_eager_is_a_key_not_an_ignored_one():
+    assert parse(REQUIRED)["rollout.enforce_eager"] is False
+    config = parse([*REQUIRED, "rollout.enforce_eager=True"])
+    assert config["rollout.enforce_eager"] is True and config.ignored == []
+    assert parse([*REQUIRED, "--enforce-eager"])["rollout.enforce_eager"] is True
+
+
 def test_flag_values_holding_equals_signs_are_not_keys():
     config = parse(["--data", "dir/a=b.parquet", "--output", "out.parquet"])
     assert config["data.path"] == "dir/a=b.parquet"

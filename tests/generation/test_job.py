@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fastgen.entrypoints.generate import main
+from tests.entrypoints.llm_spy import llm_arguments
 from tests.generation.conftest import gsm8k_table, job_args, write_parquet
 
 
@@ -113,3 +114,11 @@ def test_a_work_folder_of_another_job_is_refused(tiny_model, tmp_path, capsys):
     assert run_job(capsys, *args, "--keep-parts")[0] == 0
     status, err = run_job(capsys, *args, "data.n_samples=4")
     assert status == 1 and "holds parts of a different job (it differs in data.n_samples)" in err
+
+
+def test_enforce_eager_reaches_the_engine(tmp_path, capsys, monkeypatch):
+    data = write_parquet(gsm8k_table(2), tmp_path / "in.parquet")
+    argv = [*job_args(tmp_path / "model", data, tmp_path / "out.parquet"),
+            "rollout.enforce_eager=true"]
+    assert llm_arguments(monkeypatch, main, argv)["enforce_eager"] is True
+    assert "stopped before loading the model" in capsys.readouterr().err

@@ -93,7 +93,7 @@ class LLMEngine:
         self.max_model_len = self.loaded.max_model_len
         block_size = config.cache.block_size
         blocks_per_seq = (self.max_model_len + block_size - 1) // block_size
-        self.model_runner = ModelRunner(self.loaded.model, config,
+        self.model_runner = ModelRunner(self.loaded.model, config, self.max_model_len,
                                         max_blocks_needed=config.max_num_seqs * blocks_per_seq)
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
                                           config.cache.enable_prefix_caching)

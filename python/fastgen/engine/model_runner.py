@@ -2,9 +2,11 @@
 and AttentionMetadata, runs the forward pass, and samples each sequence's next token.
 
 The per-step Python cost is kept small on purpose — at batch 1 a decode step of the default model
-is ~18 ms, of which the matmuls take ~12: the step's inputs are gathered in plain lists and turned
-into tensors with one torch.tensor call per field, the cache is allocated once, and the sampled
-tokens come back to Python in one .tolist().
+is ~18 ms on CPU, of which the matmuls take ~12: the step's inputs are gathered in plain lists and
+turned into tensors with one torch.tensor call per field, the cache is allocated once, and the
+sampled tokens come back to Python in one .tolist(), the step's only wait for the device. On CUDA
+a decode batch (one token per sequence) replays a captured CUDA graph instead (cuda_graph.py),
+unless config.enforce_eager.
 
 Shape letters: T tokens in the step, B sequences, H hidden size, V vocabulary, M blocks per
 sequence (the longest block table in the batch), N cache blocks, S block size, Hkv KV heads,
@@ -19,7 +21,8 @@ import torch
 from torch import nn
 
 from fastgen.config import EngineConfig
-from fastgen.engine.sampler import Sampler, TokenHistory, top_logprobs
+from fastgen.engine.cuda_graph import DecodeGraphs
+from fastgen.engine.sampler import Sampler, TokenHistory, to_device, top_logprobs
 from fastgen.engine.scheduler import ScheduledBatch
 from fastgen.engine.sequence import Sequence
 from fastgen.outputs import Logprobs
@@ -38,9 +41,10 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, config: EngineConfig,
+    def __init__(self, model: nn.Module, config: EngineConfig, max_model_len: int,
                  max_blocks_needed: int | None = None):
-        """max_blocks_needed caps the cache at what max_num_seqs full-length sequences can use."""
+        """max_blocks_needed caps the cache at what max_num_seqs full-length sequences can use.
+        On CUDA the decode graphs are captured here, after the cache is allocated."""
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -50,7 +54,10 @@ class ModelRunner:
         self.num_blocks = self._num_cache_blocks(config, max_blocks_needed)
         self.kv_caches = self._allocate_cache()
         self.sampler = Sampler(self.device, config.seed)
-        self._pin = self.device.type == "cuda"
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, config.max_num_seqs,
+                                              max_model_len, self.block_size)
 
     # The cache: one allocation of [2, L, N, S, Hkv, D], handed to the model as per-layer views.
 
@@ -75,10 +82,11 @@ class ModelRunner:
         return num_blocks
 
     def _allocate_cache(self) -> list[KVCache]:
-        # Never zeroed: attention reads only slots its sequences have written.
-        cache = torch.empty(2, self.num_layers, self.num_blocks, self.block_size,
-                            self.num_kv_heads, self.head_dim, dtype=self.dtype,
-                            device=self.device)
+        # Attention reads only slots its sequences have written, but the padding rows of a
+        # CUDA graph's batch read slot 0 of block 0: zeroed there, so they compute finite values.
+        allocate = torch.zeros if self.device.type == "cuda" else torch.empty
+        cache = allocate(2, self.num_layers, self.num_blocks, self.block_size,
+                         self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
         return [(cache[0, layer], cache[1, layer]) for layer in range(self.num_layers)]
 
     # One step.
@@ -90,6 +98,17 @@ class ModelRunner:
         each sequence the step brings to its end. Returns one StepResult per sequence, in order;
         afterwards the fed tokens count as cached."""
         seqs = batch.seqs
+        if self.decode_graphs is not None and self.decode_graphs.accepts(seqs):
+            results = [StepResult() for _ in seqs]
+            self._sample(self.decode_graphs.run(seqs), seqs, results)
+        else:
+            results = self._run_eager(seqs)
+        for seq in seqs:
+            seq.num_cached_tokens += seq.num_scheduled
+            seq.num_scheduled = 0
+        return results
+
+    def _run_eager(self, seqs: list[Sequence]) -> list[StepResult]:
         input_ids, positions, meta, cu_seqlens = self._prepare(seqs)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)  # [T, H]
 
@@ -124,9 +143,6 @@ class ModelRunner:
                 results[i].prompt_logprobs = top_logprobs(
                     logits[first:first + count], self._tensor(targets, torch.int64),
                     [seq.params.prompt_logprobs] * count)
-        for seq in seqs:
-            seq.num_cached_tokens += seq.num_scheduled
-            seq.num_scheduled = 0
         return results
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
@@ -185,6 +201,4 @@ class ModelRunner:
         )
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        if not self._pin:
-            return torch.tensor(data, dtype=dtype)
-        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        return to_device(data, dtype, self.device)

@@ -14,6 +14,10 @@ clocks with rates p_i). Each draw consumes exactly V exponentials from one gener
 when every sampled row of the batch has a top_k: the draw is then made among each row's k
 candidates, found with topk rather than a sort of the vocabulary): a seeded request's own
 generator, so its tokens do not depend on its batch mates, or else the engine's.
+
+Nothing here waits for the device except where values must come back to Python (top_logprobs):
+per-row parameters go to the device through pinned memory (to_device), and the caller's one
+.tolist() of the tokens is the step's only sync.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ class Sampler:
         greedy = [p.temperature == 0 for p in params]
         if all(greedy):
             return logits.argmax(dim=-1)
-        temperatures = torch.tensor([p.temperature or 1.0 for p in params], dtype=logits.dtype,
-                                    device=logits.device)
+        temperatures = to_device([p.temperature or 1.0 for p in params], logits.dtype,
+                                 logits.device)
         scaled = logits / temperatures[:, None]  # [B, V]
         if any(p.min_p is not None for p in params):
             scaled = apply_min_p(scaled, [p.min_p for p in params])
@@ -82,7 +86,7 @@ class Sampler:
                 scaled = apply_top_k_top_p(scaled, top_k, top_p)
             sampled = self._race(scaled, greedy, generators)
         if any(greedy):
-            is_greedy = torch.tensor(greedy, device=logits.device)
+            is_greedy = to_device(greedy, torch.bool, logits.device)
             sampled = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
         return sampled
 
@@ -131,13 +135,12 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int | None],
     else:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V] each
     if any(k is not None for k in top_k):
-        ks = torch.tensor([vocab if k is None else k for k in top_k], device=device)
+        ks = to_device([vocab if k is None else k for k in top_k], torch.int64, device)
         rank = torch.arange(vocab, device=device)
         sorted_logits.masked_fill_(rank[None, :] >= ks[:, None], float("-inf"))
     if any(p is not None for p in top_p):
-        ps = torch.tensor([1.0 if p is None else p for p in top_p], dtype=logits.dtype,
-                          device=device)
-        has_p = torch.tensor([p is not None for p in top_p], device=device)
+        ps = to_device([1.0 if p is None else p for p in top_p], logits.dtype, device)
+        has_p = to_device([p is not None for p in top_p], torch.bool, device)
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V]; 0 for the top token
         outside = (mass_before >= ps[:, None]) & has_p[:, None]
@@ -151,8 +154,8 @@ def apply_min_p(logits: torch.Tensor, min_p: list[float | None]) -> torch.Tensor
     """Sets to -inf every logit whose probability is below min_p times its row's largest
     probability; None is off. p_i >= min_p * p_max  <=>  z_i >= z_max + log(min_p), so no softmax
     is needed. logits: [B, V] -> [B, V]"""
-    floors = torch.tensor([math.log(p) if p else float("-inf") for p in min_p],  # None, 0: off
-                          dtype=logits.dtype, device=logits.device)  # [B]
+    floors = to_device([math.log(p) if p else float("-inf") for p in min_p],  # None, 0: off
+                       logits.dtype, logits.device)  # [B]
     cutoff = logits.amax(dim=-1) + floors  # [B]
     return logits.masked_fill(logits < cutoff[:, None], float("-inf"))
 
@@ -175,7 +178,7 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     seen = in_prompt[:, :vocab] | (counts > 0)  # [B, V]
 
     def column(values: list[float]) -> torch.Tensor:  # [B, 1]
-        return torch.tensor(values, dtype=logits.dtype, device=device)[:, None]
+        return to_device(values, logits.dtype, device)[:, None]
 
     repetition = column([p.repetition_penalty for p in params])
     penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
@@ -188,8 +191,7 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     """Ragged rows of token ids -> [B, max(1, longest)] int64, padded with pad."""
     width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long,
-                        device=device)
+    return to_device([r + [pad] * (width - len(r)) for r in rows], torch.long, device)
 
 
 def top_logprobs(logits: torch.Tensor, sampled: torch.Tensor,
@@ -202,7 +204,7 @@ def top_logprobs(logits: torch.Tensor, sampled: torch.Tensor,
     rows = [row for row, n in enumerate(wanted) if n is not None]
     if not rows:
         return [None] * len(wanted)
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, torch.int64, logits.device)
     logprobs = logits[index].float().log_softmax(dim=-1)  # [R, V]
     top_values, top_ids = logprobs.topk(max(wanted[row] for row in rows), dim=-1)  # [R, N]
     sampled_values = logprobs.gather(1, sampled[index][:, None])[:, 0]  # [R]
@@ -215,3 +217,12 @@ def top_logprobs(logits: torch.Tensor, sampled: torch.Tensor,
         entry.setdefault(sampled_ids[r], sampled_values[r])
         out[row] = entry
     return out
+
+
+def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on device, without waiting for it: on CUDA through pinned
+    memory and a non-blocking copy (torch.tensor(data, device="cuda") copies from pageable memory
+    and then synchronizes the stream, stalling the host until the queued work is done)."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -30,9 +30,10 @@ class LLM:
     def __init__(self, model: str = EngineConfig.model, dtype: str = EngineConfig.dtype,
                  device: str = EngineConfig.device,
                  load_format: str | LoadFormat = EngineConfig.load_format, **kwargs):
-        """kwargs: any other EngineConfig field (max_model_len, max_num_seqs, seed, ...) or
-        CacheConfig field (block_size, cpu_kv_cache_gib, gpu_memory_utilization,
-        enable_prefix_caching)."""
+        """kwargs: any other EngineConfig field (max_model_len, max_num_seqs, seed,
+        enforce_eager, ...) or CacheConfig field (block_size, cpu_kv_cache_gib,
+        gpu_memory_utilization, enable_prefix_caching). enforce_eager=True turns CUDA graphs
+        off, for debugging."""
         cache_names = {f.name for f in fields(CacheConfig)}
         engine_names = {f.name for f in fields(EngineConfig)} - {"cache"}
         unknown = sorted(set(kwargs) - cache_names - engine_names)

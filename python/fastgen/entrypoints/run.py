@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {engine.dtype})")
     p.add_argument("--device", default=engine.device, choices=["auto", "cpu", "cuda"],
                    help=f"(default: {engine.device}: CUDA when there is one)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="turn CUDA graphs off: decode steps launch their kernels one by one (for "
+                        "debugging; no effect on CPU, where nothing is captured)")
     p.add_argument("--no-chat", action="store_true",
                    help="complete the raw prompt instead of answering it as a chat message")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
@@ -100,7 +103,7 @@ def _read_stdin() -> str:
 def _run_fastgen(args, prompts: list[str], params: SamplingParams):
     from fastgen.entrypoints.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, enforce_eager=args.enforce_eager)
     stream = len(prompts) == 1 and not args.json and sys.stdout.isatty()
     if not stream:
         if args.no_chat:

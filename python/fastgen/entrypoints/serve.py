@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=cache.gpu_memory_utilization,
                    help=f"on CUDA, the fraction of device memory the engine may use, KV cache "
                         f"included (default: {cache.gpu_memory_utilization})")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="turn CUDA graphs off: decode steps launch their kernels one by one (for "
+                        "debugging; no effect on CPU, where nothing is captured)")
     caching = p.add_mutually_exclusive_group()
     caching.add_argument("--enable-prefix-caching", dest="enable_prefix_caching",
                          action="store_true", default=cache.enable_prefix_caching,
@@ -137,7 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
                   max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                   cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                   gpu_memory_utilization=args.gpu_memory_utilization,
-                  enable_prefix_caching=args.enable_prefix_caching)
+                  enable_prefix_caching=args.enable_prefix_caching,
+                  enforce_eager=args.enforce_eager)
         engine = AsyncLLMEngine(llm.engine, max_waiting_requests=args.max_waiting_requests)
         name = args.served_model_name or args.model
         app = build_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,

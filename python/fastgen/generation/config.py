@@ -90,6 +90,9 @@ KEYS: tuple[Key, ...] = (
         "most sequences per engine step"),
     Key("rollout.max_model_len", "--max-model-len", int, None,
         "context length (default: the model's)"),
+    Key("rollout.enforce_eager", "--enforce-eager", bool, EngineConfig.enforce_eager,
+        "turn CUDA graphs off: decode steps launch their kernels one by one (for debugging; no "
+        "effect on CPU)"),
     Key("trainer.device", "--device", str, EngineConfig.device, "auto, cpu or cuda",
         ("auto", "cpu", "cuda")),
     Key("trainer.nnodes", "--nnodes", int, None, "checked against torchrun's world size"),
@@ -102,7 +105,7 @@ KEY_BY_NAME = {key.name: key for key in KEYS}
 # that verl's own generation.yaml and scripts run, and reported as ignored.
 IGNORED_KEYS = frozenset({
     "model.external_lib", "model.trust_remote_code", "data.trust_remote_code",
-    "rollout.name", "rollout.mode", "rollout.enforce_eager", "rollout.free_cache_engine",
+    "rollout.name", "rollout.mode", "rollout.free_cache_engine",
     "rollout.load_format", "rollout.log_prob_micro_batch_size",
     "rollout.log_prob_micro_batch_size_per_gpu", "rollout.use_fire_sampling",
     "rollout.disable_log_stats", "rollout.enable_chunked_prefill", "rollout.n",

@@ -130,7 +130,8 @@ def _run(config: JobConfig, layout: Layout, group: Group) -> Summary | None:
               cpu_kv_cache_gib=config["rollout.cpu_kv_cache_gib"],
               max_num_batched_tokens=config["rollout.max_num_batched_tokens"],
               max_num_seqs=config["rollout.max_num_seqs"],
-              max_model_len=config["rollout.max_model_len"])
+              max_model_len=config["rollout.max_model_len"],
+              enforce_eager=config["rollout.enforce_eager"])
     shard = layout.shard(len(prompts))
     done = covered_rows(work.parts())
     pending = [row for row in shard if row not in done]

@@ -1,0 +1,190 @@
+"""CUDA graphs for decode steps: the model's forward pass and logits for a batch of one-token
+sequences, captured once per batch-size bucket and replayed, so that a decode step costs one graph
+launch instead of a few hundred kernel launches and the Python between them.
+
+A graph replays the kernels of its capture with the same pointers and host arguments, so all that
+a step changes lives in static device buffers sized for the largest bucket, which each step
+overwrites in place (one asynchronous copy per field from pinned staging buffers): token ids,
+positions, cache slots, key lengths and block tables. A batch of B sequences replays the graph of
+the smallest bucket P >= B; rows B..P-1 are padding: token 0 at position 0, written nowhere (slot
+PAD_SLOT_ID, which reshape_and_cache skips), attending to one key in block 0. Only the used width
+of the block tables is written: columns past the step's widest table keep earlier steps' entries,
+which no sequence's length reaches. The metadata's host ints are the upper bounds, max_seqlen_q 1
+and max_seqlen_k max_model_len, which the attention kernels accept for any shorter actual length.
+Every bucket writes its logits into one static [Bmax, V] buffer rather than an output of its own:
+the graphs share one memory pool, and none keeps a [P, V] output alive in it.
+
+Shape letters: Bmax the largest bucket, P a bucket, B the sequences of a step, W the widest block
+table among them, M blocks per sequence at max_model_len, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+from torch import nn
+
+from fastgen.engine.sequence import Sequence
+from fastgen.layers.attention import AttentionMetadata, KVCache
+
+logger = logging.getLogger(__name__)
+
+PAD_SLOT_ID = -1  # the cache slot of a padding row: reshape_and_cache skips negative slots
+MAX_CAPTURE_SIZE = 256  # larger decode batches run eagerly: launch overhead is small beside them
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """The batch sizes that get a graph, as vLLM picks them: 1, 2, 4, then every 8 up to 64 and
+    every 16 above, cut at min(max_num_seqs, 256), which is always the last."""
+    largest = min(max_num_seqs, MAX_CAPTURE_SIZE)
+    sizes = [1, 2, 4, *range(8, 64, 8), *range(64, MAX_CAPTURE_SIZE + 1, 16)]
+    return [size for size in sizes if size < largest] + [largest]
+
+
+def bucket_for(sizes: list[int], batch_size: int) -> int | None:
+    """The smallest of the (ascending) sizes that holds batch_size; None when none does."""
+    index = bisect.bisect_left(sizes, batch_size)
+    return sizes[index] if index < len(sizes) else None
+
+
+def is_decode_batch(seqs: list[Sequence]) -> bool:
+    """Whether every sequence feeds one token, its last, and samples from its logits: nothing
+    but one logits row per sequence is needed (no prompt chunk, no prompt logprobs, no scored
+    prompt)."""
+    return all(s.num_scheduled == 1 and s.num_cached_tokens + 1 == len(s) and s.max_tokens > 0
+               for s in seqs)
+
+
+class DecodeGraphs:
+    """The static buffers and, per bucket, a captured graph of forward + logits over them."""
+
+    def __init__(self, model: nn.Module, kv_caches: list[KVCache], max_num_seqs: int,
+                 max_model_len: int, block_size: int, capture: bool = True):
+        """capture=False keeps everything but the graphs: run() then calls the model eagerly on
+        the same padded static buffers (how the CPU tests check this path)."""
+        self.model, self.kv_caches = model, kv_caches
+        self.device = kv_caches[0][0].device
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_batch_size = largest = self.sizes[-1]
+        self._bucket_of = [bucket_for(self.sizes, b) for b in range(largest + 1)]
+        blocks_per_seq = -(-max_model_len // block_size)
+        on_device = {"device": self.device}
+        # What the graphs read. cu_seqlens_q never changes: every row has one query.
+        self.input_ids = torch.zeros(largest, dtype=torch.int64, **on_device)       # [Bmax]
+        self.positions = torch.zeros(largest, dtype=torch.int64, **on_device)       # [Bmax]
+        self.slot_mapping = torch.full((largest,), PAD_SLOT_ID, dtype=torch.int64,
+                                       **on_device)                                 # [Bmax]
+        self.seq_lens_k = torch.ones(largest, dtype=torch.int32, **on_device)       # [Bmax]
+        self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, **on_device)  # [Bmax + 1]
+        self.block_tables = torch.zeros(largest, blocks_per_seq, dtype=torch.int32,
+                                        **on_device)                                # [Bmax, M]
+        # Their staging on the host: pinned on CUDA, so the copies do not block.
+        pinned = {"pin_memory": self.device.type == "cuda"}
+        self._staging = [_Staging(static, pad, **pinned)
+                         for static, pad in ((self.input_ids, 0), (self.positions, 0),
+                                             (self.slot_mapping, PAD_SLOT_ID),
+                                             (self.seq_lens_k, 1))]
+        self._staged_tables = torch.zeros(largest * blocks_per_seq, dtype=torch.int32,
+                                          **pinned)  # a step's [P, W] rows, packed
+        self._staged_tables_np = self._staged_tables.numpy()
+        # Marks when the last step's copies had read the staging buffers.
+        self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: torch.Tensor | None = None  # [Bmax, V] float32: every graph's output
+        if capture:
+            self._capture()
+
+    def accepts(self, seqs: list[Sequence]) -> bool:
+        """Whether run() can take this batch: a decode batch no larger than the largest bucket."""
+        return len(seqs) <= self.max_batch_size and is_decode_batch(seqs)
+
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Feeds each sequence of a decode batch (see accepts) its last token -> logits [B, V]
+        float32; with graphs, a view of the static output that the next run overwrites."""
+        batch = len(seqs)
+        size = self._bucket_of[batch]
+        bs = self.block_size
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for seq in seqs:
+            pos = seq.num_cached_tokens
+            table = seq.block_table
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            lens.append(pos + 1)
+            tables.append(table)
+        width = max(len(table) for table in tables)
+        packed = []  # [B * W]: each table zero-padded to the widest
+        for table in tables:
+            packed += table
+            packed += [0] * (width - len(table))
+
+        if self._copied is not None:
+            self._copied.synchronize()  # long done: the last step's tokens came back after it
+        for staging, values in zip(self._staging, (ids, positions, slots, lens)):
+            staging.copy(values, size)
+        staged = self._staged_tables_np
+        staged[:batch * width] = packed
+        staged[batch * width:size * width] = 0  # padding rows: block 0
+        self.block_tables[:size, :width].copy_(self._staged_tables[:size * width].view(size, width),
+                                               non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+        graph = self._graphs.get(size)
+        if graph is None:
+            return self._forward(size)[:batch]
+        graph.replay()
+        return self.logits[:batch]
+
+    def _forward(self, size: int) -> torch.Tensor:
+        """The model on the first `size` rows of the static buffers -> logits [P, V] float32."""
+        meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size],
+                                 cu_seqlens_q=self.cu_seqlens_q[:size + 1],
+                                 seq_lens_k=self.seq_lens_k[:size],
+                                 block_tables=self.block_tables[:size],
+                                 max_seqlen_q=1, max_seqlen_k=self.max_model_len)
+        hidden = self.model.forward(self.input_ids[:size], self.positions[:size], self.kv_caches,
+                                    meta)  # [P, H]
+        return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """One graph per bucket, largest first, all in one memory pool; each after an eager run
+        on the capture stream, so lazy initialisation (cuBLAS workspaces) stays out of it."""
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        for size in reversed(self.sizes):
+            with torch.cuda.stream(stream):
+                logits = self._forward(size)  # warm-up, on the padding the buffers hold
+            if self.logits is None:
+                self.logits = torch.empty(self.max_batch_size, logits.shape[-1],
+                                          dtype=torch.float32, device=self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.logits[:size].copy_(self._forward(size))
+            self._graphs[size] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        logger.info("captured CUDA graphs of the decode step for %d batch sizes (1 to %d) in "
+                    "%.1f s", len(self.sizes), self.max_batch_size, time.perf_counter() - start)
+
+
+class _Staging:
+    """The host side of one [Bmax] static buffer: a step's values, then padding up to its bucket."""
+
+    def __init__(self, static: torch.Tensor, pad: int, pin_memory: bool):
+        self.static, self.pad = static, pad
+        self.host = torch.zeros(static.shape, dtype=static.dtype, pin_memory=pin_memory)
+        self.host_np = self.host.numpy()  # the same memory, for fast writes from lists
+
+    def copy(self, values: list[int], size: int) -> None:
+        """static[:size] = values, then pad, without blocking the host."""
+        self.host_np[:len(values)] = values
+        self.host_np[len(values):size] = self.pad
+        self.static[:size].copy_(self.host[:size], non_blocking=True)
