@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # One command for the GPU machine: build the extension (with the microbenchmark), run the `gpu`
 # tests and the benchmarks, and write a short report under $OUT (default: ./gpu_report).
-#   scripts/gpu_check.sh --prepare   # here, once: copy what the GPU machine cannot download
-#   scripts/gpu_check.sh             # there (device tool: carry .gpu_assets)
+#   scripts/gpu_check.sh --prepare        # here, once: copy what the GPU machine cannot download
+#   scripts/gpu_check.sh                  # there (device tool: carry .gpu_assets): every stage
+#   scripts/gpu_check.sh build tests      # there: only these stages, in this order
+# Stages, with rough H100 estimates (none measured yet): build (3-6 min cold), tests (1-3 min),
+# kernels (~1 min), e2e (1-2 min), decode-8b (Llama-3.1-8B shapes, fastgen and HF at batch 1-256:
+# 2-5 min, cut at $DECODE_TIMEOUT_S, default 480 s), decode-smollm2 (1-2 min). A device call may
+# run 10 minutes, so split them, e.g. `build tests`, then `kernels e2e decode-smollm2`, then
+# `decode-8b`: a warm machine keeps the build between calls, and every stage after `build` needs
+# it. Each stage appends to $OUT/report.md and leaves its log (and JSON / PNG) beside it.
 # The GPU machine has torch but no package index, so the build uses the installed torch
 # (--no-build-isolation --no-deps) and optional dependencies are imported only where used. It
-# cannot fetch the default model either, so the end-to-end benchmark runs the default model's
-# shapes with random weights, from its config and tokenizer files carried in .gpu_assets/.
+# cannot fetch the default model either, so the end-to-end benchmarks run the default model's
+# shapes with random weights, from its config and tokenizer files carried in .gpu_assets/; the
+# 8B model's config and tokenizer are written by bench_decode.py itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ASSETS=.gpu_assets/smollm2
+STAGES=(build tests kernels e2e decode-8b decode-smollm2)
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$ASSETS"
@@ -19,17 +28,27 @@ if [ "${1:-}" = "--prepare" ]; then
   echo "prepared $ASSETS ($(du -sh "$ASSETS" | cut -f1)); carry .gpu_assets in the device call"
   exit 0
 fi
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=("${STAGES[@]}")
+for stage in "${stages[@]}"; do
+  if [[ " ${STAGES[*]} " != *" $stage "* ]]; then
+    echo "unknown stage '$stage'; stages: ${STAGES[*]}" >&2
+    exit 2
+  fi
+done
+
 OUT=${OUT:-$PWD/gpu_report}
 mkdir -p "$OUT"
 report="$OUT/report.md"
 export PYTHONUNBUFFERED=1
 
 {
-  echo "# fastgen GPU check"
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "# fastgen GPU check: ${stages[*]}"
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: $(git describe --always --dirty 2>/dev/null)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/device: /'
-  python3 -c "import torch; print('torch:', torch.__version__, 'cuda:', torch.version.cuda)"
-} > "$report"
+  python3 -c "import torch, transformers as t
+print('torch:', torch.__version__, 'cuda:', torch.version.cuda, 'transformers:', t.__version__)"
+} >> "$report"
 
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record pass/fail in the report
   local name=$1; shift
@@ -38,16 +57,54 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record pass/fail in
   echo "- $name: $status in $((SECONDS - start)) s" | tee -a "$report"
 }
 
-step build pip install --no-build-isolation --no-deps -e .
-step build_bench scripts/dev_build.sh
-step gpu_tests python3 -m pytest -m gpu -q -rs tests
-step kernel_bench build/dev/fastgen_bench_kernels --device cuda
-step e2e_bench python3 bench/e2e/bench_e2e.py --device cuda --model "$ASSETS" --load-format random \
-  --batch-sizes 1,8,32,64 --json "$OUT/e2e.json" --plot "$OUT/e2e.png"
+section() {  # section TITLE FILE LINES: the tail of a log under a heading in the report
+  { echo; echo "## $1"; echo '```'; tail -n "$3" "$2"; echo '```'; echo; } >> "$report"
+}
 
-{
-  echo; echo "## gpu tests"; tail -n 5 "$OUT/gpu_tests.log"
-  echo; echo "## kernel microbenchmark"; cat "$OUT/kernel_bench.log"
-  echo; echo "## end-to-end"; tail -n 30 "$OUT/e2e_bench.log"
-} >> "$report"
+built() {  # the extension imports (a stage after `build`, on a machine the build stayed on)
+  python3 -c "import fastgen.ops" 2>/dev/null && return 0
+  echo "- $1: skipped, fastgen is not built here (run the build stage first)" | tee -a "$report"
+  return 1
+}
+
+plot_flag() {  # --plot PATH where matplotlib is installed (else draw it later with --plot-from)
+  python3 -c "import matplotlib" 2>/dev/null && echo "--plot $1"
+}
+
+decode() {  # decode NAME BENCH_ARGS...: the decode roofline benchmark on one model
+  local name=$1; shift
+  # Under its own limit, so a slow baseline cannot eat the device call; the JSON is written
+  # after every measurement, so a run cut short keeps what it measured.
+  # shellcheck disable=SC2046
+  step "decode-$name" timeout "${DECODE_TIMEOUT_S:-480}" python3 bench/e2e/bench_decode.py \
+    --device cuda "$@" --json "$OUT/decode-$name.json" $(plot_flag "$OUT/decode-$name.png")
+  section "decode roofline: $name" "$OUT/decode-$name.log" 16
+}
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    build)
+      step build pip install --no-build-isolation --no-deps -e .
+      step build_bench scripts/dev_build.sh ;;
+    tests)
+      built tests || continue
+      step gpu_tests python3 -m pytest -m gpu -q -rs tests
+      section "gpu tests" "$OUT/gpu_tests.log" 5 ;;
+    kernels)
+      built kernels || continue
+      step kernel_bench build/dev/fastgen_bench_kernels --device cuda
+      section "kernel microbenchmark" "$OUT/kernel_bench.log" 1000 ;;
+    e2e)
+      built e2e || continue
+      # shellcheck disable=SC2046
+      step e2e_bench python3 bench/e2e/bench_e2e.py --device cuda --model "$ASSETS" \
+        --load-format random --batch-sizes 1,8,32,64 --json "$OUT/e2e.json" \
+        $(plot_flag "$OUT/e2e.png")
+      section "end-to-end" "$OUT/e2e_bench.log" 30 ;;
+    decode-8b)
+      built decode-8b && decode llama3.1-8b --model llama3.1-8b ;;
+    decode-smollm2)
+      built decode-smollm2 && decode smollm2 --model "$ASSETS" --load-format random ;;
+  esac
+done
 cat "$report"
