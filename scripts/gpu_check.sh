@@ -93,7 +93,11 @@ for stage in "${stages[@]}"; do
     kernels)
       built kernels || continue
       step kernel_bench build/dev/fastgen_bench_kernels --device cuda
-      section "kernel microbenchmark" "$OUT/kernel_bench.log" 1000 ;;
+      section "kernel microbenchmark" "$OUT/kernel_bench.log" 1000
+      # shellcheck disable=SC2046
+      step ops_bench python3 bench/kernels/bench_ops.py --device cuda --json "$OUT/ops.json" \
+        $(plot_flag "$OUT/decode_attention.png")
+      section "ops beside torch" "$OUT/ops_bench.log" 40 ;;
     e2e)
       built e2e || continue
       # shellcheck disable=SC2046

@@ -171,8 +171,14 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
   TORCH_CHECK(query.size(1) <= 65535, op, ": at most 65535 query heads, got ", query.size(1));
   const int64_t num_seqs = seq_lens_k.size(0);
   const c10::cuda::CUDAGuard guard(query.device());
-  // Decode steps (one query per sequence) take the split-KV kernel; the grid's y is the batch.
-  const bool decode = max_seqlen_q == 1 && num_seqs <= 65535;
+  // Decode steps (one query per sequence) take the split-KV kernel, which reads query and cache
+  // rows with 16-byte loads; the grid's y is the batch.
+  const int64_t vec_bytes = 16, elem = query.element_size();
+  const bool aligned = (query.stride(0) * elem) % vec_bytes == 0 &&
+                       reinterpret_cast<uintptr_t>(query.data_ptr()) % vec_bytes == 0 &&
+                       reinterpret_cast<uintptr_t>(key_cache.data_ptr()) % vec_bytes == 0 &&
+                       reinterpret_cast<uintptr_t>(value_cache.data_ptr()) % vec_bytes == 0;
+  const bool decode = max_seqlen_q == 1 && num_seqs <= 65535 && aligned;
   const int num_splits =
       decode ? decode_attention_num_splits(num_seqs, query.size(1), key_cache.size(2), max_seqlen_k,
                                            num_sms(query.get_device()))
