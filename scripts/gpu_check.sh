@@ -71,6 +71,18 @@ plot_flag() {  # --plot PATH where matplotlib is installed (else draw it later w
   python3 -c "import matplotlib" 2>/dev/null && echo "--plot $1"
 }
 
+sass_report() {  # the instructions the attention kernels compiled to, and their spills
+  command -v cuobjdump >/dev/null || { echo "cuobjdump not found"; return 1; }
+  local lib
+  lib=$(python3 -c "import fastgen._C as c; print(c.__file__)") || return 1
+  # Each kernel's registers, stack (spills) and shared memory: a "Function" line, then usage.
+  cuobjdump -res-usage "$lib" | grep -A1 -E "prefill_attention|decode_attention" | cut -c1-160
+  for kernel in prefill_attention_kernel decode_attention_kernel; do
+    echo "$kernel: $(cuobjdump -sass "$lib" | awk -v k="$kernel" '/Function :/ {on = index($0, k) > 0} on' \
+      | grep -oE "HMMA|LDSM|LDGSTS|LDG.E.128|SHFL" | sort | uniq -c | tr '\n' ' ')"
+  done
+}
+
 decode() {  # decode NAME BENCH_ARGS...: the decode roofline benchmark on one model
   local name=$1; shift
   # Under its own limit, so a slow baseline cannot eat the device call; the JSON is written
@@ -97,7 +109,13 @@ for stage in "${stages[@]}"; do
       # shellcheck disable=SC2046
       step ops_bench python3 bench/kernels/bench_ops.py --device cuda --json "$OUT/ops.json" \
         $(plot_flag "$OUT/decode_attention.png")
-      section "ops beside torch" "$OUT/ops_bench.log" 40 ;;
+      section "ops beside torch" "$OUT/ops_bench.log" 40
+      # shellcheck disable=SC2046
+      step attention_bench python3 bench/kernels/bench_attention.py --device cuda \
+        --json "$OUT/attention.json" $(plot_flag "$OUT/attention.png")
+      section "prefill attention beside SDPA" "$OUT/attention_bench.log" 16
+      step sass sass_report
+      section "SASS of the attention kernels" "$OUT/sass.log" 40 ;;
     e2e)
       built e2e || continue
       # shellcheck disable=SC2046

@@ -7,6 +7,9 @@
 // partial results are merged through shared memory at the end. Blocks find their sequence by
 // binary search over cu_seqlens_q, so the grid depends only on the token count.
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <type_traits>
 #include <limits>
 
 #include <ATen/ops/empty.h>
@@ -122,6 +125,24 @@ int num_sms(int device) {
   return counts[device];
 }
 
+// Whether the device has the tensor-core instructions the prefill kernel uses (sm_80+).
+bool tensor_core_device(int device) {
+  static int majors[64] = {};
+  TORCH_CHECK(device >= 0 && device < 64, "attention: device index ", device, " out of range");
+  if (majors[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&majors[device], cudaDevAttrComputeCapabilityMajor, device));
+  }
+  return majors[device] >= 8;
+}
+
+bool plain_kernels_only() {
+  static const bool plain = [] {
+    const char* value = std::getenv("FASTGEN_ATTENTION_KERNELS");
+    return value != nullptr && std::string_view(value) == "plain";
+  }();
+  return plain;
+}
+
 }  // namespace
 
 template <typename T, int HEAD_DIM>
@@ -171,14 +192,20 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
   TORCH_CHECK(query.size(1) <= 65535, op, ": at most 65535 query heads, got ", query.size(1));
   const int64_t num_seqs = seq_lens_k.size(0);
   const c10::cuda::CUDAGuard guard(query.device());
-  // Decode steps (one query per sequence) take the split-KV kernel, which reads query and cache
-  // rows with 16-byte loads; the grid's y is the batch.
+  // Decode steps (one query per sequence) take the split-KV kernel and other bf16 / fp16 batches
+  // the tensor-core kernel, both of which read query and cache rows with 16-byte loads; the rest
+  // (float32, head size 256, misaligned views) the plain kernel. FASTGEN_ATTENTION_KERNELS=plain
+  // sends everything to the plain kernel (for bisecting a wrong result).
   const int64_t vec_bytes = 16, elem = query.element_size();
   const bool aligned = (query.stride(0) * elem) % vec_bytes == 0 &&
                        reinterpret_cast<uintptr_t>(query.data_ptr()) % vec_bytes == 0 &&
                        reinterpret_cast<uintptr_t>(key_cache.data_ptr()) % vec_bytes == 0 &&
                        reinterpret_cast<uintptr_t>(value_cache.data_ptr()) % vec_bytes == 0;
-  const bool decode = max_seqlen_q == 1 && num_seqs <= 65535 && aligned;
+  const bool fast = aligned && !plain_kernels_only();
+  const bool decode = fast && max_seqlen_q == 1 && num_seqs <= 65535;
+  const bool tensor_cores = fast && !decode && query.scalar_type() != at::kFloat &&
+                            query.size(2) != 256 && num_seqs <= 65535 && query.size(1) <= 65535 &&
+                            tensor_core_device(query.get_device());
   const int num_splits =
       decode ? decode_attention_num_splits(num_seqs, query.size(1), key_cache.size(2), max_seqlen_k,
                                            num_sms(query.get_device()))
@@ -187,28 +214,38 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
       decode ? decode_attention_workspace_floats(num_seqs, query.size(1), query.size(2), num_splits) : 0;
   // Allocated by torch's caching allocator (from the graph's pool while a CUDA graph captures).
   at::Tensor workspace = at::empty({workspace_floats}, query.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;
     FASTGEN_DISPATCH_HEAD_DIM(query.size(2), op, [&] {
+      auto* out_ptr = reinterpret_cast<T*>(out.data_ptr());
+      const auto* q_ptr = reinterpret_cast<const T*>(query.data_ptr());
+      const auto* k_ptr = reinterpret_cast<const T*>(key_cache.data_ptr());
+      const auto* v_ptr = reinterpret_cast<const T*>(value_cache.data_ptr());
+      const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+      const int32_t* lens = seq_lens_k.data_ptr<int32_t>();
+      const int32_t* tables = block_tables.data_ptr<int32_t>();
+      const float scale_f = static_cast<float>(scale);
       if (decode) {
         C10_CUDA_CHECK((decode_attention_launch<T, HEAD_DIM>(
-            reinterpret_cast<T*>(out.data_ptr()), reinterpret_cast<const T*>(query.data_ptr()),
-            reinterpret_cast<const T*>(key_cache.data_ptr()),
-            reinterpret_cast<const T*>(value_cache.data_ptr()), cu_seqlens_q.data_ptr<int32_t>(),
-            seq_lens_k.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(),
-            workspace.data_ptr<float>(), num_seqs, query.size(1), key_cache.size(2),
-            key_cache.size(1), block_tables.size(1), query.stride(0), static_cast<float>(scale),
-            sliding_window, chunk_size, num_splits, c10::cuda::getCurrentCUDAStream())));
+            out_ptr, q_ptr, k_ptr, v_ptr, cu, lens, tables, workspace.data_ptr<float>(), num_seqs,
+            query.size(1), key_cache.size(2), key_cache.size(1), block_tables.size(1),
+            query.stride(0), scale_f, sliding_window, chunk_size, num_splits, stream)));
         return;
       }
+      if constexpr (!std::is_same_v<T, float> && HEAD_DIM != 256) {
+        if (tensor_cores) {
+          C10_CUDA_CHECK((prefill_attention_launch<T, HEAD_DIM>(
+              out_ptr, q_ptr, k_ptr, v_ptr, cu, lens, tables, num_seqs, query.size(1),
+              key_cache.size(2), key_cache.size(1), block_tables.size(1), max_seqlen_q,
+              query.stride(0), scale_f, sliding_window, chunk_size, stream)));
+          return;
+        }
+      }
       C10_CUDA_CHECK((attention_launch<T, HEAD_DIM>(
-          reinterpret_cast<T*>(out.data_ptr()), reinterpret_cast<const T*>(query.data_ptr()),
-          reinterpret_cast<const T*>(key_cache.data_ptr()),
-          reinterpret_cast<const T*>(value_cache.data_ptr()), cu_seqlens_q.data_ptr<int32_t>(),
-          seq_lens_k.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(), query.size(0),
-          num_seqs, query.size(1), key_cache.size(2), key_cache.size(1), block_tables.size(1),
-          query.stride(0), static_cast<float>(scale), sliding_window, chunk_size,
-          c10::cuda::getCurrentCUDAStream())));
+          out_ptr, q_ptr, k_ptr, v_ptr, cu, lens, tables, query.size(0), num_seqs, query.size(1),
+          key_cache.size(2), key_cache.size(1), block_tables.size(1), query.stride(0), scale_f,
+          sliding_window, chunk_size, stream)));
     });
   });
 }

@@ -57,4 +57,22 @@ cudaError_t decode_attention_launch(T* out,                       // [num_tokens
                                     std::optional<int64_t> chunk_size, int num_splits,
                                     cudaStream_t stream);
 
+// Batches with prefill tokens on tensor cores (sm_80+): FlashAttention-2's forward over the paged
+// cache, see prefill_attention.cu. T is __half or __nv_bfloat16, HEAD_DIM 64 or 128; rows of query
+// and the caches must be 16-byte aligned. max_seqlen_q bounds every sequence's q_len.
+template <typename T, int HEAD_DIM>
+cudaError_t prefill_attention_launch(T* out,                       // [num_tokens, num_heads, HEAD_DIM]
+                                     const T* query,               // [num_tokens, num_heads, HEAD_DIM],
+                                                                   //   rows query_stride apart
+                                     const T* key_cache,           // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
+                                     const T* value_cache,         // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
+                                     const int32_t* cu_seqlens_q,  // [num_seqs + 1]
+                                     const int32_t* seq_lens_k,    // [num_seqs]
+                                     const int32_t* block_tables,  // [num_seqs, max_blocks_per_seq]
+                                     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                                     int64_t block_size, int64_t max_blocks_per_seq,
+                                     int64_t max_seqlen_q, int64_t query_stride, float scale,
+                                     std::optional<int64_t> sliding_window,
+                                     std::optional<int64_t> chunk_size, cudaStream_t stream);
+
 }  // namespace fastgen::cuda

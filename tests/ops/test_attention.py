@@ -13,7 +13,7 @@ import torch
 
 from fastgen import ops
 from fastgen.ops import reference
-from fastgen.ops.tolerances import DTYPES, assert_close
+from fastgen.ops.tolerances import DTYPES, assert_close, assert_within_baseline_error
 
 
 def make_batch(q_lens: list[int], k_lens: list[int], num_heads: int, num_kv_heads: int,
@@ -155,6 +155,45 @@ def test_long_prefill_bf16(head_dim: int, num_heads: int, num_kv_heads: int, dev
     batch = make_batch([2048, 77], [2048, 300], num_heads, num_kv_heads, head_dim, block_size=16,
                        dtype=torch.bfloat16, device=device, seed=5)
     run_and_compare(batch)
+
+
+# Batches with prefill tokens take the CUDA tensor-core kernel (bf16 / fp16, head sizes 64 and
+# 128): 64-query tiles over 64-key tiles, so lengths straddle both, with cached prefixes.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("window,chunk", [(None, None), (100, None), (None, 128), (50, 96)])
+def test_prefill_tiles(dtype: torch.dtype, head_dim: int, window: int | None, chunk: int | None,
+                       device: str) -> None:
+    gen = torch.Generator().manual_seed(10)
+    q_lens = [1, 63, 64, 65, 129, 200, 7, 1, 300, 64]
+    # Some sequences query their whole context, others the end of a cached prefix.
+    k_lens = [q + int(torch.randint(0, 150, (1,), generator=gen)) * (i % 2) for i, q in enumerate(q_lens)]
+    batch = make_batch(q_lens, k_lens, num_heads=8, num_kv_heads=2, head_dim=head_dim,
+                       block_size=16, dtype=dtype, device=device, seed=11)
+    run_and_compare(batch, window, chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_error_within_twice_torch(head_dim: int) -> None:
+    """Flash-attention's bound: at most twice the error of PyTorch's own bf16 attention against
+    the float32 reference, on one long causal sequence."""
+    length, heads, kv_heads = 1537, 8, 2
+    batch = make_batch([length], [length], heads, kv_heads, head_dim, block_size=16,
+                       dtype=torch.bfloat16, device="cuda", seed=12)
+    ours = ops.attention(**batch)
+    expected = reference.attention(
+        *(batch[k].cpu() for k in ("query", "key_cache", "value_cache", "cu_seqlens_q",
+                                   "seq_lens_k", "block_tables")), batch["scale"])
+    blocks = batch["block_tables"][0, : (length + 15) // 16].long()
+    k = batch["key_cache"][blocks].flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
+    v = batch["value_cache"][blocks].flatten(0, 1)[:length].transpose(0, 1)
+    q = batch["query"].transpose(0, 1)  # [Hq, L, D]
+    torch_out = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k[None], v[None], is_causal=True, scale=batch["scale"], enable_gqa=True)
+    assert_within_baseline_error(ours.cpu(), expected, torch_out[0].transpose(0, 1).cpu(),
+                                 slack=1e-3)
 
 
 def test_strided_query(device: str) -> None:

@@ -1,0 +1,137 @@
+"""Prefill attention: fastgen's paged kernel beside torch's scaled_dot_product_attention (flash
+backend) on the same queries, keys and values, timed in the same run, as TFLOP/s and as a
+fraction of a bf16 matmul rate measured in the same run.
+
+    python bench/kernels/bench_attention.py --json attn.json --plot attn.png   # on a GPU
+    python bench/kernels/bench_attention.py --quick                            # a CPU check
+
+Each point is causal attention over B sequences of L tokens with B * L = 16k tokens (the
+FlashAttention papers' setup), Llama-3-8B's 32 query / 8 KV heads, head sizes 64 and 128, bf16.
+fastgen reads keys and values from a paged cache (16-token pages in shuffled order) and takes
+the packed variable-length query layout the engine feeds it; SDPA gets contiguous [B, H, L, D]
+tensors (the kernel then has the easier memory layout). FLOPs count the causal pairs exactly:
+4 * D * Hq * B * L(L + 1) / 2, the same for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from bench_ops import check, timer
+from fastgen import ops
+
+HEADS, KV_HEADS, BLOCK_SIZE = 32, 8, 16
+
+
+def matmul_rate(device: str, time_us, n: int) -> float:
+    """TFLOP/s of an n^3 bf16 matmul: the compute roof."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n ** 3 / time_us(lambda: a @ b) / 1e6
+
+
+def sdpa_flash(q, k, v, scale):
+    """SDPA restricted to its flash backend where there is one (CUDA); GQA through enable_gqa."""
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def bench_point(device: str, time_us, length: int, head_dim: int, total_tokens: int) -> dict:
+    batch = max(1, total_tokens // length)
+    blocks_per_seq = -(-length // BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq
+    dtype = torch.bfloat16
+    query = torch.randn(batch * length, HEADS, head_dim, device=device, dtype=dtype)
+    key_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, head_dim, device=device, dtype=dtype)
+    value_cache = torch.randn_like(key_cache)
+    tables = torch.randperm(num_blocks, device=device).view(batch, blocks_per_seq).int()
+    cu = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
+    lens = torch.full((batch,), length, device=device, dtype=torch.int32)
+    scale = head_dim ** -0.5
+    # The same tensors, contiguous: q [B, Hq, L, D], k and v [B, Hkv, L, D].
+    q = query.view(batch, length, HEADS, head_dim).transpose(1, 2).contiguous()
+    k = key_cache[tables.long()].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
+    v = value_cache[tables.long()].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
+    out = torch.empty_like(query)
+
+    def ours():
+        return ops.attention(query, key_cache, value_cache, cu, lens, tables, length, length,
+                             scale, out=out)
+
+    def theirs():
+        return sdpa_flash(q, k, v, scale)
+
+    check(f"attention L={length} D={head_dim}", ours(),
+          theirs().transpose(1, 2).reshape(batch * length, HEADS, head_dim))
+    flops = 4 * head_dim * HEADS * batch * length * (length + 1) / 2
+    us, sdpa_us = time_us(ours), time_us(theirs)
+    return dict(length=length, batch=batch, head_dim=head_dim, us=us, sdpa_us=sdpa_us,
+                tflops=flops / us / 1e6, sdpa_tflops=flops / sdpa_us / 1e6)
+
+
+def plot(rows: list[dict], matmul: float, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the JSON has the numbers)")
+        return
+    dims = sorted({r["head_dim"] for r in rows})
+    fig, axes = plt.subplots(1, len(dims), figsize=(5.5 * len(dims), 4), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        pts = [r for r in rows if r["head_dim"] == d]
+        xs = [r["length"] for r in pts]
+        ax.plot(xs, [r["tflops"] for r in pts], "o-", label="fastgen (paged)")
+        ax.plot(xs, [r["sdpa_tflops"] for r in pts], "s--", label="torch SDPA flash (contiguous)")
+        ax.axhline(matmul, color="gray", linestyle=":", label="bf16 matmul")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (B x L = 16k tokens)")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"causal prefill attention, head size {d}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a CPU check)")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--plot", help="PNG of TFLOP/s against sequence length")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    time_us = timer(args.device)
+    lengths = [256, 512] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    total = 1024 if args.quick else 16384
+    matmul = matmul_rate(args.device, time_us, 1024 if args.quick else 8192)
+    print(f"device {args.device}; bf16 matmul {matmul:.1f} TFLOP/s (same run)")
+    print(f"{'D':>4} {'L':>6} {'B':>3} {'fastgen us':>11} {'TFLOP/s':>8} {'of mm':>6} "
+          f"{'SDPA us':>9} {'TFLOP/s':>8} {'speedup':>8}")
+    rows = []
+    with torch.inference_mode():
+        for head_dim in (64, 128):
+            for length in lengths:
+                r = bench_point(args.device, time_us, length, head_dim, total)
+                rows.append(r)
+                print(f"{head_dim:4d} {length:6d} {r['batch']:3d} {r['us']:11.1f} {r['tflops']:8.1f} "
+                      f"{100 * r['tflops'] / matmul:5.0f}% {r['sdpa_us']:9.1f} "
+                      f"{r['sdpa_tflops']:8.1f} {r['sdpa_us'] / r['us']:7.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "matmul_tflops": matmul, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, matmul, args.plot)
+
+
+if __name__ == "__main__":
+    main()
