@@ -6,19 +6,22 @@
 #   scripts/gpu_check.sh build tests      # there: only these stages, in this order
 # Stages, with rough H100 estimates (none measured yet): build (3-6 min cold), tests (1-3 min),
 # kernels (~1 min), e2e (1-2 min), decode-8b (Llama-3.1-8B shapes, fastgen and HF at batch 1-256:
-# 2-5 min, cut at $DECODE_TIMEOUT_S, default 480 s), decode-smollm2 (1-2 min). A device call may
-# run 10 minutes, so split them, e.g. `build tests`, then `kernels e2e decode-smollm2`, then
-# `decode-8b`: a warm machine keeps the build between calls, and every stage after `build` needs
-# it. Each stage appends to $OUT/report.md and leaves its log (and JSON / PNG) beside it.
+# 2-5 min, cut at $DECODE_TIMEOUT_S, default 480 s), prefill-8b (the same shapes, time to first
+# token at 2k, 8k and 32k tokens, fastgen chunked and in one step, and HF: 0.74 PFLOP a 32k
+# prefill, ~2 s at 400 TFLOP/s, so ~2 min with loading; cut at $PREFILL_TIMEOUT_S, default 360 s),
+# decode-smollm2 (1-2 min). A device call may run 10 minutes, so split them, e.g. `build tests`,
+# then `kernels e2e decode-smollm2`, then `decode-8b`, then `prefill-8b`: a warm machine keeps
+# the build between calls, and every stage after `build` needs it. Each stage appends to
+# $OUT/report.md and leaves its log (and JSON / PNG) beside it.
 # The GPU machine has torch but no package index, so the build uses the installed torch
 # (--no-build-isolation --no-deps) and optional dependencies are imported only where used. It
 # cannot fetch the default model either, so the end-to-end benchmarks run the default model's
 # shapes with random weights, from its config and tokenizer files carried in .gpu_assets/; the
-# 8B model's config and tokenizer are written by bench_decode.py itself.
+# 8B model's config and tokenizer are written by bench_decode.py (and bench_prefill.py) itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ASSETS=.gpu_assets/smollm2
-STAGES=(build tests kernels e2e decode-8b decode-smollm2)
+STAGES=(build tests kernels e2e decode-8b prefill-8b decode-smollm2)
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$ASSETS"
@@ -125,6 +128,14 @@ for stage in "${stages[@]}"; do
       section "end-to-end" "$OUT/e2e_bench.log" 30 ;;
     decode-8b)
       built decode-8b && decode llama3.1-8b --model llama3.1-8b ;;
+    prefill-8b)
+      built prefill-8b || continue
+      # Under its own limit, as the decode stages; the JSON keeps every point measured.
+      # shellcheck disable=SC2046
+      step prefill-8b timeout "${PREFILL_TIMEOUT_S:-360}" python3 bench/e2e/bench_prefill.py \
+        --device cuda --model llama3.1-8b --json "$OUT/prefill-8b.json" \
+        $(plot_flag "$OUT/prefill-8b.png")
+      section "time to first token: llama3.1-8b" "$OUT/prefill-8b.log" 17 ;;
     decode-smollm2)
       built decode-smollm2 && decode smollm2 --model "$ASSETS" --load-format random ;;
   esac
