@@ -278,7 +278,7 @@ struct CudaKernels {
       if (p.q_len == 1) {
         int sms = 0;
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-        const int splits = fastgen::cuda::decode_attention_num_splits(p.batch, m.heads, m.kv_heads, p.k_len, sms);
+        const int splits = fastgen::cuda::decode_attention_num_splits<T, D>(p.batch, m.heads, m.kv_heads, p.k_len, sms);
         workspace_.resize(fastgen::cuda::decode_attention_workspace_floats(p.batch, m.heads, D, splits));
         fastgen::cuda::decode_attention_launch<T, D>(
             out, q, kc, vc, cu_q, seq_k, tables, workspace_.get(), p.batch, m.heads, m.kv_heads, p.kBlockSize,

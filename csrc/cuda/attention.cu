@@ -206,14 +206,6 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
   const bool tensor_cores = fast && !decode && query.scalar_type() != at::kFloat &&
                             query.size(2) != 256 && num_seqs <= 65535 && query.size(1) <= 65535 &&
                             tensor_core_device(query.get_device());
-  const int num_splits =
-      decode ? decode_attention_num_splits(num_seqs, query.size(1), key_cache.size(2), max_seqlen_k,
-                                           num_sms(query.get_device()))
-             : 1;
-  const int64_t workspace_floats =
-      decode ? decode_attention_workspace_floats(num_seqs, query.size(1), query.size(2), num_splits) : 0;
-  // Allocated by torch's caching allocator (from the graph's pool while a CUDA graph captures).
-  at::Tensor workspace = at::empty({workspace_floats}, query.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;
@@ -227,6 +219,12 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
       const int32_t* tables = block_tables.data_ptr<int32_t>();
       const float scale_f = static_cast<float>(scale);
       if (decode) {
+        const int num_splits = decode_attention_num_splits<T, HEAD_DIM>(
+            num_seqs, query.size(1), key_cache.size(2), max_seqlen_k, num_sms(query.get_device()));
+        // From torch's caching allocator (the graph's pool while a CUDA graph captures).
+        const at::Tensor workspace = at::empty(
+            {decode_attention_workspace_floats(num_seqs, query.size(1), HEAD_DIM, num_splits)},
+            query.options().dtype(at::kFloat));
         C10_CUDA_CHECK((decode_attention_launch<T, HEAD_DIM>(
             out_ptr, q_ptr, k_ptr, v_ptr, cu, lens, tables, workspace.data_ptr<float>(), num_seqs,
             query.size(1), key_cache.size(2), key_cache.size(1), block_tables.size(1),

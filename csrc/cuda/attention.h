@@ -35,6 +35,7 @@ cudaError_t attention_launch(T* out,                       // [num_tokens, num_h
 // (an upper bound on the context is enough; sequences use only the splits their length needs),
 // and workspace holds decode_attention_workspace_floats(...) floats (none when num_splits is 1).
 // A sequence with no visible key (seq_lens_k[b] == 0: a CUDA graph's padding row) gets zeros.
+template <typename T, int HEAD_DIM>
 int decode_attention_num_splits(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t max_seqlen_k, int num_sms);
 

@@ -288,14 +288,58 @@ inline int group_tile(int64_t group) { return group <= 1 ? 1 : group <= 2 ? 2 : 
 
 }  // namespace
 
+namespace {
+
+// Calls f(kernel) with the kernel instance for a group tile (heads per CTA) of 1, 2, 4 or 8; fewer
+// keys are in flight per thread as the heads' registers grow.
+template <typename T, int HEAD_DIM, typename F>
+void with_kernel(int tile, F&& f) {
+  switch (tile) {
+    case 1: f(decode_attention_kernel<T, HEAD_DIM, 1, 4>); break;
+    case 2: f(decode_attention_kernel<T, HEAD_DIM, 2, 4>); break;
+    case 4: f(decode_attention_kernel<T, HEAD_DIM, 4, 4>); break;
+    default: f(decode_attention_kernel<T, HEAD_DIM, 8, 2>); break;
+  }
+}
+
+}  // namespace
+
+template <typename T, int HEAD_DIM>
 int decode_attention_num_splits(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t max_seqlen_k, int num_sms) {
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t ctas = num_seqs * num_kv_heads * ((group + group_tile(group) - 1) / group_tile(group));
-  // About four CTAs (16 warps) per SM keep enough loads in flight to reach full bandwidth.
-  const int64_t wanted = (4 * static_cast<int64_t>(num_sms) + ctas - 1) / std::max<int64_t>(ctas, 1);
-  const int64_t useful = (max_seqlen_k + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
-  return static_cast<int>(std::clamp<int64_t>(std::min(wanted, useful), 1, kMaxSplits));
+  const int tile = group_tile(group);
+  const int64_t ctas = std::max<int64_t>(num_seqs * num_kv_heads * ((group + tile - 1) / tile), 1);
+  // How many CTAs of this kernel an SM holds at once (registers bound it), asked once per tile
+  // (first from an eager step, before any CUDA graph captures).
+  static int resident[9] = {};
+  if (resident[tile] == 0) {
+    with_kernel<T, HEAD_DIM>(tile, [&](auto kernel) {
+      int count = 0;
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, 0);
+      resident[tile] = count > 0 ? count : 1;
+    });
+  }
+  const int64_t capacity = static_cast<int64_t>(resident[tile]) * num_sms;
+  // Splits that keep the last wave of CTAs full (flash-attention's heuristic, for a kernel with
+  // several CTAs per SM): below one wave, more splits always help; past it, the fewest splits
+  // within 10% of the best wave efficiency.
+  const int64_t useful = std::clamp<int64_t>(
+      (max_seqlen_k + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, kMaxSplits);
+  auto efficiency = [&](int64_t splits) {
+    const int64_t work = ctas * splits, waves = (work + capacity - 1) / capacity;
+    return static_cast<double>(work) / static_cast<double>(waves * capacity);
+  };
+  int64_t best = 1;
+  for (int64_t splits = 2; splits <= useful; ++splits) {
+    if (efficiency(splits) > efficiency(best) + 1e-9) best = splits;
+  }
+  for (int64_t splits = 1; splits < best; ++splits) {
+    if (ctas * splits > capacity && efficiency(splits) >= 0.9 * efficiency(best)) {
+      return static_cast<int>(splits);
+    }
+  }
+  return static_cast<int>(best);
 }
 
 template <typename T, int HEAD_DIM>
@@ -317,25 +361,14 @@ cudaError_t decode_attention_launch(T* out, const T* query, const T* key_cache,
                   static_cast<unsigned>(num_seqs), static_cast<unsigned>(num_splits));
   float* partial_acc = workspace;
   float* partial_ml = workspace + num_seqs * num_heads * num_splits * HEAD_DIM;
-  auto launch = [&](auto group_tag, auto unroll_tag) {
-    constexpr int G = decltype(group_tag)::value, U = decltype(unroll_tag)::value;
-    decode_attention_kernel<T, HEAD_DIM, G, U><<<grid, kThreads, 0, stream>>>(
+  with_kernel<T, HEAD_DIM>(tile, [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, stream>>>(
         out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k, block_tables, partial_acc,
         partial_ml, static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
         static_cast<int>(group), static_cast<int>(block_size),
         static_cast<int>(max_blocks_per_seq), query_stride, scale * kLog2e, window, chunk,
         num_splits);
-  };
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  using I4 = std::integral_constant<int, 4>;
-  using I8 = std::integral_constant<int, 8>;
-  switch (tile) {  // fewer keys in flight per thread as the heads' registers grow
-    case 1: launch(I1{}, I4{}); break;
-    case 2: launch(I2{}, I4{}); break;
-    case 4: launch(I4{}, I4{}); break;
-    default: launch(I8{}, I2{}); break;
-  }
+  });
   if (num_splits > 1) {
     const dim3 combine_grid(static_cast<unsigned>(num_seqs), static_cast<unsigned>(num_heads));
     decode_combine_kernel<T, HEAD_DIM><<<combine_grid, HEAD_DIM, 0, stream>>>(
@@ -351,6 +384,7 @@ int64_t decode_attention_workspace_floats(int64_t num_seqs, int64_t num_heads, i
 }
 
 #define FASTGEN_INSTANTIATE(T, D)                                                              \
+  template int decode_attention_num_splits<T, D>(int64_t, int64_t, int64_t, int64_t, int);     \
   template cudaError_t decode_attention_launch<T, D>(                                         \
       T*, const T*, const T*, const T*, const int32_t*, const int32_t*, const int32_t*, float*, \
       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, std::optional<int64_t>,     \
