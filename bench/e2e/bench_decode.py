@@ -55,7 +55,15 @@ from pathlib import Path
 from statistics import fmean
 
 import torch
-from bench_e2e import copy_bandwidth, model_parser, sync
+from bench_e2e import (
+    add_output_options,
+    begin_plot,
+    copy_bandwidth,
+    end_plot,
+    model_parser,
+    report,
+    sync,
+)
 from bench_offline import git_commit, matmul_peak
 from fastgen import LLM, SamplingParams
 from fastgen.config import DTYPES
@@ -292,6 +300,32 @@ def batch_sizes(text: str, every: list[int]) -> list[int]:
     return every if text == "all" else [int(b) for b in text.split(",") if b]
 
 
+def run_and_save(args, run, **description) -> dict:
+    """A roofline benchmark's results: what was run where, when and with which versions, then
+    `description`, then what run(args, model, load_format, results, save) adds to them, model
+    being a folder written for a SYNTHETIC_MODELS preset, and save() writing them to --json."""
+    load_format = "random" if args.model in SYNTHETIC_MODELS else args.load_format
+    results = {"model": args.model, "weights": "random" if load_format == "random" else "real",
+               "dtype": args.dtype, "device": args.device, "device_name": device_name(args.device),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "commit": git_commit(), "torch": torch.__version__,
+               "transformers": importlib.metadata.version("transformers"), **description}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fastgen-bench-") as folder:
+        model = args.model
+        if model in SYNTHETIC_MODELS:
+            model = str(synthetic_model_dir(SYNTHETIC_MODELS[model], Path(folder)))
+        run(args, model, load_format, results, save)
+    results["wall_s"] = time.perf_counter() - start
+    save()
+    return results
+
+
 def run(args, model: str, load_format: str, results: dict, save) -> None:
     """Measures fastgen at every batch size, then HF at its own, keeping each point in
     results["points"] (with the limits measured so far) and calling save() after each."""
@@ -351,9 +385,14 @@ def run(args, model: str, load_format: str, results: dict, save) -> None:
         record(batch, engine, m, limits)
 
 
+def describe_run(results: dict) -> str:
+    """run_and_save's description of the run in one line, a table's first."""
+    return (f"model {results['model']} ({results['weights']} weights, {results['dtype']})  "
+            f"device {results['device_name']}  {results['date']}  commit {results['commit']}")
+
+
 def print_table(results: dict) -> None:
-    print(f"model {results['model']} ({results['weights']} weights, {results['dtype']})  "
-          f"device {results['device_name']}  {results['date']}  commit {results['commit']}")
+    print(describe_run(results))
     cost = results["cost"]
     print(f"prompt {results['prompt_len']} + {results['gen_len']} generated, greedy, ignore_eos; "
           f"weights read per step {cost['weight_bytes'] / 1e9:.3f} GB, KV "
@@ -386,18 +425,12 @@ def print_table(results: dict) -> None:
 def plot(results: dict, path: str) -> bool:
     """Decode tokens/s (with the roofline's) and bandwidth utilisation against batch size.
     Returns False, saying so, when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: no plot written to {path}; draw it elsewhere with "
-              f"--plot-from <the --json file> --plot {path}")
+    panels = begin_plot(path)
+    if panels is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    fig, (speed, util) = panels
 
     points = [p for p in results["points"].values() if "fastgen" in p]
-    fig, (speed, util) = plt.subplots(1, 2, figsize=(11, 4.2))
     for engine, label, style in (("fastgen", "fastgen", "o-C0"), ("hf", "HF transformers", "s-C1")):
         rows = [(p["batch"], p[engine]) for p in points if "decode_tok_s" in p.get(engine, {})]
         if not rows:
@@ -417,17 +450,7 @@ def plot(results: dict, path: str) -> bool:
                     f"{results['gen_len']} tokens")
     util.set(xscale="log", xlabel="batch size", ylabel="%", ylim=(0, 110),
              title=f"{results['device_name']}, {results['date'][:10]}")
-    speed.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    speed.yaxis.set_minor_formatter(FuncFormatter(  # 20, 50, 200, 500, ...: not every minor tick
-        lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
-    for axes in (speed, util):
-        axes.set_xticks(batches, [str(b) for b in batches])
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot written to {path}")
-    return True
+    return end_plot(fig, path, batches, speed.yaxis)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -447,50 +470,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpu-kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="fastgen without CUDA graphs (to see what they bring)")
-    parser.add_argument("--json", help="write the results here (after every measurement)")
-    parser.add_argument("--plot", help="draw a PNG here (needs matplotlib)")
-    parser.add_argument("--plot-from", help="only draw --plot from this --json file")
+    add_output_options(parser)
     args = parser.parse_args(argv)
 
-    if args.plot_from:
-        results = json.loads(Path(args.plot_from).read_text())
-        print_table(results)
-        if args.plot:
-            plot(results, args.plot)
-        return results
-    if args.max_model_len is None:
-        args.max_model_len = args.prompt_len + args.gen_len
-    if args.matmul_size is None:
-        args.matmul_size = 8192 if args.device.startswith("cuda") else 1024
-    if args.gen_len < 2:
-        parser.error("--gen-len must be at least 2 (one token after the first is decoded)")
+    if not args.plot_from:  # a fresh run's defaults and checks; a replot reads its JSON alone
+        if args.max_model_len is None:
+            args.max_model_len = args.prompt_len + args.gen_len
+        if args.matmul_size is None:
+            args.matmul_size = 8192 if args.device.startswith("cuda") else 1024
+        if args.gen_len < 2:
+            parser.error("--gen-len must be at least 2 (one token after the first is decoded)")
+    return report(args, benchmark, print_table, plot)
 
-    load_format = "random" if args.model in SYNTHETIC_MODELS else args.load_format
-    results = {"model": args.model, "weights": "random" if load_format == "random" else "real",
-               "dtype": args.dtype, "device": args.device, "device_name": device_name(args.device),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "commit": git_commit(), "torch": torch.__version__,
-               "transformers": importlib.metadata.version("transformers"),
-               "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-               "max_model_len": args.max_model_len, "enforce_eager": args.enforce_eager,
-               "points": {}}
 
-    def save() -> None:
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fastgen-bench-") as folder:
-        model = args.model
-        if model in SYNTHETIC_MODELS:
-            model = str(synthetic_model_dir(SYNTHETIC_MODELS[model], Path(folder)))
-        run(args, model, load_format, results, save)
-    results["wall_s"] = time.perf_counter() - start
-    save()
-    print_table(results)
-    if args.plot:
-        plot(results, args.plot)
-    return results
+def benchmark(args) -> dict:
+    """A fresh run's results, described by its lengths and engine options."""
+    return run_and_save(args, run, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                        max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                        points={})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -115,6 +116,60 @@ def model_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--load-format", default="auto", choices=["auto", "random"])
     return parser
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """--json, --plot and --plot-from, for a benchmark whose results are a JSON file written
+    after every measurement and can be drawn again later, on any machine (see report)."""
+    parser.add_argument("--json", help="write the results here (after every measurement)")
+    parser.add_argument("--plot", help="draw a PNG here (needs matplotlib)")
+    parser.add_argument("--plot-from", help="only draw --plot from this --json file")
+
+
+def report(args, benchmark, print_table, plot) -> dict:
+    """benchmark(args)'s results, or with --plot-from those read back from that JSON file,
+    printed by print_table and, with --plot, drawn by plot(results, path)."""
+    results = json.loads(Path(args.plot_from).read_text()) if args.plot_from else benchmark(args)
+    print_table(results)
+    if args.plot:
+        plot(results, args.plot)
+    return results
+
+
+def begin_plot(path: str):
+    """(fig, (left, right)): a figure of two panels side by side, drawn off screen (matplotlib's
+    Agg backend), to be finished by end_plot; None, saying so, where matplotlib is not installed:
+    the plot meant for `path` can then be drawn elsewhere with --plot-from."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}; draw it elsewhere with "
+              f"--plot-from <the --json file> --plot {path}")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, 2, figsize=(11, 4.2))
+
+
+def end_plot(fig, path: str, xs: list[int], log_axis) -> bool:
+    """Writes to path (a PNG) a begin_plot figure whose panels share the x values xs: on each,
+    x ticks at exactly those, labelled plainly, a grid and a legend; log_axis, a log-scale axis,
+    labelled in plain numbers (200, not 2 x 10^2), its minor ticks only at the 2s and 5s (20, 50,
+    200, 500, ...: not every minor tick). True, as a plot function returns when it drew."""
+    from matplotlib.ticker import FuncFormatter
+
+    log_axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    log_axis.set_minor_formatter(FuncFormatter(
+        lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
+    for axes in fig.axes:
+        axes.set_xticks(xs, [str(x) for x in xs])
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+    return True
 
 
 def main() -> None:

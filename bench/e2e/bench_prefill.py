@@ -32,28 +32,29 @@ run cut short keeps what it measured; an HF length that runs out of memory is re
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import inspect
-import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from statistics import median
 
 import torch
 from bench_decode import (
-    SYNTHETIC_MODELS,
     StepCost,
-    device_name,
+    describe_run,
     free_device_memory,
     load_hf,
     random_prompts,
-    synthetic_model_dir,
+    run_and_save,
 )
-from bench_e2e import model_parser, sync
-from bench_offline import git_commit, matmul_peak
+from bench_e2e import (
+    add_output_options,
+    begin_plot,
+    end_plot,
+    model_parser,
+    report,
+    sync,
+)
+from bench_offline import matmul_peak
 from fastgen import LLM, SamplingParams
 from fastgen.config import DTYPES, EngineConfig
 
@@ -217,12 +218,11 @@ def run(args, model: str, load_format: str, results: dict, save) -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"model {results['model']} ({results['weights']} weights, {results['dtype']})  "
-          f"device {results['device_name']}  {results['date']}  commit {results['commit']}")
-    cost = results["cost"]
+    print(describe_run(results))
     print(f"one sequence, first token (greedy), prefix caching off; TTFT the median of "
           f"{results['repeats']} runs after a warm-up (1 where the warm-up took over "
           f"{results['long_s']:g} s)")
+    cost = results["cost"]
     print(f"FLOPs = 2 x {cost['matmul_weights']:.3g} matmul weights x L + "
           f"{cost['flops_per_pair']} x L(L+1)/2 (attention) + 2 x {cost['head_weights']:.3g} "
           f"(LM head, last position)")
@@ -253,17 +253,12 @@ def print_table(results: dict) -> None:
 def plot(results: dict, path: str) -> bool:
     """TTFT and the fraction of the matmul rate against prompt length, per engine. Returns
     False, saying so, when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: no plot written to {path}; draw it elsewhere with "
-              f"--plot-from <the --json file> --plot {path}")
+    panels = begin_plot(path)
+    if panels is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullLocator
+    from matplotlib.ticker import NullLocator
 
-    fig, (ttft, util) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ttft, util) = panels
     chunk = results["max_num_batched_tokens"]["fastgen_chunked"]
     labels = {**ENGINES, "fastgen_chunked": f"fastgen, chunked ({chunk} tokens/step)"}
     styles = {"fastgen_chunked": "o-C0", "fastgen_one_step": "^--C2", "hf": "s-C1"}
@@ -280,18 +275,9 @@ def plot(results: dict, path: str) -> bool:
              title=f"{results['model']}, {results['dtype']}, one sequence")
     util.set(xscale="log", xlabel="prompt tokens", ylabel="TFLOP/s, % of same-run matmul",
              ylim=(0, None), title=f"{results['device_name']}, {results['date'][:10]}")
-    ttft.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ttft.yaxis.set_minor_formatter(FuncFormatter(  # 20, 50, 200, 500, ...: not every minor tick
-        lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
     for axes in (ttft, util):
-        axes.set_xticks(lengths, [str(n) for n in lengths])
-        axes.xaxis.set_minor_locator(NullLocator())
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot written to {path}")
-    return True
+        axes.xaxis.set_minor_locator(NullLocator())  # no log minor ticks: end_plot's lengths alone
+    return end_plot(fig, path, lengths, ttft.yaxis)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -307,48 +293,19 @@ def main(argv: list[str] | None = None) -> dict:
                         help="side of the square matmul that sets the compute roof "
                              "(default 8192 on CUDA, 1024 on CPU)")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
-    parser.add_argument("--json", help="write the results here (after every measurement)")
-    parser.add_argument("--plot", help="draw a PNG here (needs matplotlib)")
-    parser.add_argument("--plot-from", help="only draw --plot from this --json file")
+    add_output_options(parser)
     args = parser.parse_args(argv)
 
     if args.matmul_size is None:
         args.matmul_size = 8192 if args.device.startswith("cuda") else 1024
-
-    if args.plot_from:
-        results = json.loads(Path(args.plot_from).read_text())
-    else:
-        results = benchmark(args)
-    print_table(results)
-    if args.plot:
-        plot(results, args.plot)
-    return results
+    return report(args, benchmark, print_table, plot)
 
 
 def benchmark(args) -> dict:
-    """The run's description, then run(), in a folder that holds a synthetic model's files."""
-    load_format = "random" if args.model in SYNTHETIC_MODELS else args.load_format
-    results = {"model": args.model, "weights": "random" if load_format == "random" else "real",
-               "dtype": args.dtype, "device": args.device, "device_name": device_name(args.device),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "commit": git_commit(), "torch": torch.__version__,
-               "transformers": importlib.metadata.version("transformers"),
-               "prompt_lens": sorted(int(n) for n in args.prompt_lens.split(",")),
-               "repeats": args.repeats, "long_s": args.long_s, "matmul_size": args.matmul_size}
+    """A fresh run's results, described by its prompt lengths and timing options."""
+    return run_and_save(args, run, prompt_lens=sorted(int(n) for n in args.prompt_lens.split(",")),
+                        repeats=args.repeats, long_s=args.long_s, matmul_size=args.matmul_size)
 
-    def save() -> None:
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fastgen-bench-") as folder:
-        model = args.model
-        if model in SYNTHETIC_MODELS:
-            model = str(synthetic_model_dir(SYNTHETIC_MODELS[model], Path(folder)))
-        run(args, model, load_format, results, save)
-    results["wall_s"] = time.perf_counter() - start
-    save()
-    return results
 
 if __name__ == "__main__":
     main()

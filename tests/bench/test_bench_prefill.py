@@ -27,14 +27,17 @@ def bench():
 
 
 def run_tiny(bench, json_path: Path, *extra: str) -> dict:
-    bench.SYNTHETIC_MODELS["tiny"] = {**bench.SYNTHETIC_MODELS["llama3.1-8b"], **TINY}
+    # The presets --model takes: bench_prefill's runs go through bench_decode's run_and_save.
+    from bench_decode import SYNTHETIC_MODELS
+
+    SYNTHETIC_MODELS["tiny"] = {**SYNTHETIC_MODELS["llama3.1-8b"], **TINY}
     try:
         return bench.main(["--model", "tiny", "--device", "cpu", "--dtype", "bfloat16",
                            "--prompt-lens", ",".join(map(str, LENGTHS)),
                            "--chunk-tokens", str(CHUNK), "--matmul-size", "256",
                            "--json", str(json_path), *extra])
     finally:
-        del bench.SYNTHETIC_MODELS["tiny"]
+        del SYNTHETIC_MODELS["tiny"]
 
 
 @pytest.fixture(scope="module")
