@@ -3,7 +3,8 @@ streams and cancels requests at any time.
 
     engine = AsyncLLMEngine(LLMEngine(config))
     engine.start()                        # or engine.run_forever() on a thread of your own
-    stream = engine.add_request(token_ids, SamplingParams(max_tokens=64))  # may raise at once
+    stream = engine.add_request(token_ids, SamplingParams(max_tokens=64),
+                                RequestOutputKind.DELTA)  # may raise at once
     try:
         async for out in stream:          # one RequestOutput per step that advanced it
             send(out.outputs[0].delta)
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 from fastgen.config import SamplingParams
 from fastgen.engine.engine import LLMEngine
-from fastgen.outputs import RequestOutput
+from fastgen.outputs import RequestOutput, RequestOutputKind
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,11 @@ class RequestStream:
     """One request's outputs as an async iterator; ends after the finished one."""
 
     def __init__(self, engine: AsyncLLMEngine, prompt_token_ids: list[int],
-                 params: SamplingParams, prompt: str | None):
+                 params: SamplingParams, prompt: str | None, output_kind: RequestOutputKind):
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.prompt = prompt
+        self.output_kind = output_kind
         self.request_id: int | None = None  # the LLMEngine's, once the engine thread adds it
         self.finished = False
         self._engine = engine
@@ -131,25 +133,30 @@ class AsyncLLMEngine:
             self._thread = None
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> RequestStream:
+                    prompt: str | None = None,
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+                    ) -> RequestStream:
         """Queues a request; call from the event loop. Raises ValueError when it could never
-        run and QueueFullError when too many are waiting."""
+        run and QueueFullError when too many are waiting. output_kind: as LLMEngine.add_request
+        (a server streams DELTA outputs)."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         self.engine.check_request(len(prompt_token_ids), params)
         if self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"{self.max_waiting_requests} requests are already waiting; "
                                  f"retry later")
-        stream = RequestStream(self, list(prompt_token_ids), params, prompt)
+        stream = RequestStream(self, list(prompt_token_ids), params, prompt, output_kind)
         with self._wakeup:
             self._inbox.append(stream)
             self._wakeup.notify()
         return stream
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None,
+                       output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+                       ) -> AsyncIterator[RequestOutput]:
         """add_request and iterate, cancelling the request if the caller stops early."""
-        stream = self.add_request(prompt_token_ids, params, prompt)
+        stream = self.add_request(prompt_token_ids, params, prompt, output_kind)
         try:
             async for out in stream:
                 yield out
@@ -205,7 +212,7 @@ class AsyncLLMEngine:
             return  # aborted before it reached the engine
         try:
             stream.request_id = engine.add_request(stream.prompt_token_ids, stream.params,
-                                                   stream.prompt)
+                                                   stream.prompt, stream.output_kind)
         except ValueError as error:
             stream._put(error)
             return

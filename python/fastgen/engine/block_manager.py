@@ -130,16 +130,22 @@ class BlockManager:
     # Later steps: the table grows to cover the tokens the step writes, positions
     # num_cached_tokens .. num_tokens - 1.
 
+    # These two run for every running sequence at every step: blocks_for and num_free_blocks
+    # are written out inline.
+
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(seq.block_table) + self.num_free_blocks
+        return (-(-num_tokens // self.block_size)
+                <= len(seq.block_table) + len(self._free) + len(self._evictable))
 
     def append_slots(self, seq: Sequence, num_tokens: int) -> None:
-        needed = self.blocks_for(num_tokens) - len(seq.block_table)
-        if needed > 0:
-            seq.block_table.extend(self._take(needed, seq))
-        first = seq.num_cached_tokens // self.block_size
-        for block in seq.block_table[first:self.blocks_for(num_tokens)]:
-            assert self._ref_count[block] == 1 and self._hash_of[block] is None, \
+        table = seq.block_table
+        end = -(-num_tokens // self.block_size)  # blocks the table must hold
+        if end > len(table):
+            table.extend(self._take(end - len(table), seq))
+        ref_count, hash_of = self._ref_count, self._hash_of
+        for i in range(seq.num_cached_tokens // self.block_size, end):
+            block = table[i]
+            assert ref_count[block] == 1 and hash_of[block] is None, \
                 f"sequence {seq.seq_id} would write into shared or cached block {block}"
 
     def cache_blocks(self, seq: Sequence, num_tokens: int) -> None:
@@ -150,6 +156,8 @@ class BlockManager:
             return
         first = seq.num_cached_tokens // self.block_size
         last = num_tokens // self.block_size
+        if first == last:
+            return  # no block completed (most decode steps)
         hashes = self._hashes(seq, last)
         for i in range(first, last):
             block, h = seq.block_table[i], hashes[i]

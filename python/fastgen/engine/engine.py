@@ -1,7 +1,8 @@
 """The engine: requests in, tokens and text out, one batched forward pass per `step()`.
 
     engine = LLMEngine(EngineConfig())
-    rid = engine.add_request(token_ids, SamplingParams(max_tokens=32))
+    rid = engine.add_request(token_ids, SamplingParams(max_tokens=32),
+                             output_kind=RequestOutputKind.DELTA)
     while engine.has_unfinished():
         for out in engine.step():
             print(out.request_id, out.outputs[0].delta, out.finished)
@@ -12,10 +13,20 @@ of any running or newly admitted sequences), has the model runner run it, then a
 sampled token, detokenizes it and checks the sample's stop conditions. Both front ends drive this
 same object: LLM.generate by calling step() until done, the server through AsyncLLMEngine, which
 calls it from one thread while requests arrive and leave at any time.
+
+A request's outputs are built only as its RequestOutputKind asks (fastgen.outputs): at every step
+with everything so far (CUMULATIVE, the default), with what is new (DELTA), or once at the end
+(FINAL_ONLY); so a step's host work beyond the forward pass is the sampled tokens'
+detokenization and stop checks, and outputs only for those who read them.
+
+At the end of __init__ the objects that loading created (a few hundred thousand: torch,
+transformers, the model) are frozen out of the garbage collector's reach, as vLLM does: a full
+collection would otherwise walk them all, a pause of ~0.25 s in the middle of some later step.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,11 +34,11 @@ from dataclasses import dataclass, field
 from fastgen import loader
 from fastgen.config import EngineConfig, SamplingParams
 from fastgen.engine.block_manager import BlockManager
-from fastgen.engine.detokenizer import IncrementalDetokenizer
-from fastgen.engine.model_runner import ModelRunner
+from fastgen.engine.detokenizer import IncrementalDetokenizer, text_decoder
+from fastgen.engine.model_runner import ModelRunner, StepResult
 from fastgen.engine.scheduler import Scheduler
 from fastgen.engine.sequence import Sequence
-from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput
+from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput, RequestOutputKind
 
 
 @dataclass
@@ -54,12 +65,24 @@ class EngineStats:
 class _Sample:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
+    num_sent_tokens: int = 0  # output tokens already handed out in DELTA outputs
 
     def output(self) -> CompletionOutput:
+        """Everything so far (CUMULATIVE, FINAL_ONLY)."""
         seq, detok = self.seq, self.detokenizer
         return CompletionOutput(seq.index, detok.text, seq.output_token_ids, detok.finish_reason,
                                 None if seq.output_logprobs is None else list(seq.output_logprobs),
                                 detok.pop_delta())
+
+    def delta_output(self) -> CompletionOutput:
+        """What is new since the previous output (DELTA)."""
+        seq, detok = self.seq, self.detokenizer
+        start = self.num_sent_tokens
+        token_ids = seq.token_ids[seq.num_prompt_tokens + start:]
+        self.num_sent_tokens += len(token_ids)
+        logprobs = None if seq.output_logprobs is None else seq.output_logprobs[start:]
+        delta = detok.pop_delta()
+        return CompletionOutput(seq.index, delta, token_ids, detok.finish_reason, logprobs, delta)
 
 
 @dataclass
@@ -68,19 +91,26 @@ class _Request:
     samples: list[_Sample]
     prompt: str | None
     prompt_token_ids: list[int]  # kept apart so an output per step does not copy the prompt
+    output_kind: RequestOutputKind
+    num_unfinished: int = 0  # samples without a finish reason
+    # [None, *the first sample's prompt logprobs], made once they are all in (outputs share it).
+    prompt_logprobs: list | None = None
 
     @property
     def finished(self) -> bool:
-        return all(s.detokenizer.finish_reason is not None for s in self.samples)
+        return self.num_unfinished == 0
 
     def output(self) -> RequestOutput:
         first = self.samples[0].seq
-        prompt_logprobs = None
-        if first.prompt_logprobs is not None and \
+        if self.prompt_logprobs is None and first.prompt_logprobs is not None and \
                 len(first.prompt_logprobs) == first.num_prompt_tokens - 1:
-            prompt_logprobs = [None, *first.prompt_logprobs]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [s.output() for s in self.samples], prompt_logprobs)
+            self.prompt_logprobs = [None, *first.prompt_logprobs]
+        if self.output_kind is RequestOutputKind.DELTA:
+            samples = [s.delta_output() for s in self.samples]
+        else:
+            samples = [s.output() for s in self.samples]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, samples,
+                             self.prompt_logprobs)
 
 
 class LLMEngine:
@@ -89,6 +119,7 @@ class LLMEngine:
         self.config = config
         self.loaded = loaded if loaded is not None else loader.load_model(config)
         self.tokenizer = self.loaded.tokenizer
+        self._decode = text_decoder(self.tokenizer)  # shared by every request's detokenizer
         self.eos_token_ids = list(self.loaded.eos_token_ids)
         self.max_model_len = self.loaded.max_model_len
         block_size = config.cache.block_size
@@ -104,6 +135,8 @@ class LLMEngine:
         self._sample_of: dict[int, tuple[_Request, _Sample]] = {}  # by seq_id
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
+        gc.collect()
+        gc.freeze()
 
     # Load, for metrics and admission control.
 
@@ -128,9 +161,11 @@ class LLMEngine:
         self.scheduler.check(num_prompt_tokens, params.max_tokens)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    prompt: str | None = None) -> int:
+                    prompt: str | None = None,
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> int:
         """Queues a request and returns its id. ValueError when the prompt can never run.
-        max_tokens is capped to the room the context leaves after the prompt."""
+        max_tokens is capped to the room the context leaves after the prompt. output_kind: which
+        outputs step() returns for it (see fastgen.outputs)."""
         params = params if params is not None else SamplingParams()
         prompt_token_ids = list(prompt_token_ids)
         if not prompt_token_ids:
@@ -138,14 +173,15 @@ class LLMEngine:
         self.check_request(len(prompt_token_ids), params)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = min(params.max_tokens, room)
-        request = _Request(next(self._request_ids), [], prompt, prompt_token_ids)
+        request = _Request(next(self._request_ids), [], prompt, prompt_token_ids, output_kind,
+                           num_unfinished=params.n)
         for index in range(params.n):
             generator = (self.model_runner.sampler.make_generator(params.seed + index)
                          if params.seed is not None else None)
             seq = Sequence(next(self._seq_ids), prompt_token_ids, params, max_tokens, generator,
                            index)
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params,
-                                                 self.eos_token_ids, max_tokens)
+                                                 self.eos_token_ids, max_tokens, self._decode)
             sample = _Sample(seq, detokenizer)
             request.samples.append(sample)
             self._sample_of[seq.seq_id] = (request, sample)
@@ -166,6 +202,7 @@ class LLMEngine:
             self.scheduler.abort(sample.seq)
             if sample.detokenizer.finish_reason is None:
                 sample.detokenizer.finish(FinishReason.ABORT)
+                request.num_unfinished -= 1
             del self._sample_of[sample.seq.seq_id]
         self._count_finished(FinishReason.ABORT)
 
@@ -173,7 +210,8 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns an output for every request that advanced."""
+        """Runs one batch; returns an output for every request that advanced, but those added
+        FINAL_ONLY, whose one output comes with the step that finishes them."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -186,42 +224,61 @@ class LLMEngine:
             stats.prefix_cache_queried_tokens += len(seq)
             stats.prefix_cache_hit_tokens += seq.num_cached_tokens
         results = self.model_runner.run(batch)
-        advanced: dict[int, _Request] = {}
-        for seq, result in zip(batch.seqs, results):
-            request, sample = self._sample_of[seq.seq_id]
-            if result.prompt_logprobs is not None:
-                seq.prompt_logprobs.extend(result.prompt_logprobs)
-            if result.token is not None:
-                stats.generation_tokens += 1
-                seq.append_token(result.token, result.logprobs)
-                reason = sample.detokenizer.append(result.token)
-            elif seq.max_tokens == 0 and seq.num_cached_tokens == len(seq):
-                reason = FinishReason.LENGTH  # a scored prompt: nothing to generate
-                sample.detokenizer.finish(reason)
-            else:
-                continue  # a prompt chunk short of the end: nothing to report yet
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._sample_of[seq.seq_id]
-            advanced[request.request_id] = request
         outputs = []
-        for request in advanced.values():
+        for request in self._advance(batch.seqs, results):
             outputs.append(request.output())
             if request.finished:
                 del self._requests[request.request_id]
                 self._count_finished(request.samples[0].detokenizer.finish_reason)
         return outputs
 
+    def _advance(self, seqs: list[Sequence], results: list[StepResult]) -> list[_Request]:
+        """Appends each sampled token to its sequence and detokenizer, and finishes the samples
+        that stop. Returns the requests that advanced and want an output now (not those added
+        FINAL_ONLY, until they finish), each once, in batch order."""
+        final_only = RequestOutputKind.FINAL_ONLY
+        sample_of = self._sample_of
+        reporting: dict[int, _Request] = {}
+        finished: list[tuple[Sequence, FinishReason]] = []
+        num_sampled = 0
+        for seq, result in zip(seqs, results):
+            request, sample = sample_of[seq.seq_id]
+            if result.prompt_logprobs is not None:
+                seq.prompt_logprobs.extend(result.prompt_logprobs)
+            token = result.token
+            if token is not None:
+                num_sampled += 1
+                seq.append_token(token, result.logprobs)
+                reason = sample.detokenizer.append(token)
+            elif seq.max_tokens == 0 and seq.num_cached_tokens == len(seq):
+                reason = FinishReason.LENGTH  # a scored prompt: nothing to generate
+                sample.detokenizer.finish(reason)
+            else:
+                continue  # a prompt chunk short of the end: nothing to report yet
+            if reason is not None:
+                finished.append((seq, reason))
+                request.num_unfinished -= 1
+            if request.output_kind is not final_only or request.num_unfinished == 0:
+                reporting[request.request_id] = request
+        self.stats.generation_tokens += num_sampled
+        if finished:
+            self.scheduler.finish_all(finished)
+            for seq, _ in finished:
+                del sample_of[seq.seq_id]
+        return list(reporting.values())
+
     def _count_finished(self, reason: FinishReason) -> None:
         counts = self.stats.requests_finished
         counts[reason.value] = counts.get(reason.value, 0) + 1
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-               prompt: str | None = None) -> Iterator[RequestOutput]:
+               prompt: str | None = None,
+               output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+               ) -> Iterator[RequestOutput]:
         """Adds one request and steps the engine until it finishes, yielding its outputs (read
         `.delta` for the new text). Other requests in the engine advance too, but their outputs
         from these steps are not returned: serve several at once with `step()` instead."""
-        request_id = self.add_request(prompt_token_ids, params, prompt)
+        request_id = self.add_request(prompt_token_ids, params, prompt, output_kind)
         try:
             while True:
                 for out in self.step():

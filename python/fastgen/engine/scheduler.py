@@ -140,9 +140,15 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Marks a running sequence finished and returns its blocks."""
-        seq.finish(reason)
-        self.running.remove(seq)
-        self.block_manager.free(seq)
+        self.finish_all([(seq, reason)])
+
+    def finish_all(self, finished: list[tuple[Sequence, FinishReason]]) -> None:
+        """finish() for each (sequence, reason), in order, in one pass over the running list
+        (a step may finish the whole batch)."""
+        for seq, reason in finished:
+            seq.finish(reason)
+            self.block_manager.free(seq)
+        self.running = [seq for seq in self.running if seq.status is SequenceStatus.RUNNING]
 
     def abort(self, seq: Sequence) -> None:
         """Drops a sequence wherever it is; a no-op when it has finished."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastgen.config import CacheConfig, EngineConfig, LoadFormat, SamplingParams
 from fastgen.engine.engine import LLMEngine
-from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput
+from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput, RequestOutputKind
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "FinishReason"]
 
@@ -104,20 +104,20 @@ class LLM:
         try:
             for index, (text, ids, params) in enumerate(zip(texts, token_ids, sampling_params)):
                 try:
-                    order[engine.add_request(ids, params, text)] = index
+                    order[engine.add_request(ids, params, text,
+                                             RequestOutputKind.FINAL_ONLY)] = index
                 except ValueError as e:
                     raise ValueError(f"prompt {index}: {e}" if len(token_ids) > 1 else str(e)) \
                         from None
             results: list[RequestOutput | None] = [None] * len(token_ids)
             progress = _progress_bar(len(token_ids), use_tqdm)
             while engine.has_unfinished():
-                for out in engine.step():
-                    if out.finished:
-                        for sample in out.outputs:
-                            sample.delta = ""  # everything is in .text
-                        results[order.pop(out.request_id)] = out
-                        if progress is not None:
-                            progress.update(1)
+                for out in engine.step():  # only finished requests' outputs (FINAL_ONLY)
+                    for sample in out.outputs:
+                        sample.delta = ""  # everything is in .text
+                    results[order.pop(out.request_id)] = out
+                    if progress is not None:
+                        progress.update(1)
             if progress is not None:
                 progress.close()
             return results

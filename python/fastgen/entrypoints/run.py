@@ -102,6 +102,7 @@ def _read_stdin() -> str:
 
 def _run_fastgen(args, prompts: list[str], params: SamplingParams):
     from fastgen.entrypoints.llm import LLM
+    from fastgen.outputs import RequestOutputKind
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, enforce_eager=args.enforce_eager)
     stream = len(prompts) == 1 and not args.json and sys.stdout.isatty()
@@ -117,7 +118,7 @@ def _run_fastgen(args, prompts: list[str], params: SamplingParams):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}],
                                              add_generation_prompt=True, tokenize=False)
         ids = tokenizer.encode(text, add_special_tokens=False)
-    for out in llm.engine.stream(ids, params, prompts[0]):
+    for out in llm.engine.stream(ids, params, prompts[0], RequestOutputKind.DELTA):
         sys.stdout.write(out.delta)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -196,6 +196,7 @@ def _batches(rows: list[int], size: int) -> list[list[int]]:
 def _generate(llm, config: JobConfig, prompts: Prompts, pending: list[int], work: WorkDir,
               layout: Layout, resumed: int) -> ShardStats:
     from fastgen.config import SamplingParams
+    from fastgen.outputs import RequestOutputKind
 
     encoded = _encode(llm, config, prompts, pending)
     n = config["data.n_samples"]
@@ -224,10 +225,11 @@ def _generate(llm, config: JobConfig, prompts: Prompts, pending: list[int], work
                         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                         ignore_eos=config["rollout.ignore_eos"],
                         seed=config["rollout.seed"] + row * n)
-                    owner[engine.add_request(ids, params)] = (batch, row)
+                    request_id = engine.add_request(ids, params,
+                                                    output_kind=RequestOutputKind.FINAL_ONLY)
+                    owner[request_id] = (batch, row)
+            # Only finished requests have outputs (FINAL_ONLY).
             for out in engine.step() if engine.has_unfinished() else []:
-                if not out.finished:
-                    continue
                 batch, row = owner.pop(out.request_id)
                 _, num_prompt_tokens, truncated = encoded[row]
                 batch.results[row] = _record(row, out.outputs, num_prompt_tokens, truncated)

@@ -7,6 +7,7 @@ AsyncLLMEngine as the OpenAI routes, so existing Megatron clients can point at f
 
 Each prompt is its own engine request, all submitted at once (continuous batching batches them
 with everyone else's); the answer waits for the last. A client that disconnects first aborts them.
+The engine sends each request's DELTA outputs (timed for the metrics as they come), added up here.
 
 Megatron's validation rules, field by field and in its order, with two differences: every
 refusal is HTTP 400 with the app's JSON error (Megatron answers most with a bare string and HTTP
@@ -43,7 +44,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fastgen.config import SamplingParams
 from fastgen.engine.async_engine import RequestStream
-from fastgen.outputs import RequestOutput
+from fastgen.outputs import RequestOutput, RequestOutputKind
 from fastgen.server.errors import APIError
 from fastgen.server.metrics import RequestMetrics
 
@@ -226,7 +227,8 @@ async def megatron_generate(request: Request) -> Response:
     timers: list[RequestMetrics] = []
     try:
         for index, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids)):
-            streams.append(engine.add_request(ids, req.sampling_params(index), prompt))
+            streams.append(engine.add_request(ids, req.sampling_params(index), prompt,
+                                              RequestOutputKind.DELTA))
             timers.append(metrics.request("megatron", arrival, len(ids)))
         outputs = await _final_outputs(request, streams, timers)
     finally:
@@ -261,7 +263,7 @@ async def _final_outputs(request: Request, streams: list[RequestStream],
                          timers: list[RequestMetrics]) -> list[RequestOutput] | None:
     """Each stream's last output, in order; None when the client disconnects first. A stream
     that failed raises its error, once every stream has ended."""
-    everything = asyncio.gather(*(_last_output(s, t) for s, t in zip(streams, timers)),
+    everything = asyncio.gather(*(_final_output(s, t) for s, t in zip(streams, timers)),
                                 return_exceptions=True)
     gone = asyncio.ensure_future(_disconnect(request))
     try:
@@ -278,12 +280,13 @@ async def _final_outputs(request: Request, streams: list[RequestStream],
     return outputs
 
 
-async def _last_output(stream: RequestStream, timer: RequestMetrics) -> RequestOutput:
-    last = None
+async def _final_output(stream: RequestStream, timer: RequestMetrics) -> RequestOutput:
+    """The stream's DELTA outputs added up."""
+    final = None
     async for out in stream:
         timer.observe(out)
-        last = out
-    return last
+        final = RequestOutput.accumulate(out) if final is None else final.add(out)
+    return final
 
 
 async def _disconnect(request: Request) -> None:

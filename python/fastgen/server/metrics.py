@@ -100,15 +100,16 @@ class RequestMetrics:
         self.done = False
 
     def observe(self, out: RequestOutput) -> None:
+        """Takes the request's next DELTA output (see fastgen.outputs.RequestOutputKind)."""
         now = time.monotonic()
-        num_tokens = sum(len(sample.token_ids) for sample in out.outputs)
-        if num_tokens > self._num_tokens:
+        num_new = sum(len(sample.token_ids) for sample in out.outputs)
+        if num_new:
             if self._last is None:
                 self._metrics.time_to_first_token.observe(now - self._arrival)
             else:
                 self._metrics.inter_token_latency.observe(now - self._last)
             self._last = now
-            self._num_tokens = num_tokens
+            self._num_tokens += num_new
         if out.finished:
             self._end(out.finish_reason.value, now)
 

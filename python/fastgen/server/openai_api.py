@@ -3,7 +3,8 @@
 A request becomes one engine request per prompt (a completions `prompt` may be a list; a chat
 has one conversation), each with n samples: choice index = prompt index * n + sample index. The
 engine requests run as one `_Generation`: their outputs merged into one async stream, each timed
-for the metrics, all cancelled by `close()`.
+for the metrics, all cancelled by `close()`. The engine sends DELTA outputs (what is new at each
+step), streaming or not; the generation adds them up into each prompt's final output.
 
 - Non-streaming: the final outputs become one JSON body. Meanwhile a task waits for the
   client's disconnect message and cancels the generation if it comes first (uvicorn never
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ValidationError
 
 from fastgen.config import SamplingParams
 from fastgen.engine.async_engine import AsyncLLMEngine, RequestStream
-from fastgen.outputs import Logprobs, RequestOutput
+from fastgen.outputs import Logprobs, RequestOutput, RequestOutputKind
 from fastgen.server.errors import APIError, error_body
 from fastgen.server.metrics import RequestMetrics
 from fastgen.server.protocol import (
@@ -214,17 +215,17 @@ class _Generation:
         state = request.app.state
         self.prompts = prompts
         self.n = params.n
+        # Per prompt, its DELTA outputs so far added up (whole once finished).
         self.finals: list[RequestOutput | None] = [None] * len(prompts)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._streams: list[RequestStream] = []
         self._timers: list[RequestMetrics] = []
         self._pumps: list[asyncio.Task] = []
-        self._sent_tokens = [0] * (len(prompts) * self.n)  # per choice
-        self._ended = [False] * (len(prompts) * self.n)
+        self._ended = [False] * (len(prompts) * self.n)  # per choice
         try:
             for prompt in prompts:  # all or none: a refusal cancels those already queued
-                self._streams.append(state.engine.add_request(prompt.token_ids, params,
-                                                              prompt.text))
+                self._streams.append(state.engine.add_request(
+                    prompt.token_ids, params, prompt.text, RequestOutputKind.DELTA))
         except BaseException:
             self.close()
             raise
@@ -243,31 +244,30 @@ class _Generation:
         self._queue.put_nowait((None, _ClientGone()))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) as the engine produces them, until every request finished.
-        Raises an engine error (ValueError, ...) or _ClientGone."""
+        """(prompt index, DELTA output) as the engine produces them, until every request
+        finished. Raises an engine error (ValueError, ...) or _ClientGone."""
         remaining = len(self._streams)
         while remaining:
             index, item = await self._queue.get()
             if isinstance(item, BaseException):
                 raise item
             self._timers[index].observe(item)
+            final = self.finals[index]
+            self.finals[index] = (RequestOutput.accumulate(item) if final is None
+                                  else final.add(item))
             if item.finished:
-                self.finals[index] = item
                 remaining -= 1
             yield index, item
 
     def pieces(self, index: int, out: RequestOutput) -> Iterator[_Piece]:
-        """What each sample of prompt `index` has new in `out` (none for a sample that did
-        not advance); a sample's finish reason comes once, on its last piece."""
+        """What each sample of prompt `index` has new in the DELTA output `out` (none for a
+        sample that did not advance); a sample's finish reason comes once, on its last piece."""
         for sample in out.outputs:
             choice = index * self.n + sample.index
             if self._ended[choice]:
                 continue
-            start = self._sent_tokens[choice]
-            token_ids = sample.token_ids[start:]
-            self._sent_tokens[choice] = len(sample.token_ids)
             self._ended[choice] = sample.finished
-            logprobs = None if sample.logprobs is None else sample.logprobs[start:]
+            token_ids, logprobs = sample.token_ids, sample.logprobs
             # Tokens whose text is held back (part of a character or of a stop string) are
             # worth a piece only for their logprobs.
             if not (sample.delta or sample.finished or (logprobs and token_ids)):
