@@ -67,6 +67,7 @@ from bench_e2e import (
 from bench_offline import git_commit, matmul_peak
 from fastgen import LLM, SamplingParams
 from fastgen.config import DTYPES
+from fastgen.outputs import RequestOutputKind
 
 # meta-llama/Llama-3.1-8B-Instruct's config.json, in the key names both transformers 4 and 5 read.
 LLAMA31_8B = {
@@ -193,19 +194,21 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: int,
     engine = llm.engine
     stats = engine.stats
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    for prompt in prompts:
-        engine.add_request(prompt, params)
+    for prompt in prompts:  # outputs only at the end, as LLM.generate asks for them
+        engine.add_request(prompt, params, output_kind=RequestOutputKind.FINAL_ONLY)
+    prompt_tokens, generated_before = sum(len(p) for p in prompts), stats.generation_tokens
     steps = []
     while engine.has_unfinished():
         prefilled, decoded = stats.prefill_tokens, stats.decode_tokens
         sync(device)
         start = time.perf_counter()
-        outputs = engine.step()
+        engine.step()
         sync(device)
         seconds = time.perf_counter() - start
         # A sequence with k output tokens after a decode step fed token k - 1 and attended to
-        # its prompt and those k - 1 tokens plus itself.
-        keys = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outputs)
+        # its prompt and those k - 1 tokens plus itself. In a step that decoded every sequence,
+        # none has finished, so their k add up to the tokens generated so far.
+        keys = prompt_tokens - len(prompts) + stats.generation_tokens - generated_before
         steps.append(EngineStep(seconds, stats.prefill_tokens - prefilled,
                                 stats.decode_tokens - decoded, keys))
     return steps
