@@ -21,7 +21,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from bench_ops import check, timer
+from bench_ops import check, pyplot, save_figure, timer
 from fastgen import ops
 
 HEADS, KV_HEADS, BLOCK_SIZE = 32, 8, 16
@@ -77,12 +77,8 @@ def bench_point(device: str, time_us, length: int, head_dim: int, total_tokens: 
 
 
 def plot(rows: list[dict], matmul: float, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (the JSON has the numbers)")
+    plt = pyplot()
+    if plt is None:
         return
     dims = sorted({r["head_dim"] for r in rows})
     fig, axes = plt.subplots(1, len(dims), figsize=(5.5 * len(dims), 4), squeeze=False)
@@ -97,9 +93,7 @@ def plot(rows: list[dict], matmul: float, path: str) -> None:
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"causal prefill attention, head size {d}")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -168,10 +168,9 @@ def bench_rotary_and_cache(b: Bench, tokens: int) -> None:
     check("rotary_embedding_and_cache", q_ours, q_eager)
     check("rotary_embedding_and_cache (cache)", caches[0], eager_caches[0])
 
-    def unfused():
-        k_copy = k  # the unfused path rotates k in place (harmless here: the timing repeats it)
-        ops.rotary_embedding(positions, q, k_copy, HEAD_DIM, cos_sin, True)
-        ops.reshape_and_cache(k_copy.view(tokens, KV_HEADS, HEAD_DIM),
+    def unfused():  # rotates k in place, harmless here: only the time is kept
+        ops.rotary_embedding(positions, q, k, HEAD_DIM, cos_sin, True)
+        ops.reshape_and_cache(k.view(tokens, KV_HEADS, HEAD_DIM),
                               v.view(tokens, KV_HEADS, HEAD_DIM), *caches, slots)
 
     nbytes = (2 * q_w + 4 * kv_w) * tokens * qkv.element_size()
@@ -210,13 +209,27 @@ def bench_decode_attention(b: Bench, batch: int, context: int) -> dict:
     return b.rows[-1]
 
 
-def plot(sweeps: dict, copy_gb_s: float, path: str) -> None:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (saying so) where matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (the JSON has the numbers)")
+        return None
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot(sweeps: dict, copy_gb_s: float, path: str) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (title, (xlabel, rows)) in zip(axes, sweeps.items()):
@@ -230,9 +243,7 @@ def plot(sweeps: dict, copy_gb_s: float, path: str) -> None:
         ax.set_ylabel("KV bytes read / time (GB/s)")
         ax.set_title(title)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -115,24 +115,13 @@ attention_kernel(T* __restrict__ out,                       // [num_tokens, num_
   }
 }
 
-// The device's SM count, asked once per device (a cheap attribute query, no sync).
-int num_sms(int device) {
-  static int counts[64] = {};
+// A device attribute, asked once per (attribute, device): a cheap query, but not free per layer.
+template <cudaDeviceAttr ATTR>
+int device_attribute(int device) {
+  static int values[64] = {};
   TORCH_CHECK(device >= 0 && device < 64, "attention: device index ", device, " out of range");
-  if (counts[device] == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
-  }
-  return counts[device];
-}
-
-// Whether the device has the tensor-core instructions the prefill kernel uses (sm_80+).
-bool tensor_core_device(int device) {
-  static int majors[64] = {};
-  TORCH_CHECK(device >= 0 && device < 64, "attention: device index ", device, " out of range");
-  if (majors[device] == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&majors[device], cudaDevAttrComputeCapabilityMajor, device));
-  }
-  return majors[device] >= 8;
+  if (values[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&values[device], ATTR, device));
+  return values[device];
 }
 
 bool plain_kernels_only() {
@@ -203,9 +192,10 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
                        reinterpret_cast<uintptr_t>(value_cache.data_ptr()) % vec_bytes == 0;
   const bool fast = aligned && !plain_kernels_only();
   const bool decode = fast && max_seqlen_q == 1 && num_seqs <= 65535;
-  const bool tensor_cores = fast && !decode && query.scalar_type() != at::kFloat &&
-                            query.size(2) != 256 && num_seqs <= 65535 && query.size(1) <= 65535 &&
-                            tensor_core_device(query.get_device());
+  const bool tensor_cores =
+      fast && !decode && query.scalar_type() != at::kFloat && query.size(2) != 256 &&
+      num_seqs <= 65535 && query.size(1) <= 65535 &&
+      device_attribute<cudaDevAttrComputeCapabilityMajor>(query.get_device()) >= 8;  // sm_80+
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;
@@ -220,7 +210,8 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
       const float scale_f = static_cast<float>(scale);
       if (decode) {
         const int num_splits = decode_attention_num_splits<T, HEAD_DIM>(
-            num_seqs, query.size(1), key_cache.size(2), max_seqlen_k, num_sms(query.get_device()));
+            num_seqs, query.size(1), key_cache.size(2), max_seqlen_k,
+            device_attribute<cudaDevAttrMultiProcessorCount>(query.get_device()));
         // From torch's caching allocator (the graph's pool while a CUDA graph captures).
         const at::Tensor workspace = at::empty(
             {decode_attention_workspace_floats(num_seqs, query.size(1), HEAD_DIM, num_splits)},

@@ -35,6 +35,7 @@ cudaError_t attention_launch(T* out,                       // [num_tokens, num_h
 // (an upper bound on the context is enough; sequences use only the splits their length needs),
 // and workspace holds decode_attention_workspace_floats(...) floats (none when num_splits is 1).
 // A sequence with no visible key (seq_lens_k[b] == 0: a CUDA graph's padding row) gets zeros.
+// Pointers and shapes are attention_launch's; cu_seqlens_q steps by 0 or 1.
 template <typename T, int HEAD_DIM>
 int decode_attention_num_splits(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t max_seqlen_k, int num_sms);
@@ -43,14 +44,9 @@ int64_t decode_attention_workspace_floats(int64_t num_seqs, int64_t num_heads, i
                                           int num_splits);
 
 template <typename T, int HEAD_DIM>
-cudaError_t decode_attention_launch(T* out,                       // [num_tokens, num_heads, HEAD_DIM]
-                                    const T* query,               // [num_tokens, num_heads, HEAD_DIM],
-                                                                  //   rows query_stride apart
-                                    const T* key_cache,           // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
-                                    const T* value_cache,         // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
-                                    const int32_t* cu_seqlens_q,  // [num_seqs + 1], steps of 0 or 1
-                                    const int32_t* seq_lens_k,    // [num_seqs]
-                                    const int32_t* block_tables,  // [num_seqs, max_blocks_per_seq]
+cudaError_t decode_attention_launch(T* out, const T* query, const T* key_cache,
+                                    const T* value_cache, const int32_t* cu_seqlens_q,
+                                    const int32_t* seq_lens_k, const int32_t* block_tables,
                                     float* workspace, int64_t num_seqs, int64_t num_heads,
                                     int64_t num_kv_heads, int64_t block_size,
                                     int64_t max_blocks_per_seq, int64_t query_stride, float scale,
@@ -60,16 +56,12 @@ cudaError_t decode_attention_launch(T* out,                       // [num_tokens
 
 // Batches with prefill tokens on tensor cores (sm_80+): FlashAttention-2's forward over the paged
 // cache, see prefill_attention.cu. T is __half or __nv_bfloat16, HEAD_DIM 64 or 128; rows of query
-// and the caches must be 16-byte aligned. max_seqlen_q bounds every sequence's q_len.
+// and the caches must be 16-byte aligned. Pointers and shapes are attention_launch's;
+// max_seqlen_q bounds every sequence's q_len.
 template <typename T, int HEAD_DIM>
-cudaError_t prefill_attention_launch(T* out,                       // [num_tokens, num_heads, HEAD_DIM]
-                                     const T* query,               // [num_tokens, num_heads, HEAD_DIM],
-                                                                   //   rows query_stride apart
-                                     const T* key_cache,           // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
-                                     const T* value_cache,         // [num_blocks, block_size, num_kv_heads, HEAD_DIM]
-                                     const int32_t* cu_seqlens_q,  // [num_seqs + 1]
-                                     const int32_t* seq_lens_k,    // [num_seqs]
-                                     const int32_t* block_tables,  // [num_seqs, max_blocks_per_seq]
+cudaError_t prefill_attention_launch(T* out, const T* query, const T* key_cache,
+                                     const T* value_cache, const int32_t* cu_seqlens_q,
+                                     const int32_t* seq_lens_k, const int32_t* block_tables,
                                      int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                      int64_t block_size, int64_t max_blocks_per_seq,
                                      int64_t max_seqlen_q, int64_t query_stride, float scale,

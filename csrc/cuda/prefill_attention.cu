@@ -115,8 +115,8 @@ prefill_attention_kernel(T* __restrict__ out,                       // [num_toke
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync on bf16 needs sm_80; the adapter never launches this on older GPUs
 #else
-  using Q = Tile<T, HEAD_DIM>;
-  constexpr int kChunks = Q::kChunks;
+  using Smem = Tile<T, HEAD_DIM>;
+  constexpr int kChunks = Smem::kChunks;
   constexpr int kDimTiles = HEAD_DIM / 8;    // n-tiles of O
   constexpr int kDimSteps = HEAD_DIM / 16;   // k-steps of S = Q K^T
   constexpr int kKeyTiles = kBlockN / 8;     // n-tiles of S
@@ -161,8 +161,8 @@ prefill_attention_kernel(T* __restrict__ out,                       // [num_toke
         const int64_t slot = static_cast<int64_t>(block_table[key / block_size]) * block_size + key % block_size;
         offset = (slot * num_kv_heads + kv_head) * HEAD_DIM + c * 8;
       }
-      cp_async_16(Q::chunk(k_dst, row, c), key_cache + offset, valid);
-      cp_async_16(Q::chunk(v_dst, row, c), value_cache + offset, valid);
+      cp_async_16(Smem::chunk(k_dst, row, c), key_cache + offset, valid);
+      cp_async_16(Smem::chunk(v_dst, row, c), value_cache + offset, valid);
     }
   };
 
@@ -171,7 +171,7 @@ prefill_attention_kernel(T* __restrict__ out,                       // [num_toke
     const int row = i / kChunks, c = i % kChunks;
     const bool valid = m0 + row < q_len;
     const T* src = query + (valid ? (q_begin + m0 + row) * query_stride + static_cast<int64_t>(head) * HEAD_DIM + c * 8 : 0);
-    cp_async_16(Q::chunk(s_q, row, c), src, valid);
+    cp_async_16(Smem::chunk(s_q, row, c), src, valid);
   }
   load_kv(key_begin, 0);
   cp_async_commit();
@@ -204,12 +204,12 @@ prefill_attention_kernel(T* __restrict__ out,                       // [num_toke
 #pragma unroll
     for (int ks = 0; ks < kDimSteps; ++ks) {
       uint32_t a[4];  // Q rows of the warp, dims 16ks..16ks+15
-      ldmatrix_x4(a, Q::chunk(s_q, q_row, ks * 2 + lane / 16));
+      ldmatrix_x4(a, Smem::chunk(s_q, q_row, ks * 2 + lane / 16));
 #pragma unroll
       for (int nt = 0; nt < kKeyTiles; nt += 2) {
         uint32_t b[4];  // b[0], b[1]: key n-tile nt; b[2], b[3]: nt + 1
         const int key_row = nt * 8 + (lane % 8) + (lane / 16) * 8;
-        ldmatrix_x4(b, Q::chunk(const_cast<T*>(k_tile), key_row, ks * 2 + (lane / 8) % 2));
+        ldmatrix_x4(b, Smem::chunk(const_cast<T*>(k_tile), key_row, ks * 2 + (lane / 8) % 2));
         mma_16816<T>(s[nt], a, b[0], b[1]);
         mma_16816<T>(s[nt + 1], a, b[2], b[3]);
       }
@@ -270,7 +270,7 @@ prefill_attention_kernel(T* __restrict__ out,                       // [num_toke
       for (int dt = 0; dt < kDimTiles; dt += 2) {
         uint32_t b[4];  // b[0], b[1]: dims 8dt..8dt+7; b[2], b[3]: the next 8
         const int key_row = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        ldmatrix_x4_trans(b, Q::chunk(const_cast<T*>(v_tile), key_row, dt + lane / 16));
+        ldmatrix_x4_trans(b, Smem::chunk(const_cast<T*>(v_tile), key_row, dt + lane / 16));
         mma_16816<T>(o[dt], p, b[0], b[1]);
         mma_16816<T>(o[dt + 1], p, b[2], b[3]);
       }
