@@ -19,9 +19,9 @@ from transformers import LlamaConfig
 
 from fastgen import loader
 from fastgen.config import CacheConfig, EngineConfig, SamplingParams
-from fastgen.engine.cuda_graph import (PAD_SLOT_ID, DecodeGraphs, bucket_for, capture_sizes,
-                                       is_decode_batch)
+from fastgen.engine.cuda_graph import PAD_SLOT_ID, DecodeGraphs, bucket_for, capture_sizes
 from fastgen.engine.engine import LLMEngine
+from fastgen.engine.model_input import ModelInput, build_model_input
 from fastgen.engine.sequence import Sequence
 from fastgen.ops.tolerances import LOGIT_TOLERANCES, assert_close
 from fastgen.outputs import CompletionOutput
@@ -102,12 +102,19 @@ def test_bucket_is_the_smallest_size_that_holds_the_batch():
 # Which batches the graphs take.
 
 def scheduled(prompt_len: int, cached: int, num_scheduled: int, generated: int = 0,
-              **params) -> Sequence:
+              **params) -> tuple[Sequence, int]:
     seq = Sequence(0, list(range(3, 3 + prompt_len)), SamplingParams(**params),
                    params.get("max_tokens", 16))
     seq.token_ids += [7] * generated
-    seq.num_cached_tokens, seq.num_scheduled = cached, num_scheduled
-    return seq
+    seq.num_cached_tokens = cached
+    seq.block_table = [0] * 8
+    return seq, num_scheduled
+
+
+def is_decode_batch(batch: list[tuple[Sequence, int]]) -> bool:
+    """Whether the step feeding each (sequence, token count) is one the graphs take."""
+    seqs, counts = zip(*batch)
+    return build_model_input(list(seqs), list(counts), BLOCK_SIZE).is_decode
 
 
 def test_only_pure_decode_batches_are_decode_batches():
@@ -152,32 +159,34 @@ def with_static_buffers(engine: LLMEngine, max_num_seqs: int = MAX_NUM_SEQS) -> 
     run = graphs.run
     sizes: list[int] = []
 
-    def checked_run(seqs: list[Sequence]) -> torch.Tensor:
+    def checked_run(model_input: ModelInput) -> torch.Tensor:
         # The eager forward writes the same keys and values into the same slots first.
-        input_ids, positions, meta, _ = runner._prepare(seqs)
-        expected = model.compute_logits(model.forward(input_ids, positions, runner.kv_caches,
-                                                      meta))
-        logits = run(seqs)
+        input_ids = torch.tensor(model_input.input_ids)
+        positions = torch.tensor(model_input.positions)
+        expected = model.compute_logits(model.forward(input_ids, positions,
+                                                      runner.forward_batch(model_input)))
+        logits = run(model_input)
         assert_close(logits, expected.float(), torch.float32)
-        assert_padded(graphs, seqs)
-        sizes.append(len(seqs))
+        assert_padded(graphs, model_input)
+        sizes.append(model_input.num_seqs)
         return logits
 
     graphs.run = checked_run
     return sizes
 
 
-def assert_padded(graphs: DecodeGraphs, seqs: list[Sequence]) -> None:
-    batch, width = len(seqs), max(len(s.block_table) for s in seqs)
+def assert_padded(graphs: DecodeGraphs, model_input: ModelInput) -> None:
+    tables = model_input.block_tables
+    batch, width = len(tables), max(len(t) for t in tables)
     size = bucket_for(graphs.sizes, batch)
     assert graphs.slot_mapping[batch:size].eq(PAD_SLOT_ID).all()
     assert graphs.seq_lens_k[batch:size].eq(1).all()
     assert graphs.input_ids[batch:size].eq(0).all() and graphs.positions[batch:size].eq(0).all()
     assert graphs.block_tables[batch:size, :width].eq(0).all()
-    for row, seq in enumerate(seqs):
-        table = seq.block_table + [0] * (width - len(seq.block_table))
+    for row, (block_table, seq_len) in enumerate(zip(tables, model_input.seq_lens)):
+        table = block_table + [0] * (width - len(block_table))
         assert graphs.block_tables[row, :width].tolist() == table
-        assert graphs.seq_lens_k[row] == len(seq)
+        assert graphs.seq_lens_k[row] == seq_len
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8, 9])
@@ -224,9 +233,9 @@ def eager_batches(engine: LLMEngine) -> list[tuple[int, bool]]:
     runner = engine.model_runner
     run, batches = runner._run_eager, []
 
-    def recorded(seqs: list[Sequence]):
-        batches.append((len(seqs), is_decode_batch(seqs)))
-        return run(seqs)
+    def recorded(model_input: ModelInput):
+        batches.append((model_input.num_seqs, model_input.is_decode))
+        return run(model_input)
 
     runner._run_eager = recorded
     return batches

@@ -5,8 +5,8 @@ max_tokens end a request."""
 import pytest
 
 from fastgen.config import SamplingParams
-from fastgen.engine.detokenizer import IncrementalDetokenizer
 from fastgen.engine.sequence import FinishReason
+from tests.engine.text_stream import TextStream
 from tests.engine.tiny_model import build_tokenizer
 
 TEXT = "The capital of France is Paris. Café 🙂 日本語, naïve!"
@@ -17,7 +17,7 @@ def tokenizer():
     return build_tokenizer()
 
 
-def feed(detok: IncrementalDetokenizer, token_ids: list[int]) -> tuple[list[str], int]:
+def feed(detok: TextStream, token_ids: list[int]) -> tuple[list[str], int]:
     """Appends tokens until one finishes the request; returns the streamed deltas and how many
     tokens were taken."""
     deltas = []
@@ -29,10 +29,9 @@ def feed(detok: IncrementalDetokenizer, token_ids: list[int]) -> tuple[list[str]
     return deltas, len(token_ids)
 
 
-def make(tokenizer, prompt="Hello", eos=(), **params) -> IncrementalDetokenizer:
+def make(tokenizer, prompt="Hello", eos=(), **params) -> TextStream:
     params.setdefault("max_tokens", 100)
-    return IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), SamplingParams(**params),
-                                  list(eos))
+    return TextStream(tokenizer, tokenizer.encode(prompt), SamplingParams(**params), list(eos))
 
 
 def test_multibyte_characters_split_across_tokens_are_held_back(tokenizer):

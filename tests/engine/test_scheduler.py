@@ -7,6 +7,7 @@ import pytest
 
 from fastgen.config import SamplingParams
 from fastgen.engine.block_manager import BlockManager
+from fastgen.engine.model_input import ModelOutput, build_model_input
 from fastgen.engine.scheduler import Scheduler
 from fastgen.engine.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -21,18 +22,20 @@ def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens=64, m
                      max_tokens, max_len)
 
 
+BLOCK_SIZE = 4  # every scheduler here has it
+
+
 def run_step(batch) -> None:
     """What the model runner and engine do with a batch: cache the fed tokens, and append a
-    token to each sequence the step brought to its end."""
-    for seq in batch.seqs:
-        seq.num_cached_tokens += seq.num_scheduled
-        seq.num_scheduled = 0
-        if seq.num_cached_tokens == len(seq):
-            seq.append_token(7)
+    token (7) to each sequence the step brought to its end, applied as the scheduler does."""
+    model_input = build_model_input(batch.seqs, batch.num_scheduled, BLOCK_SIZE)
+    rows = len(model_input.sampling)
+    output = ModelOutput([7] * rows, [None] * rows, [])
+    make_scheduler().update_from_output(batch, model_input, output)
 
 
 def chunks(batch) -> list[tuple[int, int]]:
-    return [(seq.seq_id, seq.num_scheduled) for seq in batch.seqs]
+    return [(seq.seq_id, count) for seq, count in zip(batch.seqs, batch.num_scheduled)]
 
 
 def test_prompts_are_chunked_to_the_token_budget():

@@ -12,9 +12,10 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from fastgen.config import SamplingParams
-from fastgen.engine.detokenizer import IncrementalDetokenizer, text_decoder
+from fastgen.engine.detokenizer import text_decoder
 from fastgen.engine.sequence import FinishReason
 from fastgen.loader.hub import DEFAULT_MODEL_FOLDER, cache_dir
+from tests.engine.text_stream import TextStream
 from tests.engine.tiny_model import CORPUS, SPECIAL_TOKENS, build_tokenizer
 
 TEXT = "The capital of France is Paris. Café 🙂 日本語, naïve! Straße . , ? won 't"
@@ -134,9 +135,8 @@ def test_incremental_deltas_are_those_over_transformers_decode(tiny, stop):
     for ids in sequences:
         runs = []
         for decode in (None, slow):
-            detok = IncrementalDetokenizer(tiny, tiny.encode("Hello"),
-                                           SamplingParams(max_tokens=100, stop=stop), [],
-                                           decode=decode)
+            detok = TextStream(tiny, tiny.encode("Hello"),
+                               SamplingParams(max_tokens=100, stop=stop), [], decode=decode)
             deltas = []
             for token in ids:
                 if detok.append(token) is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.layers.attention import AttentionMetadata, kv_cache_spec
+from fastgen.layers.attention import (AttentionMetadata, ForwardBatch, allocate_kv_caches,
+                                      kv_cache_specs)
 
 
 class PagedHarness:
@@ -19,13 +20,11 @@ class PagedHarness:
     def __init__(self, model, max_seqs: int, max_len: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
         self.model, self.block_size, self.device = model, block_size, device
-        spec = kv_cache_spec(model)
         blocks_per_seq = (max_len + block_size - 1) // block_size
         num_blocks = max_seqs * blocks_per_seq
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_size)  # [N, S, Hkv, D]
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(spec.num_layers)]
+        # each layer's cache as its spec says: [N, S, Hkv, D] keys and values for Llama
+        self.kv_caches = allocate_kv_caches(kv_cache_specs(model, dtype), num_blocks, block_size,
+                                            torch.device(device))
         order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
         self.block_tables = order.view(max_seqs, blocks_per_seq).to(torch.int32)  # [B, M]
         self.seq_lens: list[int] = []
@@ -51,7 +50,7 @@ class PagedHarness:
         with torch.no_grad():
             hidden = self.model(torch.tensor(tokens, device=self.device),
                                 torch.tensor(positions, device=self.device),
-                                self.kv_caches, meta)  # [T, H]
+                                ForwardBatch(meta, self.kv_caches))  # [T, H]
             return self.model.compute_logits(hidden)  # [T, V]
 
     def prefill(self, prompts: list[list[int]]) -> list[torch.Tensor]:

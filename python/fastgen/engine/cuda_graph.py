@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastgen.engine.sequence import Sequence
-from fastgen.layers.attention import AttentionMetadata, KVCache
+from fastgen.engine.model_input import ModelInput
+from fastgen.layers.attention import AttentionMetadata, ForwardBatch
 
 logger = logging.getLogger(__name__)
 
@@ -52,23 +52,16 @@ def bucket_for(sizes: list[int], batch_size: int) -> int | None:
     return sizes[index] if index < len(sizes) else None
 
 
-def is_decode_batch(seqs: list[Sequence]) -> bool:
-    """Whether every sequence feeds one token, its last, and samples from its logits: nothing
-    but one logits row per sequence is needed (no prompt chunk, no prompt logprobs, no scored
-    prompt)."""
-    return all(s.num_scheduled == 1 and s.num_cached_tokens + 1 == len(s) and s.max_tokens > 0
-               for s in seqs)
-
-
 class DecodeGraphs:
     """The static buffers and, per bucket, a captured graph of forward + logits over them."""
 
-    def __init__(self, model: nn.Module, kv_caches: list[KVCache], max_num_seqs: int,
+    def __init__(self, model: nn.Module, kv_caches: list, max_num_seqs: int,
                  max_model_len: int, block_size: int, capture: bool = True):
-        """capture=False keeps everything but the graphs: run() then calls the model eagerly on
-        the same padded static buffers (how the CPU tests check this path)."""
+        """kv_caches: the model's cache views (ForwardBatch.kv_caches). capture=False keeps
+        everything but the graphs: run() then calls the model eagerly on the same padded static
+        buffers (how the CPU tests check this path)."""
         self.model, self.kv_caches = model, kv_caches
-        self.device = kv_caches[0][0].device
+        self.device = next(model.parameters()).device
         self.block_size, self.max_model_len = block_size, max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         self.max_batch_size = largest = self.sizes[-1]
@@ -101,33 +94,29 @@ class DecodeGraphs:
         if capture:
             self._capture()
 
-    def accepts(self, seqs: list[Sequence]) -> bool:
-        """Whether run() can take this batch: a decode batch no larger than the largest bucket."""
-        return len(seqs) <= self.max_batch_size and is_decode_batch(seqs)
+    def accepts(self, model_input: ModelInput) -> bool:
+        """Whether run() can take this input: a decode step (ModelInput.is_decode) of no more
+        sequences than the largest bucket."""
+        return model_input.num_seqs <= self.max_batch_size and model_input.is_decode
 
-    def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feeds each sequence of a decode batch (see accepts) its last token -> logits [B, V]
+    def run(self, model_input: ModelInput) -> torch.Tensor:
+        """Feeds each sequence of a decode step (see accepts) its token -> logits [B, V]
         float32; with graphs, a view of the static output that the next run overwrites."""
-        batch = len(seqs)
+        batch = model_input.num_seqs
         size = self._bucket_of[batch]
-        self._stage(seqs, size)
+        self._stage(model_input, size)
         graph = self._graphs.get(size)
         if graph is None:
             return self._forward(size)[:batch]
         graph.replay()
         return self.logits[:batch]
 
-    def _stage(self, seqs: list[Sequence], size: int) -> None:
-        """Writes the batch's rows and the padding rows up to its bucket `size` into the static
-        buffers: each field built whole on the host, then one non-blocking copy per field."""
-        bs = self.block_size
-        tables = [seq.block_table for seq in seqs]
+    def _stage(self, model_input: ModelInput, size: int) -> None:
+        """Writes the input's rows and the padding rows up to its bucket `size` into the static
+        buffers: each field whole from the host, then one non-blocking copy per field."""
+        tables = model_input.block_tables
         table_lens = list(map(len, tables))
         width = max(table_lens)
-        positions = [seq.num_cached_tokens for seq in seqs]
-        ids = [seq.token_ids[pos] for seq, pos in zip(seqs, positions)]
-        slots = [table[pos // bs] * bs + pos % bs for table, pos in zip(tables, positions)]
-        lens = [pos + 1 for pos in positions]
         packed: list[int] = []  # the tables end to end
         for table in tables:
             packed += table
@@ -136,12 +125,14 @@ class DecodeGraphs:
 
         if self._copied is not None:
             self._copied.synchronize()  # long done: the last step's tokens came back after it
-        for staging, values in zip(self._staging, (ids, positions, slots, lens)):
+        fields = (model_input.input_ids, model_input.positions, model_input.slot_mapping,
+                  model_input.seq_lens)
+        for staging, values in zip(self._staging, fields):
             staging.copy(values, size)
         staged = self._staged_tables_np[:size * width].reshape(size, width)  # [P, W]
         staged.fill(0)  # padding rows, and each table's columns past its end: block 0
         in_table = self._columns[:width] < np.array(table_lens)[:, None]  # [B, W]
-        staged[:len(seqs)][in_table] = blocks  # row by row, as packed
+        staged[:len(tables)][in_table] = blocks  # row by row, as packed
         self.block_tables[:size, :width].copy_(self._staged_tables[:size * width].view(size, width),
                                                non_blocking=True)
         if self._copied is not None:
@@ -154,8 +145,8 @@ class DecodeGraphs:
                                  seq_lens_k=self.seq_lens_k[:size],
                                  block_tables=self.block_tables[:size],
                                  max_seqlen_q=1, max_seqlen_k=self.max_model_len)
-        hidden = self.model.forward(self.input_ids[:size], self.positions[:size], self.kv_caches,
-                                    meta)  # [P, H]
+        hidden = self.model.forward(self.input_ids[:size], self.positions[:size],
+                                    ForwardBatch(meta, self.kv_caches))  # [P, H]
         return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()

@@ -9,8 +9,10 @@
 
 A request is one Sequence per sample (SamplingParams.n); the samples share the prompt's blocks
 through the prefix cache. A step asks the scheduler for a batch (decode tokens and prompt chunks
-of any running or newly admitted sequences), has the model runner run it, then appends each
-sampled token, detokenizes it and checks the sample's stop conditions. Both front ends drive this
+of any running or newly admitted sequences), flattens it into a ModelInput, has the model runner
+run it (it returns a ModelOutput and touches no engine state), lets the scheduler apply the output
+(tokens appended, stop tokens and max_tokens checked), then detokenizes the new tokens, checks
+stop strings and finishes the samples that stop. Both front ends drive this
 same object: LLM.generate by calling step() until done, the server through AsyncLLMEngine, which
 calls it from one thread while requests arrive and leave at any time.
 
@@ -35,7 +37,8 @@ from fastgen import loader
 from fastgen.config import EngineConfig, SamplingParams
 from fastgen.engine.block_manager import BlockManager
 from fastgen.engine.detokenizer import IncrementalDetokenizer, text_decoder
-from fastgen.engine.model_runner import ModelRunner, StepResult
+from fastgen.engine.model_input import build_model_input
+from fastgen.engine.model_runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
 from fastgen.engine.sequence import Sequence
 from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput, RequestOutputKind
@@ -70,7 +73,7 @@ class _Sample:
     def output(self) -> CompletionOutput:
         """Everything so far (CUMULATIVE, FINAL_ONLY)."""
         seq, detok = self.seq, self.detokenizer
-        return CompletionOutput(seq.index, detok.text, seq.output_token_ids, detok.finish_reason,
+        return CompletionOutput(seq.index, detok.text, seq.output_token_ids, seq.finish_reason,
                                 None if seq.output_logprobs is None else list(seq.output_logprobs),
                                 detok.pop_delta())
 
@@ -82,7 +85,7 @@ class _Sample:
         self.num_sent_tokens += len(token_ids)
         logprobs = None if seq.output_logprobs is None else seq.output_logprobs[start:]
         delta = detok.pop_delta()
-        return CompletionOutput(seq.index, delta, token_ids, detok.finish_reason, logprobs, delta)
+        return CompletionOutput(seq.index, delta, token_ids, seq.finish_reason, logprobs, delta)
 
 
 @dataclass
@@ -122,7 +125,7 @@ class LLMEngine:
         self._decode = text_decoder(self.tokenizer)  # shared by every request's detokenizer
         self.eos_token_ids = list(self.loaded.eos_token_ids)
         self.max_model_len = self.loaded.max_model_len
-        block_size = config.cache.block_size
+        self.block_size = block_size = config.cache.block_size
         blocks_per_seq = (self.max_model_len + block_size - 1) // block_size
         self.model_runner = ModelRunner(self.loaded.model, config, self.max_model_len,
                                         max_blocks_needed=config.max_num_seqs * blocks_per_seq)
@@ -135,6 +138,7 @@ class LLMEngine:
         self._sample_of: dict[int, tuple[_Request, _Sample]] = {}  # by seq_id
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
+        self._gone_seq_ids: list[int] = []  # finished or aborted since the last step
         gc.collect()
         gc.freeze()
 
@@ -175,13 +179,11 @@ class LLMEngine:
         max_tokens = min(params.max_tokens, room)
         request = _Request(next(self._request_ids), [], prompt, prompt_token_ids, output_kind,
                            num_unfinished=params.n)
+        eos = tuple(self.eos_token_ids)
         for index in range(params.n):
-            generator = (self.model_runner.sampler.make_generator(params.seed + index)
-                         if params.seed is not None else None)
-            seq = Sequence(next(self._seq_ids), prompt_token_ids, params, max_tokens, generator,
-                           index)
-            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params,
-                                                 self.eos_token_ids, max_tokens, self._decode)
+            seq = Sequence(next(self._seq_ids), prompt_token_ids, params, max_tokens, index, eos)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, len(prompt_token_ids),
+                                                 params.stop, self._decode)
             sample = _Sample(seq, detokenizer)
             request.samples.append(sample)
             self._sample_of[seq.seq_id] = (request, sample)
@@ -199,11 +201,14 @@ class LLMEngine:
         if request is None:
             return
         for sample in request.samples:
-            self.scheduler.abort(sample.seq)
-            if sample.detokenizer.finish_reason is None:
-                sample.detokenizer.finish(FinishReason.ABORT)
+            seq = sample.seq
+            if not seq.is_finished:
                 request.num_unfinished -= 1
-            del self._sample_of[sample.seq.seq_id]
+            self.scheduler.abort(seq)
+            if not sample.detokenizer.finished:
+                sample.detokenizer.finish(seq.token_ids)
+            self._gone_seq_ids.append(seq.seq_id)
+            del self._sample_of[seq.seq_id]
         self._count_finished(FinishReason.ABORT)
 
     def has_unfinished(self) -> bool:
@@ -223,48 +228,46 @@ class LLMEngine:
         for seq in batch.admitted:
             stats.prefix_cache_queried_tokens += len(seq)
             stats.prefix_cache_hit_tokens += seq.num_cached_tokens
-        results = self.model_runner.run(batch)
+        model_input = build_model_input(batch.seqs, batch.num_scheduled, self.block_size,
+                                        self._gone_seq_ids)
+        self._gone_seq_ids = []
+        output = self.model_runner.execute(model_input)
+        stats.generation_tokens += len(output.sampled_token_ids)
         outputs = []
-        for request in self._advance(batch.seqs, results):
+        for request in self._advance(self.scheduler.update_from_output(batch, model_input,
+                                                                       output)):
             outputs.append(request.output())
             if request.finished:
                 del self._requests[request.request_id]
-                self._count_finished(request.samples[0].detokenizer.finish_reason)
+                self._count_finished(request.samples[0].seq.finish_reason)
         return outputs
 
-    def _advance(self, seqs: list[Sequence], results: list[StepResult]) -> list[_Request]:
-        """Appends each sampled token to its sequence and detokenizer, and finishes the samples
-        that stop. Returns the requests that advanced and want an output now (not those added
-        FINAL_ONLY, until they finish), each once, in batch order."""
+    def _advance(self, updates: list[tuple[Sequence, FinishReason | None]]) -> list[_Request]:
+        """Detokenizes each sequence's new token (the scheduler has appended it and checked stop
+        tokens and max_tokens), checks its stop strings, and finishes the samples that stop.
+        Returns the requests that advanced and want an output now (not those added FINAL_ONLY,
+        until they finish), each once, in batch order."""
         final_only = RequestOutputKind.FINAL_ONLY
         sample_of = self._sample_of
         reporting: dict[int, _Request] = {}
         finished: list[tuple[Sequence, FinishReason]] = []
-        num_sampled = 0
-        for seq, result in zip(seqs, results):
+        for seq, reason in updates:
             request, sample = sample_of[seq.seq_id]
-            if result.prompt_logprobs is not None:
-                seq.prompt_logprobs.extend(result.prompt_logprobs)
-            token = result.token
-            if token is not None:
-                num_sampled += 1
-                seq.append_token(token, result.logprobs)
-                reason = sample.detokenizer.append(token)
-            elif seq.max_tokens == 0 and seq.num_cached_tokens == len(seq):
-                reason = FinishReason.LENGTH  # a scored prompt: nothing to generate
-                sample.detokenizer.finish(reason)
-            else:
-                continue  # a prompt chunk short of the end: nothing to report yet
+            detokenizer = sample.detokenizer
+            if seq.max_tokens == 0:
+                detokenizer.finish(seq.token_ids)  # a scored prompt: no text
+            elif detokenizer.step(seq.token_ids, reason is FinishReason.STOP, reason is not None):
+                reason = FinishReason.STOP  # a stop string, which comes before max_tokens
             if reason is not None:
                 finished.append((seq, reason))
                 request.num_unfinished -= 1
             if request.output_kind is not final_only or request.num_unfinished == 0:
                 reporting[request.request_id] = request
-        self.stats.generation_tokens += num_sampled
         if finished:
             self.scheduler.finish_all(finished)
             for seq, _ in finished:
                 del sample_of[seq.seq_id]
+                self._gone_seq_ids.append(seq.seq_id)
         return list(reporting.values())
 
     def _count_finished(self, reason: FinishReason) -> None:

@@ -1,43 +1,36 @@
-"""Runs one scheduled batch through the model: owns the paged KV cache, builds the batch's inputs
-and AttentionMetadata, runs the forward pass, and samples each sequence's next token.
+"""Runs one ModelInput through the model: owns the paged KV cache, turns the input's lists into
+tensors and a ForwardBatch, runs the forward pass, and samples the rows that sample. It returns a
+ModelOutput and changes nothing outside itself: the scheduler applies the output.
+
+The cache is sized from the model's own description of it: each attention layer's KVCacheSpec
+says what a block of it costs, the budget divided by their sum is the number of blocks, and each
+layer's cache is allocated from its spec.
 
 The per-step Python cost is kept small on purpose — at batch 1 a decode step of the default model
-is ~18 ms on CPU, of which the matmuls take ~12: the step's inputs are gathered in plain lists and
-turned into tensors with one torch.tensor call per field, the cache is allocated once, and the
-sampled tokens come back to Python in one .tolist(), the step's only wait for the device. On CUDA
-a decode batch (one token per sequence) replays a captured CUDA graph instead (cuda_graph.py),
-unless config.enforce_eager.
+is ~18 ms on CPU, of which the matmuls take ~12: each field of the input becomes a tensor with one
+torch.tensor call, the cache is allocated once, and the sampled tokens come back to Python in one
+.tolist(), the step's only wait for the device. On CUDA a decode input (one token per sequence)
+replays a captured CUDA graph instead (cuda_graph.py), unless config.enforce_eager. The random
+streams of seeded sequences live here, by sequence id, until the input says the sequence is gone.
 
-Shape letters: T tokens in the step, B sequences, H hidden size, V vocabulary, M blocks per
-sequence (the longest block table in the batch), N cache blocks, S block size, Hkv KV heads,
-D head size, L layers.
+Shape letters: T tokens in the step, B sequences, H hidden size, V vocabulary, R rows whose
+logits are needed.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fastgen.config import EngineConfig
 from fastgen.engine.cuda_graph import DecodeGraphs
-from fastgen.engine.sampler import Sampler, TokenHistory, to_device, top_logprobs
-from fastgen.engine.scheduler import ScheduledBatch
-from fastgen.engine.sequence import Sequence
+from fastgen.engine.model_input import ModelInput, ModelOutput, SamplingRows
+from fastgen.engine.sampler import Sampler, to_device, top_logprobs
+from fastgen.layers.attention import (AttentionMetadata, ForwardBatch, allocate_kv_caches,
+                                      kv_cache_specs)
 from fastgen.outputs import Logprobs
-from fastgen.layers.attention import AttentionMetadata, KVCache, kv_cache_spec
 
 _GIB = 1 << 30
-
-
-@dataclass
-class StepResult:
-    """What a step gave one sequence."""
-
-    token: int | None = None               # the sampled token, when the step reached its end
-    logprobs: Logprobs | None = None       # that token's, when asked
-    prompt_logprobs: list[Logprobs] | None = None  # for the prompt tokens this chunk predicted
 
 
 class ModelRunner:
@@ -49,21 +42,24 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = config.cache.block_size
-        spec = kv_cache_spec(model)  # from the model's layers: per rank under tensor parallelism
-        self.num_layers, self.num_kv_heads, self.head_dim = spec.num_layers, spec.num_kv_heads, spec.head_size
+        self.kv_cache_specs = kv_cache_specs(model, self.dtype)  # per rank under TP
         self.num_blocks = self._num_cache_blocks(config, max_blocks_needed)
-        self.kv_caches = self._allocate_cache()
+        self.kv_caches = allocate_kv_caches(self.kv_cache_specs, self.num_blocks,
+                                            self.block_size, self.device)
         self.sampler = Sampler(self.device, config.seed)
+        self._generators: dict[int, torch.Generator] = {}  # by sequence id
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, config.max_num_seqs,
                                               max_model_len, self.block_size)
 
-    # The cache: one allocation of [2, L, N, S, Hkv, D], handed to the model as per-layer views.
+    @property
+    def bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes, over every layer."""
+        return sum(spec.bytes_per_token for spec in self.kv_cache_specs)
 
     def _block_bytes(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return sum(spec.page_size_bytes(self.block_size) for spec in self.kv_cache_specs)
 
     def _num_cache_blocks(self, config: EngineConfig, max_blocks_needed: int | None) -> int:
         if self.device.type == "cuda":
@@ -81,124 +77,86 @@ class ModelRunner:
                              f"gpu_memory_utilization")
         return num_blocks
 
-    def _allocate_cache(self) -> list[KVCache]:
-        # Attention reads only slots its sequences have written, but the padding rows of a
-        # CUDA graph's batch read slot 0 of block 0: zeroed there, so they compute finite values.
-        allocate = torch.zeros if self.device.type == "cuda" else torch.empty
-        cache = allocate(2, self.num_layers, self.num_blocks, self.block_size,
-                         self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
-        return [(cache[0, layer], cache[1, layer]) for layer in range(self.num_layers)]
-
     # One step.
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[StepResult]:
-        """Feeds each sequence's next seq.num_scheduled tokens (a prompt chunk, or its last
-        sampled token), writes their keys and values into the cache, and samples a token for
-        each sequence the step brings to its end. Returns one StepResult per sequence, in order;
-        afterwards the fed tokens count as cached."""
-        seqs = batch.seqs
-        if self.decode_graphs is not None and self.decode_graphs.accepts(seqs):
-            results = [StepResult() for _ in seqs]
-            self._sample(self.decode_graphs.run(seqs), seqs, results)
-        else:
-            results = self._run_eager(seqs)
-        for seq in seqs:
-            seq.num_cached_tokens += seq.num_scheduled
-            seq.num_scheduled = 0
-        return results
+    def execute(self, model_input: ModelInput) -> ModelOutput:
+        """Feeds the input's tokens (writing their keys and values into the cache) and samples a
+        token for each sampling row."""
+        for seq_id in model_input.finished_seq_ids:
+            self._generators.pop(seq_id, None)
+        sampling = model_input.sampling
+        if self.decode_graphs is not None and self.decode_graphs.accepts(model_input):
+            tokens, logprobs = self._sample(self.decode_graphs.run(model_input), sampling)
+            return ModelOutput(tokens, logprobs, [])
+        return self._run_eager(model_input)
 
-    def _run_eager(self, seqs: list[Sequence]) -> list[StepResult]:
-        input_ids, positions, meta, cu_seqlens = self._prepare(seqs)
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)  # [T, H]
+    def _run_eager(self, model_input: ModelInput) -> ModelOutput:
+        sampling = model_input.sampling
+        input_ids = self._tensor(model_input.input_ids, torch.int64)
+        positions = self._tensor(model_input.positions, torch.int64)
+        hidden = self.model.forward(input_ids, positions, self.forward_batch(model_input))  # [T, H]
 
         # The rows whose logits are needed: each sampling sequence's last, then the rows
         # predicting prompt tokens whose logprobs are asked for.
-        samplers = [i for i, s in enumerate(seqs)
-                    if s.num_cached_tokens + s.num_scheduled == len(s) and s.max_tokens > 0]
-        rows = [cu_seqlens[i + 1] - 1 for i in samplers]
-        prompt_rows: list[tuple[int, int, int, int]] = []  # (seq, first row, count, position)
-        for i, seq in enumerate(seqs):
-            if seq.prompt_logprobs is not None:
-                # Position p predicts prompt token p + 1; a recomputed prompt is not scored again.
-                start = max(seq.num_cached_tokens, len(seq.prompt_logprobs))
-                end = min(seq.num_cached_tokens + seq.num_scheduled, seq.num_prompt_tokens - 1)
-                if end > start:
-                    first = cu_seqlens[i] + start - seq.num_cached_tokens
-                    prompt_rows.append((i, len(rows), end - start, start))
-                    rows.extend(range(first, first + end - start))
-        results = [StepResult() for _ in seqs]
-        if rows:
-            if len(rows) == hidden.shape[0] and not prompt_rows:
-                logits = self.model.compute_logits(hidden)  # decode: one row per sequence
-            else:
-                logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
-            logits = logits.float()  # [R, V]
-            if samplers:
-                self._sample(logits[:len(samplers)], [seqs[i] for i in samplers],
-                             [results[i] for i in samplers])
-            for i, first, count, start in prompt_rows:
-                seq = seqs[i]
-                targets = seq.token_ids[start + 1: start + 1 + count]
-                results[i].prompt_logprobs = top_logprobs(
-                    logits[first:first + count], self._tensor(targets, torch.int64),
-                    [seq.params.prompt_logprobs] * count)
-        return results
+        cu_seqlens = model_input.cu_seqlens_q
+        rows = [cu_seqlens[b + 1] - 1 for b in sampling.rows]
+        prompt_rows = model_input.prompt_logprobs
+        firsts = []  # where each prompt row's logits start among `rows`
+        for row in prompt_rows:
+            b = row.row
+            first_fed = model_input.seq_lens[b] - (cu_seqlens[b + 1] - cu_seqlens[b])  # position
+            first = cu_seqlens[b] + row.start - first_fed
+            firsts.append(len(rows))
+            rows.extend(range(first, first + len(row.targets)))
+        if not rows:
+            return ModelOutput([], [], [])
+        if len(rows) == hidden.shape[0] and not prompt_rows:
+            logits = self.model.compute_logits(hidden)  # decode: one row per sequence
+        else:
+            logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
+        logits = logits.float()  # [R, V]
+        tokens, logprobs = self._sample(logits[:len(sampling)], sampling)
+        scored = [top_logprobs(logits[first:first + len(row.targets)],
+                               self._tensor(row.targets, torch.int64),
+                               [row.num_logprobs] * len(row.targets))
+                  for first, row in zip(firsts, prompt_rows)]
+        return ModelOutput(tokens, logprobs, scored)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
-                results: list[StepResult]) -> None:
-        params = [s.params for s in seqs]
-        histories = ([TokenHistory(s.token_ids, s.num_prompt_tokens) for s in seqs]
-                     if any(p.has_penalties for p in params) else None)
-        tokens = self.sampler(logits, params, [s.generator for s in seqs], histories)  # [B]
-        logprobs = (top_logprobs(logits, tokens, [p.logprobs for p in params])
-                    if any(p.logprobs is not None for p in params) else [None] * len(seqs))
-        for result, token, entry in zip(results, tokens.tolist(), logprobs):
-            result.token = token
-            result.logprobs = entry
-
-    def _prepare(self, seqs: list[Sequence]):
-        """Each sequence's scheduled tokens, packed back to back.
-        -> input_ids [T], positions [T], metadata, cu_seqlens (as a list)"""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_seqlens_q = [0]
-        seq_lens: list[int] = []
-        for seq in seqs:
-            start = seq.num_cached_tokens
-            end = start + seq.num_scheduled
-            table = seq.block_table
-            if end - start == 1:  # decode: the common case, kept cheap
-                input_ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids.extend(seq.token_ids[start:end])
-                positions.extend(range(start, end))
-                slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
-            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
-            seq_lens.append(end)
-        max_q = max(s.num_scheduled for s in seqs)
-        meta = self._metadata(slots, cu_seqlens_q, seq_lens, seqs, max_q)
-        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
-                cu_seqlens_q)
-
-    def _metadata(self, slots: list[int], cu_seqlens_q: list[int], seq_lens: list[int],
-                  seqs: list[Sequence], max_seqlen_q: int) -> AttentionMetadata:
-        width = max(len(seq.block_table) for seq in seqs)
+    def forward_batch(self, model_input: ModelInput) -> ForwardBatch:
+        """The input's paged metadata as tensors, with the cache views."""
+        tables = model_input.block_tables
+        width = max(map(len, tables))
         # Rows are padded with block 0 past each table's end; attention never reads past
         # ceil(seq_len / S) entries.
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        return AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),          # [T]
-            cu_seqlens_q=self._tensor(cu_seqlens_q, torch.int32),   # [B + 1]
-            seq_lens_k=self._tensor(seq_lens, torch.int32),         # [B]
-            block_tables=self._tensor(tables, torch.int32),         # [B, M]
-            max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max(seq_lens),
+        padded = [table + [0] * (width - len(table)) for table in tables]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(model_input.slot_mapping, torch.int64),     # [T]
+            cu_seqlens_q=self._tensor(model_input.cu_seqlens_q, torch.int32),     # [B + 1]
+            seq_lens_k=self._tensor(model_input.seq_lens, torch.int32),           # [B]
+            block_tables=self._tensor(padded, torch.int32),                       # [B, M]
+            max_seqlen_q=model_input.max_seqlen_q,
+            max_seqlen_k=max(model_input.seq_lens),
         )
+        return ForwardBatch(meta, self.kv_caches)
+
+    def _sample(self, logits: torch.Tensor,
+                sampling: SamplingRows) -> tuple[list[int], list[Logprobs | None]]:
+        """logits: [R, V] float32 -> the rows' tokens and (where asked) logprobs."""
+        params = sampling.params
+        generators = [None if seed is None else self._generator(seq_id, seed)
+                      for seq_id, seed in zip(sampling.seq_ids, sampling.seeds)]
+        tokens = self.sampler(logits, params, generators, sampling.histories)  # [R]
+        logprobs = (top_logprobs(logits, tokens, [p.logprobs for p in params])
+                    if any(p.logprobs is not None for p in params) else [None] * len(params))
+        return tokens.tolist(), logprobs
+
+    def _generator(self, seq_id: int, seed: int) -> torch.Generator:
+        """A seeded sequence's own random stream, made on its first draw."""
+        generator = self._generators.get(seq_id)
+        if generator is None:
+            generator = self._generators[seq_id] = self.sampler.make_generator(seed)
+        return generator
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return to_device(data, dtype, self.device)

@@ -13,6 +13,13 @@ Each step (vLLM v1's policy, without priorities):
 So a long prompt never stalls the running sequences' decoding: it is fed a budget's remainder at a
 time, between their tokens. A request that could never run (a prompt beyond the context, or more
 blocks than the whole cache) is refused by `add`, so the queue never holds one that blocks it.
+
+The scheduler is the one owner of a sequence's progress: `schedule()` returns an immutable
+ScheduledBatch, the model runner computes on a ModelInput built from it and returns a
+ModelOutput, and `update_from_output` applies that: the fed tokens count as cached, sampled
+tokens are appended, and the token-level stop conditions (a stop token id or EOS, max_tokens) are
+checked here, in one place. Stop strings need the text, so the engine checks those after
+detokenizing and finishes such sequences through `finish_all`.
 """
 
 from __future__ import annotations
@@ -21,20 +28,25 @@ from collections import deque
 from dataclasses import dataclass
 
 from fastgen.engine.block_manager import BlockManager
+from fastgen.engine.model_input import ModelInput, ModelOutput
 from fastgen.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduledBatch:
-    """A step's sequences, in order; each feeds seq.num_scheduled tokens after its cached ones."""
+    """A step's sequences, in order: seqs[b] feeds num_scheduled[b] tokens after its cached
+    ones. Made fresh by each schedule() and never changed: the counts are those of the step,
+    whatever happens to the sequences afterwards."""
 
     seqs: list[Sequence]
-    num_tokens: int  # tokens this step feeds the model: sum of num_scheduled
-    admitted: list[Sequence]  # those of seqs taken from the queue by this step
+    num_scheduled: list[int]
+    num_prefill_tokens: int    # prompt (or recomputed) tokens among them
+    admitted: list[Sequence]   # those of seqs taken from the queue by this step
 
     @property
-    def num_prefill_tokens(self) -> int:
-        return sum(s.num_scheduled for s in self.seqs if s.is_prefilling)
+    def num_tokens(self) -> int:
+        """Tokens this step feeds the model."""
+        return sum(self.num_scheduled)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -79,10 +91,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        """The next step's batch, or None when nothing is queued or running. Sets each scheduled
-        sequence's num_scheduled and gives it the blocks those tokens need."""
+        """The next step's batch, or None when nothing is queued or running. Gives each scheduled
+        sequence the blocks its tokens need."""
         budget = self.max_num_batched_tokens
-        scheduled: list[Sequence] = []
+        scheduled: list[tuple[Sequence, int]] = []
         admitted: list[Sequence] = []
         bm = self.block_manager
 
@@ -122,21 +134,48 @@ class Scheduler:
 
         if not scheduled:
             return None
-        return ScheduledBatch(scheduled, self.max_num_batched_tokens - budget, admitted)
+        seqs = [seq for seq, _ in scheduled]
+        counts = [count for _, count in scheduled]
+        prefill = sum(count for seq, count in scheduled if seq.is_prefilling)
+        return ScheduledBatch(seqs, counts, prefill, admitted)
 
-    def _take(self, seq: Sequence, num_new: int, scheduled: list[Sequence]) -> None:
-        seq.num_scheduled = num_new
+    def _take(self, seq: Sequence, num_new: int, scheduled: list[tuple[Sequence, int]]) -> None:
         # Named now, so a sequence admitted after it in this same step shares them.
         self.block_manager.cache_blocks(seq, seq.num_cached_tokens + num_new)
-        scheduled.append(seq)
+        scheduled.append((seq, num_new))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_scheduled = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def update_from_output(self, batch: ScheduledBatch, model_input: ModelInput,
+                           output: ModelOutput) -> list[tuple[Sequence, FinishReason | None]]:
+        """Applies a step's output: every fed token counts as cached, each sampled token is
+        appended to its sequence (with its logprobs), prompt logprobs are added. Returns, in
+        batch order, each sequence that got a token, with the reason it stops (a stop token id,
+        or max_tokens reached; None to go on), and each scored prompt (max_tokens 0) now fully
+        fed, with LENGTH. Finishing them is the caller's (finish_all), after its stop-string
+        checks."""
+        seqs = batch.seqs
+        for seq, count in zip(seqs, batch.num_scheduled):
+            seq.num_cached_tokens += count
+        for row, entries in zip(model_input.prompt_logprobs, output.prompt_logprobs):
+            seqs[row.row].prompt_logprobs.extend(entries)
+        sampled = dict(zip(model_input.sampling.rows,
+                           zip(output.sampled_token_ids, output.logprobs)))
+        updates: list[tuple[Sequence, FinishReason | None]] = []
+        for b, seq in enumerate(seqs):
+            token_and_logprobs = sampled.get(b)
+            if token_and_logprobs is not None:
+                token, logprobs = token_and_logprobs
+                seq.append_token(token, logprobs)
+                updates.append((seq, stop_reason(seq, token)))
+            elif seq.max_tokens == 0 and seq.num_cached_tokens == len(seq):
+                updates.append((seq, FinishReason.LENGTH))  # a scored prompt: nothing to generate
+        return updates
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Marks a running sequence finished and returns its blocks."""
@@ -159,3 +198,13 @@ class Scheduler:
             self.block_manager.free(seq)
         if not seq.is_finished:
             seq.finish(FinishReason.ABORT)
+
+
+def stop_reason(seq: Sequence, token: int) -> FinishReason | None:
+    """Why a sequence stops after appending token: a stop token id (EOS among them unless
+    ignore_eos) is STOP, reaching max_tokens is LENGTH; None to go on."""
+    if token in seq.stop_token_ids:
+        return FinishReason.STOP
+    if seq.num_output_tokens >= seq.max_tokens:
+        return FinishReason.LENGTH
+    return None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
-
 from fastgen.config import SamplingParams
 from fastgen.outputs import FinishReason, Logprobs
 
@@ -28,15 +26,16 @@ class Sequence:
     """A prompt and its generated continuation.
 
     block_table[i] is the cache block holding tokens i * block_size .. (i + 1) * block_size - 1.
-    num_cached_tokens of the tokens have their keys and values written in those blocks (or will
-    have, once the step they are scheduled in has run). A step feeds the next `num_scheduled`
-    tokens after them: a prompt chunk, or the last sampled token while decoding. A token is
-    sampled only by a step that reaches the end of the sequence.
+    num_cached_tokens of the tokens have their keys and values written in those blocks (the
+    scheduler counts a step's tokens in once the step's output is applied). A step feeds some
+    tokens after them (a prompt chunk, or the last sampled token while decoding); a token is
+    sampled only by a step that reaches the end of the sequence. Generation stops at a token of
+    stop_token_ids (EOS unless ignore_eos, and the request's stop ids) or after max_tokens.
     block_hashes[i] names the tokens of full block i and all before it (the block manager's
     prefix cache fills it in as blocks fill; the tokens only grow, so it stays valid)."""
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams,
-                 max_tokens: int, generator: torch.Generator | None = None, index: int = 0):
+                 max_tokens: int, index: int = 0, eos_token_ids: tuple[int, ...] = ()):
         if not prompt_token_ids:
             raise ValueError("a prompt needs at least one token")
         self.seq_id = seq_id
@@ -45,10 +44,12 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.max_tokens = max_tokens  # params.max_tokens, capped to the room left in the context
-        self.generator = generator    # the request's own random stream when it has a seed
+        # The seed of its own random stream (sample i of a seeded request: seed + i), else None.
+        self.seed = None if params.seed is None else params.seed + index
+        self.stop_token_ids = frozenset(params.stop_token_ids).union(
+            () if params.ignore_eos else eos_token_ids)
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
-        self.num_scheduled = 0  # tokens the current step feeds (set by the scheduler)
         self.block_hashes: list[bytes] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
@@ -61,6 +62,10 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

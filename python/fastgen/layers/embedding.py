@@ -13,26 +13,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
 from fastgen.layers.linear import linear
+from fastgen.layers.parameter import ShardId, set_weight_attrs
 
 
 class VocabParallelEmbedding(nn.Module):
     """ids -> rows of the embedding table.   weight: [V_local, H]"""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 tp: TensorParallelGroup = SINGLE_RANK):
         super().__init__()
-        if num_embeddings % tp_size:
+        if num_embeddings % tp.size:
             raise ValueError(f"vocabulary ({num_embeddings}) does not split over tensor-parallel "
-                             f"size {tp_size}")
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+                             f"size {tp.size}")
+        self.tp = tp
         self.num_embeddings = num_embeddings
-        self.rows_per_rank = num_embeddings // tp_size
-        self.vocab_start = tp_rank * self.rows_per_rank
+        self.rows_per_rank = num_embeddings // tp.size
+        self.vocab_start = tp.rank * self.rows_per_rank
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, embedding_dim), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_attrs(self.weight, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
+                      shard_id: ShardId = None, expert_id: int | None = None) -> None:
         """Copies this rank's rows of the full table.
         param: [V_local, H]; loaded_weight: [V, H]"""
         if loaded_weight.shape != (self.num_embeddings, param.shape[1]):
@@ -42,13 +45,12 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] int64 -> [T, H]"""
-        if self.tp_size == 1:
+        if self.tp.size == 1:
             return F.embedding(input_ids, self.weight)
         owned = (input_ids >= self.vocab_start) & (input_ids < self.vocab_start + self.rows_per_rank)
         local_ids = torch.where(owned, input_ids - self.vocab_start, 0)
         y = F.embedding(local_ids, self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)
-        torch.distributed.all_reduce(y)
-        return y
+        return self.tp.all_reduce(y)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -58,8 +60,4 @@ class ParallelLMHead(VocabParallelEmbedding):
         """hidden: [B, H] -> [B, V] float32"""
         # float32 straight from the matmul where the CPU kernel runs: no bf16 rounding of logits
         logits = linear(hidden, self.weight, out_dtype=torch.float32)  # [B, V_local]
-        if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            torch.distributed.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
-        return logits.float()
+        return self.tp.all_gather(logits, dim=-1).float()

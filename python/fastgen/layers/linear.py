@@ -2,9 +2,12 @@
 
 A column-parallel layer keeps rank r's slice of the output features; a row-parallel layer keeps
 rank r's slice of the input features and sums the partial products across ranks. Each parameter
-carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that copies the rank's slice of a
-full checkpoint tensor into it, so the model's load_weights never repeats the sharding arithmetic.
-With tp_size == 1 (the default) every layer is a plain matmul over the whole weight.
+carries a ``weight_loader(param, loaded_weight, shard_id=None, expert_id=None)`` that copies the
+rank's slice of a full checkpoint tensor into it, and the set of shards a complete checkpoint
+holds for it (fastgen.layers.parameter), so the shared loader (fastgen.loader.weights) never
+repeats the sharding arithmetic. The partial sums of a row-parallel layer are reduced on the
+layer's TensorParallelGroup, never the default process group. With one rank (the default) every
+layer is a plain matmul over the whole weight.
 
 Every layer (and the LM head) multiplies through ``linear`` below: on the CPU, decode's few tokens
 go to fastgen's weight-streaming kernel (torch's small-M bf16 GEMM reads weights at a fraction of
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen import ops
+from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
+from fastgen.layers.parameter import ShardId, check_shape, set_weight_attrs
 
 # Most tokens for which fastgen's CPU linear kernel beats F.linear. Measured on SmolLM2's bf16
 # shapes with the weights coming from memory (2-core AVX512-BF16 EPYC): 1.3-2.2x faster at 1 token,
@@ -52,28 +57,27 @@ def shard_of(loaded: torch.Tensor, dim: int, index: int, size: int, count: int) 
     return loaded.narrow(dim, index * size, size)
 
 
-def _check_shape(param: torch.Tensor, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
-                         f"the layer expects {tuple(param.shape)}")
-
 
 class LinearBase(nn.Module):
     """y = x W^T (+ b).   weight: [O_local, I_local]; bias: [O_local]"""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_rank: int, tp_size: int):
+    shard_ids: tuple[ShardId, ...] = (None,)  # the checkpoint tensors one weight is made of
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp: TensorParallelGroup):
         super().__init__()
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp = tp
+        self.tp_rank, self.tp_size = tp.rank, tp.size
+        shards = [(shard_id, None) for shard_id in self.shard_ids]
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_attrs(self.weight, self.weight_loader, shards)
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            set_weight_attrs(self.bias, self.weight_loader, shards)
         else:
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
+                      shard_id: ShardId = None, expert_id: int | None = None) -> None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,11 +89,11 @@ class ReplicatedLinear(LinearBase):
     """Every rank holds the whole weight."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
-        super().__init__(input_size, output_size, bias, tp_rank, tp_size)
+                 tp: TensorParallelGroup = SINGLE_RANK):
+        super().__init__(input_size, output_size, bias, tp)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
-        _check_shape(param, loaded_weight)
+    def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
+        check_shape(param, loaded_weight)
         param.data.copy_(loaded_weight)
 
 
@@ -97,13 +101,12 @@ class ColumnParallelLinear(LinearBase):
     """Output features split over ranks: rank r keeps rows r*O/tp .. (r+1)*O/tp of W."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
-        super().__init__(input_size, _divide(output_size, tp_size, "output size"), bias,
-                         tp_rank, tp_size)
+                 tp: TensorParallelGroup = SINGLE_RANK):
+        super().__init__(input_size, _divide(output_size, tp.size, "output size"), bias, tp)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
+    def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
         shard = shard_of(loaded_weight, 0, self.tp_rank, param.shape[0], self.tp_size)
-        _check_shape(param, shard)
+        check_shape(param, shard)
         param.data.copy_(shard)
 
 
@@ -112,17 +115,21 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     gate and up projections (shards 0 and 1): each rank keeps its slice of every part."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
+                 tp: TensorParallelGroup = SINGLE_RANK):
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
+        self.shard_ids = tuple(range(len(output_sizes)))  # part i is shard i: 0 gate, 1 up
+        super().__init__(input_size, sum(output_sizes), bias, tp)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
-        index = int(shard_id)  # shard ids are the part's index: 0 / "0" for gate, 1 / "1" for up
+    def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
+        if shard_id not in self.shard_ids:
+            raise ValueError(f"{type(self).__name__} shard must be one of {list(self.shard_ids)}, "
+                             f"got {shard_id!r}")
+        index = shard_id
         local_sizes = [size // self.tp_size for size in self.output_sizes]
         offset, rows = sum(local_sizes[:index]), local_sizes[index]
         shard = shard_of(loaded_weight, 0, self.tp_rank, rows, self.tp_size)
         target = param.data.narrow(0, offset, rows)
-        _check_shape(target, shard)
+        check_shape(target, shard)
         target.copy_(shard)
 
 
@@ -131,8 +138,12 @@ class QKVParallelLinear(ColumnParallelLinear):
     Heads split over ranks; when there are fewer KV heads than ranks, each KV head is replicated
     on tp_size / Hkv ranks (as in vLLM)."""
 
+    shard_ids = ("q", "k", "v")
+
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
-                 total_num_kv_heads: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+                 total_num_kv_heads: int, bias: bool = False,
+                 tp: TensorParallelGroup = SINGLE_RANK):
+        tp_rank, tp_size = tp.rank, tp.size
         self.head_size = head_size
         self.num_heads = _divide(total_num_heads, tp_size, "query heads")
         if total_num_kv_heads >= tp_size:
@@ -145,9 +156,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size
         # Sized per rank already, so skip ColumnParallelLinear's division of the output size.
-        LinearBase.__init__(self, hidden_size, self.q_size + 2 * self.kv_size, bias, tp_rank, tp_size)
+        LinearBase.__init__(self, hidden_size, self.q_size + 2 * self.kv_size, bias, tp)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
+    def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
         if shard_id == "q":
             offset, rows, rank, count = 0, self.q_size, self.tp_rank, self.tp_size
         elif shard_id == "k":
@@ -159,7 +170,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(f"QKVParallelLinear shard must be 'q', 'k' or 'v', got {shard_id!r}")
         shard = shard_of(loaded_weight, 0, rank, rows, count)
         target = param.data.narrow(0, offset, rows)
-        _check_shape(target, shard)
+        check_shape(target, shard)
         target.copy_(shard)
 
 
@@ -168,19 +179,16 @@ class RowParallelLinear(LinearBase):
     partial products are summed across ranks (the bias is added once, on rank 0)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
-        super().__init__(_divide(input_size, tp_size, "input size"), output_size, bias,
-                         tp_rank, tp_size)
+                 tp: TensorParallelGroup = SINGLE_RANK):
+        super().__init__(_divide(input_size, tp.size, "input size"), output_size, bias, tp)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
+    def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
         if param.dim() == 2:  # the bias is whole on every rank
             loaded_weight = shard_of(loaded_weight, 1, self.tp_rank, param.shape[1], self.tp_size)
-        _check_shape(param, loaded_weight)
+        check_shape(param, loaded_weight)
         param.data.copy_(loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, I_local] -> [T, O]"""
-        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        if self.tp_size > 1:
-            torch.distributed.all_reduce(y)
-        return y
+        y = linear(x, self.weight, self.bias if self.tp.is_first_rank else None)
+        return self.tp.all_reduce(y)

@@ -1,6 +1,11 @@
 """Rotary position embedding (RoPE) as a layer: a float32 cos/sin table built once per model, and
 the in-place rotation of query and key by each token's position (``fastgen.ops.rotary_embedding``).
 
+The table has one row per position the engine can reach (its max_model_len), not per position the
+model was trained for: Llama-3.1's 131072 positions x 128 dims cost 64 MiB a table, and a model
+builds its tables through one RotaryEmbeddings, which hands every layer with the same parameters
+the same module, so 32 layers share one table instead of holding 2 GiB of copies.
+
 The table is what Hugging Face's rope init functions (``transformers.modeling_rope_utils``) imply:
 the same inverse frequencies for every scaling type, and the same attention factor multiplied into
 cos and sin, so a model here rotates exactly as its Hugging Face implementation does. Scaling that
@@ -103,13 +108,16 @@ def rope_inv_freq(rotary_dim: int, max_position: int, base: float,
 
 
 def build_cos_sin_cache(head_size: int, rotary_dim: int, max_position: int, base: float,
-                        scaling: dict | None) -> torch.Tensor:
-    """cos | sin of position * inv_freq, times the attention factor -> [max_position, R] float32.
-    Row p holds cos(p * f_i) in columns i < R/2 and sin(p * f_i) in columns R/2 + i."""
+                        scaling: dict | None, num_positions: int | None = None) -> torch.Tensor:
+    """cos | sin of position * inv_freq, times the attention factor -> [P, R] float32 for the
+    first num_positions positions (default max_position, the model's max_position_embeddings,
+    which YaRN's frequencies depend on). Row p holds cos(p * f_i) in columns i < R/2 and
+    sin(p * f_i) in columns R/2 + i."""
     if rotary_dim > head_size or rotary_dim % 2:
         raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_size {head_size}")
     inv_freq, attention_factor = rope_inv_freq(rotary_dim, max_position, base, scaling)
-    positions = torch.arange(max_position, dtype=torch.float32)
+    positions = torch.arange(max_position if num_positions is None else num_positions,
+                             dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]  # [P, R/2]
     return torch.cat((freqs.cos() * attention_factor, freqs.sin() * attention_factor), dim=-1)
 
@@ -139,10 +147,13 @@ class RotaryEmbedding(nn.Module):
     otherwise."""
 
     def __init__(self, head_size: int, rotary_dim: int, max_position: int, base: float,
-                 scaling: dict | None, is_neox: bool = True):
+                 scaling: dict | None, is_neox: bool = True, num_positions: int | None = None):
+        """max_position: the model's max_position_embeddings; num_positions: the table's rows
+        (default max_position), the most positions the engine will rotate."""
         super().__init__()
         self.head_size, self.rotary_dim, self.is_neox = head_size, rotary_dim, is_neox
-        cache = build_cos_sin_cache(head_size, rotary_dim, max_position, base, scaling)
+        cache = build_cos_sin_cache(head_size, rotary_dim, max_position, base, scaling,
+                                    num_positions)
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [P, R] float32
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
@@ -150,3 +161,22 @@ class RotaryEmbedding(nn.Module):
         """positions: [T] int64; q: [T, Hq * D]; k: [T, Hkv * D] (both rotated in place)."""
         ops.rotary_embedding(positions, q, k, self.head_size, self.cos_sin_cache, self.is_neox)
         return q, k
+
+
+class RotaryEmbeddings:
+    """The rotary embeddings of one model: one RotaryEmbedding (one table) per distinct set of
+    parameters, shared by every layer that asks for it, each table num_positions rows long."""
+
+    def __init__(self, num_positions: int):
+        self.num_positions = num_positions
+        self._made: dict[tuple, RotaryEmbedding] = {}
+
+    def get(self, head_size: int, rotary_dim: int, max_position: int, base: float,
+            scaling: dict | None, is_neox: bool = True) -> RotaryEmbedding:
+        """The model's RotaryEmbedding with these parameters (see RotaryEmbedding)."""
+        key = (head_size, rotary_dim, max_position, base, repr(sorted((scaling or {}).items())),
+               is_neox)
+        if key not in self._made:
+            self._made[key] = RotaryEmbedding(head_size, rotary_dim, max_position, base, scaling,
+                                              is_neox, self.num_positions)
+        return self._made[key]

@@ -1,6 +1,7 @@
 """Loading a model for the engine: resolve the name to a Hugging Face folder (hub.py), read its
-config, build the registered model class directly in the target dtype and device, stream the
-weights in (hf.py), and bring the tokenizer and the end-of-sequence ids along.
+config, build the registered model class directly in the target dtype and device (its rotary
+tables sized to the engine's max_model_len), stream the weights in (hf.py) through the shared
+loader (weights.py), and bring the tokenizer and the end-of-sequence ids along.
 
     from fastgen.config import EngineConfig
     loaded = load_model(EngineConfig(model="smollm2", dtype="float32", device="cpu"))
@@ -20,7 +21,7 @@ from fastgen.loader.gguf import convert_gguf
 from fastgen.loader.hf import (ModelLoadError, eos_token_ids, iter_safetensors, load_hf_config,
                                load_tokenizer)
 from fastgen.loader.hub import resolve_model
-from fastgen.models.registry import get_model_class
+from fastgen.loader.weights import load_weights, process_weights_after_loading
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_model", "convert_gguf"]
 
@@ -40,6 +41,10 @@ class LoadedModel:
 def load_model(config: EngineConfig) -> LoadedModel:
     """Builds config.model on its device in its dtype with its weights (or random weights when
     config.load_format is RANDOM). Every user-facing failure raises ModelLoadError."""
+    # Imported here: the models import fastgen.loader.weights, which runs this package first.
+    from fastgen.models.base import ModelContext
+    from fastgen.models.registry import get_model_class
+
     device = _device(config.device)
     dtype = _dtype(config, device)
     random_weights = config.load_format is LoadFormat.RANDOM
@@ -49,30 +54,31 @@ def load_model(config: EngineConfig) -> LoadedModel:
         model_class = get_model_class(hf_config)
     except ValueError as e:
         raise ModelLoadError(f"{model_dir}: {e}") from None
+    max_positions = int(hf_config.max_position_embeddings)
+    max_model_len = config.max_model_len or max_positions
+    if max_model_len > max_positions:
+        raise ModelLoadError(f"max_model_len {max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({max_positions})")
 
     with _default_dtype(dtype), torch.device(device):
         try:
-            model = model_class(hf_config)
+            model = model_class(hf_config, ModelContext(max_model_len))
         except ValueError as e:  # a config the architecture cannot express (e.g. hidden_act)
             raise ModelLoadError(f"cannot build {model_class.__name__} from {model_dir}: {e}") from None
     model.requires_grad_(False)
     with torch.no_grad():
         if random_weights:
             _init_random(model, config.seed)
+            process_weights_after_loading(model)
         else:
             try:
-                model.load_weights(iter_safetensors(model_dir))
+                load_weights(model, iter_safetensors(model_dir))
             except ValueError as e:
                 raise ModelLoadError(f"checkpoint in {model_dir} does not fit "
                                      f"{model_class.__name__}: {e}") from None
     model.eval()
 
     tokenizer = load_tokenizer(model_dir)
-    max_positions = int(hf_config.max_position_embeddings)
-    max_model_len = config.max_model_len or max_positions
-    if max_model_len > max_positions:
-        raise ModelLoadError(f"max_model_len {max_model_len} exceeds the model's "
-                             f"max_position_embeddings ({max_positions})")
     return LoadedModel(model=model, hf_config=hf_config, tokenizer=tokenizer,
                        eos_token_ids=eos_token_ids(model_dir, hf_config, tokenizer),
                        model_dir=model_dir, max_model_len=max_model_len)
