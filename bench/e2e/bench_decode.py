@@ -7,7 +7,7 @@ Hugging Face transformers' `generate` on the same model, batch and prompts as th
     python bench/e2e/bench_decode.py --batch-sizes 1,2 --prompt-len 32 --gen-len 8  # CPU, quick
     python bench/e2e/bench_decode.py --plot-from 8b.json --plot 8b.png  # the plot, on any machine
 
-`--model llama3.1-8b` is Llama-3.1-8B's config.json (written below) with random weights and a
+`--model llama3.1-8b` is Llama-3.1-8B's config.json (presets.py) with random weights and a
 word-level tokenizer over its 128256 ids, so it needs no download: the prompts are token ids, and
 greedy decoding with ignore_eos costs the same whatever the weights say. The tokenizer only turns
 outputs into text, but it must know every id: one that decoded to nothing (a smaller tokenizer's
@@ -43,110 +43,32 @@ out of memory is recorded as such and the larger ones are skipped.
 
 from __future__ import annotations
 
-import datetime
-import gc
-import importlib.metadata
-import json
-import platform
-import tempfile
-import time
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean
 
 import torch
-from bench_e2e import (
-    add_output_options,
-    begin_plot,
-    copy_bandwidth,
-    end_plot,
-    model_parser,
-    report,
-    sync,
-)
-from bench_offline import git_commit, matmul_peak
+
 from fastgen import LLM, SamplingParams
 from fastgen.config import DTYPES
 from fastgen.outputs import RequestOutputKind
 
-# meta-llama/Llama-3.1-8B-Instruct's config.json, in the key names both transformers 4 and 5 read.
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    "max_position_embeddings": 131072, "tie_word_embeddings": False, "attention_bias": False,
-    "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-    "initializer_range": 0.02, "torch_dtype": "bfloat16",
-}
-SYNTHETIC_MODELS = {"llama3.1-8b": LLAMA31_8B}  # name -> config.json, run with random weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import (
+    MachineLimits,
+    Timer,
+    add_output_options,
+    begin_plot,
+    end_plot,
+    free_device_memory,
+    report,
+)
+from bench.e2e.hf_baseline import load_hf
+from bench.e2e.presets import model_parser
+from bench.e2e.roofline import StepCost, describe_run, random_prompts, run_and_save
+
 DEFAULT_BATCH_SIZES = "1,8,32,64,128,256"
-
-
-def synthetic_model_dir(config: dict, folder: Path) -> Path:
-    """A model folder for load_format="random": config.json and a word-level tokenizer whose
-    tokens "t0" .. "t{V-1}" cover the config's vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
-    return folder
-
-
-@dataclass
-class StepCost:
-    """What one decode step over a batch must read and compute, from the model's shapes. A
-    "key" is one cached position one sequence attends to; a step's keys are summed over its
-    sequences."""
-
-    weight_bytes: int        # every weight but the embedding table; the LM head, tied or not
-    row_bytes: int           # one embedding row: each sequence gathers one
-    matmul_weights: int      # weights multiplied per token: every linear layer and the LM head
-    kv_bytes_per_key: int    # 2 * layers * kv_heads * head_dim * dtype bytes
-    flops_per_key: int       # 4 * layers * heads * head_dim: q.k and p.v
-
-    @classmethod
-    def of(cls, model: torch.nn.Module, hf_config) -> StepCost:
-        params = dict(model.named_parameters())  # a tied LM head appears once, as the embedding
-        elem = next(iter(params.values())).element_size()
-        embedding = next(p for name, p in params.items() if "embed_tokens" in name)  # [V, H]
-        table = 0 if getattr(hf_config, "tie_word_embeddings", False) else embedding.numel()
-        total = sum(p.numel() for p in params.values())
-        vectors = sum(p.numel() for p in params.values() if p.dim() == 1)  # norms, biases
-        layers, heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-        return cls(weight_bytes=(total - table) * elem, row_bytes=embedding.shape[1] * elem,
-                   matmul_weights=total - vectors - table,
-                   kv_bytes_per_key=2 * layers * hf_config.num_key_value_heads * head_dim * elem,
-                   flops_per_key=4 * layers * heads * head_dim)
-
-    def bytes(self, batch: int, keys: float) -> float:
-        return self.weight_bytes + batch * self.row_bytes + keys * self.kv_bytes_per_key
-
-    def flops(self, batch: int, keys: float) -> float:
-        return 2 * self.matmul_weights * batch + keys * self.flops_per_key
-
-
-@dataclass
-class Limits:
-    copy_gb_s: float       # read + write bytes per second of a large device copy
-    matmul_tflop_s: float  # a square matmul in the model's dtype
-    matmul_size: int
-
-    @classmethod
-    def measure(cls, device: str, dtype: torch.dtype, matmul_size: int) -> Limits:
-        return cls(copy_bandwidth(device), matmul_peak(device, dtype, matmul_size) / 1e12,
-                   matmul_size)
-
-    def best(self, other: Limits) -> Limits:
-        return Limits(max(self.copy_gb_s, other.copy_gb_s),
-                      max(self.matmul_tflop_s, other.matmul_tflop_s), self.matmul_size)
 
 
 @dataclass
@@ -160,7 +82,7 @@ class Measured:
     decode_steps_timed: int
     keys: float              # cached positions attended per step (all sequences), mean of those
 
-    def report(self, cost: StepCost, limits: Limits) -> dict:
+    def report(self, cost: StepCost, limits: MachineLimits) -> dict:
         step_bytes = cost.bytes(self.batch, self.keys)
         step_flops = cost.flops(self.batch, self.keys)
         memory_s = step_bytes / (limits.copy_gb_s * 1e9)
@@ -193,6 +115,7 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: int,
     """Queues every prompt and steps the engine until all are done, timing each step."""
     engine = llm.engine
     stats = engine.stats
+    clock = Timer(device)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for prompt in prompts:  # outputs only at the end, as LLM.generate asks for them
         engine.add_request(prompt, params, output_kind=RequestOutputKind.FINAL_ONLY)
@@ -200,11 +123,9 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: int,
     steps = []
     while engine.has_unfinished():
         prefilled, decoded = stats.prefill_tokens, stats.decode_tokens
-        sync(device)
-        start = time.perf_counter()
+        start = clock.now()
         engine.step()
-        sync(device)
-        seconds = time.perf_counter() - start
+        seconds = clock.now() - start
         # A sequence with k output tokens after a decode step fed token k - 1 and attended to
         # its prompt and those k - 1 tokens plus itself. In a step that decoded every sequence,
         # none has finished, so their k add up to the tokens generated so far.
@@ -216,10 +137,10 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: int,
 
 def measure_fastgen(llm: LLM, prompts: list[list[int]], gen_len: int, device: str) -> Measured:
     batch = len(prompts)
-    sync(device)
-    start = time.perf_counter()
+    clock = Timer(device)
+    start = clock.now()
     run_engine(llm, prompts, 1, device)
-    prefill_s = time.perf_counter() - start
+    prefill_s = clock.now() - start
     steady = [s for s in run_engine(llm, prompts, gen_len, device)
               if s.prefill_tokens == 0 and s.decode_tokens == batch]
     if not steady:
@@ -231,34 +152,21 @@ def measure_fastgen(llm: LLM, prompts: list[list[int]], gen_len: int, device: st
 
 # Hugging Face transformers: generate, its steps timed by a stopping criterion.
 
-def load_hf(model_dir: Path, load_format: str, dtype: torch.dtype, device: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if load_format == "random":
-        with torch.device(device):  # initialised where it runs: no host copy of 16 GB first
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
-                                                     dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return model.to(device).eval()
-
-
 @torch.inference_mode()
 def run_hf(model, prompts: list[list[int]], gen_len: int, device: str) -> list[float]:
     """generate over the batch; returns the times at its start and at each new token."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     times = []
+    clock = Timer(device)
 
     class StepClock(StoppingCriteria):  # called once per step, after the new token; stops nothing
         def __call__(self, input_ids, scores, **kwargs):  # input_ids: [B, P + tokens so far]
-            sync(device)
-            times.append(time.perf_counter())
+            times.append(clock.now())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     ids = torch.tensor(prompts, device=device)  # [B, P]: equal lengths, so no padding
-    sync(device)
-    times.append(time.perf_counter())
+    times.append(clock.now())
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=gen_len, min_new_tokens=gen_len, pad_token_id=0,
                          stopping_criteria=StoppingCriteriaList([StepClock()]))
@@ -278,55 +186,9 @@ def measure_hf(model, prompts: list[list[int]], gen_len: int, device: str) -> Me
 
 # The run.
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    with open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f
-                      if line.startswith("model name")), platform.machine())
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
-def random_prompts(batch: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (batch, length), generator=generator).tolist()
-
-
-def free_device_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def batch_sizes(text: str, every: list[int]) -> list[int]:
     """'all' (every), '' (none) or a comma-separated list."""
     return every if text == "all" else [int(b) for b in text.split(",") if b]
-
-
-def run_and_save(args, run, **description) -> dict:
-    """A roofline benchmark's results: what was run where, when and with which versions, then
-    `description`, then what run(args, model, load_format, results, save) adds to them, model
-    being a folder written for a SYNTHETIC_MODELS preset, and save() writing them to --json."""
-    load_format = "random" if args.model in SYNTHETIC_MODELS else args.load_format
-    results = {"model": args.model, "weights": "random" if load_format == "random" else "real",
-               "dtype": args.dtype, "device": args.device, "device_name": device_name(args.device),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "commit": git_commit(), "torch": torch.__version__,
-               "transformers": importlib.metadata.version("transformers"), **description}
-
-    def save() -> None:
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fastgen-bench-") as folder:
-        model = args.model
-        if model in SYNTHETIC_MODELS:
-            model = str(synthetic_model_dir(SYNTHETIC_MODELS[model], Path(folder)))
-        run(args, model, load_format, results, save)
-    results["wall_s"] = time.perf_counter() - start
-    save()
-    return results
 
 
 def run(args, model: str, load_format: str, results: dict, save) -> None:
@@ -335,7 +197,7 @@ def run(args, model: str, load_format: str, results: dict, save) -> None:
     dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batch_sizes.split(",")]
     hf_batches = [b for b in batch_sizes(args.hf_batch_sizes, batches) if b in batches]
-    limits = Limits.measure(args.device, dtype, args.matmul_size)
+    limits = MachineLimits.measure(args.device, dtype, args.matmul_size)
     results["limits"] = asdict(limits)
     eager = {"enforce_eager": True} if args.enforce_eager else {}  # else the engine's default
     llm = LLM(model, dtype=args.dtype, device=args.device, load_format=load_format,
@@ -347,7 +209,7 @@ def run(args, model: str, load_format: str, results: dict, save) -> None:
     measured: dict[tuple[int, str], Measured] = {}
     points = results["points"] = {str(b): {"batch": b} for b in batches}
 
-    def record(batch: int, engine: str, m: Measured, limits: Limits) -> None:
+    def record(batch: int, engine: str, m: Measured, limits: MachineLimits) -> None:
         measured[batch, engine] = m
         point = points[str(batch)]
         point[engine] = m.report(cost, limits)
@@ -382,16 +244,10 @@ def run(args, model: str, load_format: str, results: dict, save) -> None:
         free_device_memory(args.device)
 
     # Every fraction against the best limits of the two measurements.
-    limits = limits.best(Limits.measure(args.device, dtype, args.matmul_size))
+    limits = limits.best(MachineLimits.measure(args.device, dtype, args.matmul_size))
     results["limits"] = asdict(limits)
     for (batch, engine), m in list(measured.items()):
         record(batch, engine, m, limits)
-
-
-def describe_run(results: dict) -> str:
-    """run_and_save's description of the run in one line, a table's first."""
-    return (f"model {results['model']} ({results['weights']} weights, {results['dtype']})  "
-            f"device {results['device_name']}  {results['date']}  commit {results['commit']}")
 
 
 def print_table(results: dict) -> None:

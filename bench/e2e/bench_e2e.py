@@ -12,16 +12,18 @@ decode step / step time; its fraction is taken against a measured copy (read + w
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
 from fastgen import LLM, SamplingParams
-from fastgen.config import DTYPES, DEFAULT_MODEL
+from fastgen.tokenization import render_chat
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import Timer, copy_bandwidth, pyplot, save_figure, save_json
+from bench.e2e.hf_baseline import HFRunner
+from bench.e2e.presets import model_parser
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -33,32 +35,6 @@ CHAT_PROMPTS = [
     "Give me a short recipe for pancakes.",
     "What does a compiler do?",
 ]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: str, nbytes: int = 1 << 29) -> float:
-    """Bytes read + written per second by a large tensor copy (GB/s)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), device, repeats=5)
-    return 2 * nbytes / seconds / 1e9
 
 
 class FastgenRunner:
@@ -75,101 +51,12 @@ class FastgenRunner:
         assert all(len(o.token_ids) == max_tokens for o in outputs)
 
 
-class HFRunner:
-    def __init__(self, args, model_dir, tokenizer):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        dtype = DTYPES[args.dtype]
-        if args.load_format == "random":  # same shapes, random weights: speed does not depend on them
-            config = AutoConfig.from_pretrained(model_dir)
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        self.model = self.model.to(args.device).eval()
-        self.device = args.device
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[list[int]], max_tokens: int) -> None:
-        width = max(len(p) for p in prompt_ids)  # left padding, as batched HF generation needs
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
-                                  min_new_tokens=max_tokens, pad_token_id=self.pad)
-        assert out.shape[1] == width + max_tokens
-
-
 def measure(runner, prompts: list[list[int]], decode_tokens: int, device: str, repeats: int) -> dict:
-    first = timed(lambda: runner.generate(prompts, 1), device, repeats)
-    full = timed(lambda: runner.generate(prompts, 1 + decode_tokens), device, repeats)
+    clock = Timer(device)
+    first = clock.median_s(lambda: runner.generate(prompts, 1), repeats)
+    full = clock.median_s(lambda: runner.generate(prompts, 1 + decode_tokens), repeats)
     step = (full - first) / decode_tokens
     return {"time_to_first_token_s": first, "decode_step_s": step, "decode_tok_s": len(prompts) / step}
-
-
-def model_parser(description: str) -> argparse.ArgumentParser:
-    """A benchmark's argument parser with the options every end-to-end benchmark shares: which
-    model, in which dtype, on which device, with real or random weights."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "random"])
-    return parser
-
-
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    """--json, --plot and --plot-from, for a benchmark whose results are a JSON file written
-    after every measurement and can be drawn again later, on any machine (see report)."""
-    parser.add_argument("--json", help="write the results here (after every measurement)")
-    parser.add_argument("--plot", help="draw a PNG here (needs matplotlib)")
-    parser.add_argument("--plot-from", help="only draw --plot from this --json file")
-
-
-def report(args, benchmark, print_table, plot) -> dict:
-    """benchmark(args)'s results, or with --plot-from those read back from that JSON file,
-    printed by print_table and, with --plot, drawn by plot(results, path)."""
-    results = json.loads(Path(args.plot_from).read_text()) if args.plot_from else benchmark(args)
-    print_table(results)
-    if args.plot:
-        plot(results, args.plot)
-    return results
-
-
-def begin_plot(path: str):
-    """(fig, (left, right)): a figure of two panels side by side, drawn off screen (matplotlib's
-    Agg backend), to be finished by end_plot; None, saying so, where matplotlib is not installed:
-    the plot meant for `path` can then be drawn elsewhere with --plot-from."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: no plot written to {path}; draw it elsewhere with "
-              f"--plot-from <the --json file> --plot {path}")
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, 2, figsize=(11, 4.2))
-
-
-def end_plot(fig, path: str, xs: list[int], log_axis) -> bool:
-    """Writes to path (a PNG) a begin_plot figure whose panels share the x values xs: on each,
-    x ticks at exactly those, labelled plainly, a grid and a legend; log_axis, a log-scale axis,
-    labelled in plain numbers (200, not 2 x 10^2), its minor ticks only at the 2s and 5s (20, 50,
-    200, 500, ...: not every minor tick). True, as a plot function returns when it drew."""
-    from matplotlib.ticker import FuncFormatter
-
-    log_axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    log_axis.set_minor_formatter(FuncFormatter(
-        lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
-    for axes in fig.axes:
-        axes.set_xticks(xs, [str(x) for x in xs])
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot written to {path}")
-    return True
 
 
 def main() -> None:
@@ -191,8 +78,7 @@ def main() -> None:
     if not args.no_hf:
         runners["hf"] = HFRunner(args, fastgen.llm.model_dir, fastgen.tokenizer)
     tokenizer = fastgen.tokenizer
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False) for p in CHAT_PROMPTS]
+    chats = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
     long_prompt = torch.randint(100, tokenizer.vocab_size - 100, (args.prefill_tokens,),
                                 generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -200,7 +86,8 @@ def main() -> None:
                "threads": torch.get_num_threads(), "copy_bandwidth_gb_s": bandwidth,
                "param_bytes": fastgen.param_bytes, "prefill": {}, "decode": {}}
     for name, runner in runners.items():
-        seconds = timed(lambda: runner.generate([long_prompt], 1), args.device, args.repeats)
+        seconds = Timer(args.device).median_s(lambda: runner.generate([long_prompt], 1),
+                                              args.repeats)
         results["prefill"][name] = {"tokens": args.prefill_tokens, "seconds": seconds,
                                     "tok_s": args.prefill_tokens / seconds}
     for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -225,19 +112,16 @@ def main() -> None:
         print(f"{'  weight GB/s (% copy)':24}" + "".join(
             f"{row[n]['weight_gb_s']:8.1f} ({100 * row[n]['fraction_of_copy_bw']:3.0f}%)" for n in runners))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        save_json(args.json, results)
     if args.plot:
         plot(results, args.plot)
 
 
 def plot(results: dict, path: str) -> None:
     """Decode throughput and weight-bandwidth utilisation against batch size, per engine."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     batches = [int(b) for b in results["decode"]]
     fig, (speed, util) = plt.subplots(1, 2, figsize=(10, 4))
     for name in results["decode"][str(batches[0])]:
@@ -252,8 +136,7 @@ def plot(results: dict, path: str) -> None:
         axes.set_xticks(batches, [str(b) for b in batches])
         axes.grid(alpha=0.3)
         axes.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ Four passes per batch size:
   host = step - forward. These are the headline numbers (no timer inside the loops).
 - generate with a breakdown: each phase wrapped in a timer as well (per-sequence phases cost
   ~0.2 us of timer per call, a few percent of host time at batch 256): schedule
-  (`Scheduler.schedule`), prepare (the model runner's input tensors), forward (model forward +
-  logits), sample (sampler and the tokens' copy to the host), detokenize + stop checks
-  (`IncrementalDetokenizer.append`), output building (`_Request.output`), the rest of the step.
+  (`Scheduler.schedule`), prepare (the step's ModelInput, `build_model_input`, and the model
+  runner's tensors of it, `forward_batch`), forward (model forward + logits), sample (sampler
+  and the tokens' copy to the host), detokenize + stop strings (`IncrementalDetokenizer.step`),
+  output building (`_Request.output`), the rest of the step (applying the output in the
+  scheduler among it).
 - stream: the engine stepped by hand with DELTA outputs, one per request and step (what the
   server's AsyncLLMEngine does), timed as the first pass.
 - cumulative: the same with CUMULATIVE outputs, add_request's default (what bench_decode.py
@@ -40,28 +42,20 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
-import platform
-import re
-import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
 from fastgen import LLM, SamplingParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import cpu_name, git_commit, save_json
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    match = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
-    return match.group(1).strip() if match else platform.machine()
 
 
 def tiny_model(folder: Path) -> Path:
@@ -131,10 +125,11 @@ def wrap_phases(timer: PhaseTimer, llm: LLM, breakdown: bool) -> None:
     if not breakdown:
         return
     timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(runner, "run", "run")
-    timer.wrap(runner, "_prepare", "prepare")
+    timer.wrap(engine_module, "build_model_input", "model_input")  # the step's ModelInput
+    timer.wrap(runner, "execute", "run")
+    timer.wrap(runner, "forward_batch", "tensors")  # the input's lists as tensors
     timer.wrap(runner, "_sample", "sample")
-    timer.wrap(IncrementalDetokenizer, "append", "detokenize")
+    timer.wrap(IncrementalDetokenizer, "step", "detokenize")
     timer.wrap(engine_module._Request, "output", "outputs")
 
 
@@ -205,17 +200,18 @@ def measure(llm: LLM, mode: str, batch: int, prompt_len: int, max_tokens: int,
     means.setdefault("gc", 0.0)
     means["host"] = means["step"] - means["forward"]
     if breakdown:
-        means["run_other"] = means["run"] - means["prepare"] - means["forward"] - means["sample"]
-        means["step_other"] = (means["step"] - means["schedule"] - means["run"]
-                               - means["detokenize"] - means["outputs"])
+        means["prepare"] = means["model_input"] + means["tensors"]
+        means["run_other"] = means["run"] - means["tensors"] - means["forward"] - means["sample"]
+        means["step_other"] = (means["step"] - means["schedule"] - means["model_input"]
+                               - means["run"] - means["detokenize"] - means["outputs"])
     means["steps"] = steps
     return means
 
 
 PASSES = [("generate", False), ("generate", True), ("stream", False), ("cumulative", False)]
 ROWS = [("schedule", "schedule"), ("prepare", "prepare inputs"), ("sample", "sample"),
-        ("run_other", "rest of model_runner.run"), ("detokenize", "detokenize + stop checks"),
-        ("outputs", "build outputs"), ("step_other", "rest of engine.step")]
+        ("run_other", "rest of model_runner.execute"), ("detokenize", "detokenize + stop strings"),
+        ("outputs", "build outputs"), ("step_other", "rest of engine.step (+ apply output)")]
 
 
 def report(results: dict) -> str:
@@ -254,18 +250,6 @@ def report(results: dict) -> str:
     lines.append("steps measured per pass: " + ", ".join(
         f"batch {b}: {results['points'][b]['generate']['steps']}" for b in batches))
     return "\n".join(lines)
-
-
-def git_commit() -> str:
-    """The commit of the fastgen being measured (the package imported, wherever it is)."""
-    import fastgen
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True,
-                              cwd=Path(fastgen.__file__).parent, capture_output=True,
-                              text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -309,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
                         args.seed + batch)
     print(report(results))
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        save_json(args.json, results, indent=1)
     return results
 
 

@@ -18,7 +18,6 @@ calls; the job's whole wall time, process start and model load included, is repo
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -29,7 +28,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from synthetic_gsm8k import make_rows, write_parquet
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import save_json
+from bench.e2e.synthetic_gsm8k import make_rows, write_parquet
 
 
 def run_fastgen(args, data: Path, output: Path) -> dict:
@@ -60,6 +61,7 @@ def run_hf(args, rows: list[dict]) -> dict:
 
     from fastgen.config import parse_dtype
     from fastgen.loader.hub import resolve_model
+    from fastgen.tokenization import render_chat
 
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -67,9 +69,7 @@ def run_hf(args, rows: list[dict]) -> dict:
     eos = set(model.generation_config.eos_token_id if isinstance(
         model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    texts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
-             for r in rows]
-    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    prompts = [render_chat(tokenizer, r["prompt"]) for r in rows]
     prompts = [p[-args.prompt_length:] for p in prompts]
     torch.manual_seed(args.seed)
     tokens = 0
@@ -139,7 +139,7 @@ def main() -> None:
             line += f"{ratio:>9.2f}x"
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        save_json(args.json, results)
 
 
 if __name__ == "__main__":

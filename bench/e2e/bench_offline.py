@@ -21,15 +21,18 @@ whole run under about four minutes on a 2-core CPU, HF's padded prefill being mo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import torch
-from bench_e2e import HFRunner, copy_bandwidth, model_parser, sync, timed
+
 from fastgen import LLM, SamplingParams
 from fastgen.config import DTYPES, CacheConfig, EngineConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import MachineLimits, Timer, git_commit, save_json
+from bench.e2e.hf_baseline import HFRunner
+from bench.e2e.presets import model_parser
 
 
 def make_prompts(tokenizer, num: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
@@ -38,14 +41,6 @@ def make_prompts(tokenizer, num: int, min_len: int, max_len: int, seed: int) -> 
     lengths = torch.randint(min_len, max_len + 1, (num,), generator=generator).tolist()
     return [torch.randint(100, tokenizer.vocab_size - 100, (n,), generator=generator).tolist()
             for n in lengths]
-
-
-def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, trials: int = 3) -> float:
-    """FLOP/s of a square [n, n] x [n, n] matmul in dtype, the best of a few trials (a peak, so
-    the best, not the median): the compute roof that a large batch meets."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    return max(2 * n ** 3 / timed(lambda: a @ b, device, repeats=3) for _ in range(trials))
 
 
 def model_flops(model, prompt_tokens: int, output_tokens: int, num_prompts: int) -> float:
@@ -68,11 +63,10 @@ def run_fastgen(llm: LLM, prompts: list[list[int]], output_len: int, device: str
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     stats = llm.engine.stats
     fed, hit = stats.prefill_tokens, stats.prefix_cache_hit_tokens
-    sync(device)
-    start = time.perf_counter()
+    clock = Timer(device)
+    start = clock.now()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = clock.now() - start
     fed, hit = stats.prefill_tokens - fed, stats.prefix_cache_hit_tokens - hit
     # A sequence preempted when the KV cache ran full is prefilled again, prompt and output so
     # far; what that re-prefill finds in the prefix cache is not fed.
@@ -84,22 +78,15 @@ def run_fastgen(llm: LLM, prompts: list[list[int]], output_len: int, device: str
 def run_hf(hf: HFRunner, prompts: list[list[int]], output_len: int, batch_size: int,
            device: str) -> dict:
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    sync(device)
-    start = time.perf_counter()
+    clock = Timer(device)
+    start = clock.now()
     for batch in batches:
         # Asserts that every row came back padded width + output_len long: min_new_tokens keeps
         # EOS out, so each row generated exactly output_len tokens.
         hf.generate(batch, output_len)
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = clock.now() - start
     return {"seconds": seconds, "output_tokens": len(prompts) * output_len,
             "padded_prompt_tokens": sum(len(b) * max(len(p) for p in b) for b in batches)}
-
-
-def git_commit() -> str:
-    """The checkout's commit, "-dirty" when tracked files are modified; "" outside a checkout."""
-    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                          capture_output=True, text=True, check=False).stdout.strip()
 
 
 def main() -> None:
@@ -122,9 +109,8 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = DTYPES[args.dtype]
-    # Measured before and after the engines, the best of the two kept: a limit measured while
-    # something else briefly held a core would make every fraction of it look too good.
-    bandwidth, peak = copy_bandwidth(args.device), matmul_peak(args.device, dtype)
+    # Measured before and after the engines, the best of the two kept (MachineLimits.best).
+    limits = MachineLimits.measure(args.device, dtype)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               cpu_kv_cache_gib=args.cpu_kv_cache_gib)
@@ -142,8 +128,7 @@ def main() -> None:
         hf_prompts = sorted(prompts, key=len) if args.hf_sort_by_length else prompts
         engines["hf"] = run_hf(hf, hf_prompts, args.output_len, args.hf_batch_size, args.device)
 
-    bandwidth = max(bandwidth, copy_bandwidth(args.device))
-    peak = max(peak, matmul_peak(args.device, dtype))
+    limits = limits.best(MachineLimits.measure(args.device, dtype))
     flops = model_flops(llm.model, prompt_tokens, args.num_prompts * args.output_len,
                         args.num_prompts)
     for row in engines.values():
@@ -152,11 +137,12 @@ def main() -> None:
         row["output_tok_s"] = row["output_tokens"] / seconds
         row["total_tok_s"] = (prompt_tokens + row["output_tokens"]) / seconds
         row["model_tflop_s"] = flops / seconds / 1e12
-        row["fraction_of_matmul_peak"] = flops / seconds / peak
+        row["fraction_of_matmul_peak"] = row["model_tflop_s"] / limits.matmul_tflop_s
     same = len({row["output_tokens"] for row in engines.values()}) == 1
     results = {"model": args.model, "dtype": args.dtype, "device": args.device,
                "threads": torch.get_num_threads(), "commit": git_commit(),
-               "copy_bandwidth_gb_s": bandwidth, "matmul_peak_tflop_s": peak / 1e12,
+               "copy_bandwidth_gb_s": limits.copy_gb_s,
+               "matmul_peak_tflop_s": limits.matmul_tflop_s,
                "num_prompts": args.num_prompts, "prompt_len_range": [args.min_prompt_len,
                                                                      args.max_prompt_len],
                "prompt_tokens": prompt_tokens, "output_len": args.output_len, "seed": args.seed,
@@ -170,8 +156,7 @@ def main() -> None:
         results["ratio_fastgen_over_hf"] = engines["hf"]["seconds"] / engines["fastgen"]["seconds"]
     print_table(results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        save_json(args.json, results)
     if not same:
         raise SystemExit("the engines generated different numbers of tokens")
 

@@ -6,7 +6,7 @@ same model, with the FLOPs a prefill must cost set against a matmul measured in 
     python bench/e2e/bench_prefill.py --prompt-lens 256,1024 --chunk-tokens 256  # CPU, quick
     python bench/e2e/bench_prefill.py --plot-from 8b.json --plot 8b.png  # the plot, on any machine
 
-`--model llama3.1-8b` is bench_decode.py's preset (Llama-3.1-8B's config, random weights, a
+`--model llama3.1-8b` is presets.py's preset (Llama-3.1-8B's config, random weights, a
 word-level tokenizer over its ids: no download); any other `--model` is what `LLM` takes.
 At each prompt length L (default 2048, 8192, 32768; random token ids, one sequence):
 - time to first token (TTFT): the median wall time of a call that returns the first token,
@@ -33,30 +33,29 @@ run cut short keeps what it measured; an HF length that runs out of memory is re
 from __future__ import annotations
 
 import inspect
-import time
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from statistics import median
 
 import torch
-from bench_decode import (
-    StepCost,
-    describe_run,
-    free_device_memory,
-    load_hf,
-    random_prompts,
-    run_and_save,
-)
-from bench_e2e import (
+
+from fastgen import LLM, SamplingParams
+from fastgen.config import DTYPES, EngineConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import (
+    Timer,
     add_output_options,
     begin_plot,
     end_plot,
-    model_parser,
+    free_device_memory,
+    matmul_tflop_s,
     report,
-    sync,
 )
-from bench_offline import matmul_peak
-from fastgen import LLM, SamplingParams
-from fastgen.config import DTYPES, EngineConfig
+from bench.e2e.hf_baseline import load_hf
+from bench.e2e.presets import model_parser
+from bench.e2e.roofline import StepCost, describe_run, random_prompts, run_and_save
 
 DEFAULT_PROMPT_LENS = "2048,8192,32768"
 ENGINES = {"fastgen_chunked": "fastgen, chunked", "fastgen_one_step": "fastgen, one step",
@@ -102,13 +101,12 @@ class Timed:
 def measure(first_token, prompt: list[int], device: str, repeats: int, long_s: float) -> Timed:
     """Times first_token(prompt), which returns the forwards it took, after an untimed warm-up:
     `repeats` times, or once where the warm-up took longer than long_s."""
+    clock = Timer(device)
 
     def once() -> tuple[float, int]:
-        sync(device)
-        start = time.perf_counter()
+        start = clock.now()
         steps = first_token(prompt)
-        sync(device)
-        return time.perf_counter() - start, steps
+        return clock.now() - start, steps
 
     warm_s, steps = once()
     return Timed([once()[0] for _ in range(1 if warm_s > long_s else repeats)], steps)
@@ -154,7 +152,7 @@ def run(args, model: str, load_format: str, results: dict, save) -> None:
     results["points"] and calling save() after each."""
     dtype = DTYPES[args.dtype]
     lengths = results["prompt_lens"]
-    matmul = matmul_peak(args.device, dtype, args.matmul_size) / 1e12
+    matmul = matmul_tflop_s(args.device, dtype, args.matmul_size)
     results["matmul_tflop_s"] = matmul
     points = results["points"] = {str(n): {"prompt_len": n} for n in lengths}
     measured: dict[tuple[int, str], Timed] = {}
@@ -211,8 +209,8 @@ def run(args, model: str, load_format: str, results: dict, save) -> None:
         free_device_memory(args.device)
 
     # Every fraction against the better of the two matmul measurements.
-    matmul = results["matmul_tflop_s"] = max(matmul, matmul_peak(args.device, dtype,
-                                                                 args.matmul_size) / 1e12)
+    matmul = results["matmul_tflop_s"] = max(matmul, matmul_tflop_s(args.device, dtype,
+                                                                    args.matmul_size))
     for (n, engine), timed in list(measured.items()):
         record(n, engine, timed)
 

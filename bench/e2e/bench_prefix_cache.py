@@ -13,11 +13,17 @@ after the system prompt's last full block; with it off, every request prefills e
 from __future__ import annotations
 
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
-from bench_e2e import model_parser
+
 from fastgen import LLM, SamplingParams
+from fastgen.tokenization import render_chat
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import Timer
+from bench.e2e.presets import model_parser
 
 SYSTEM_SENTENCES = [
     "You are a careful, friendly assistant for the staff of a small public library.",
@@ -47,23 +53,17 @@ def system_prompt(tokenizer, target_tokens: int) -> str:
     return " ".join(sentences)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def first_tokens(llm: LLM, prompts: list[list[int]], device: str) -> list[dict]:
     """Each prompt alone, in turn: its time to first token and what its prefill fed and hit."""
     stats = llm.engine.stats
     params = SamplingParams(max_tokens=1, temperature=0)
+    clock = Timer(device)
     rows = []
     for prompt in prompts:
         fed, hit = stats.prefill_tokens, stats.prefix_cache_hit_tokens
-        sync(device)
-        start = time.perf_counter()
+        start = clock.now()
         llm.generate([prompt], params, use_tqdm=False)
-        sync(device)
-        rows.append({"tokens": len(prompt), "seconds": time.perf_counter() - start,
+        rows.append({"tokens": len(prompt), "seconds": clock.now() - start,
                      "prefilled": stats.prefill_tokens - fed,
                      "cached": stats.prefix_cache_hit_tokens - hit})
     return rows
@@ -82,9 +82,8 @@ def main() -> None:
     tokenizer = llms[True].tokenizer
     block_size = llms[True].engine.config.cache.block_size
     system = system_prompt(tokenizer, args.system_tokens)
-    prompts = [tokenizer.apply_chat_template(
-        [{"role": "system", "content": system}, {"role": "user", "content": q}],
-        add_generation_prompt=True, tokenize=True, return_dict=False) for q in QUESTIONS]
+    prompts = [render_chat(tokenizer, [{"role": "system", "content": system},
+                                       {"role": "user", "content": q}]) for q in QUESTIONS]
     # Warm up on unrelated prompts of the same length, so the first request pays no one-time
     # costs and shares nothing.
     warm = [torch.randint(100, tokenizer.vocab_size - 100, (len(prompts[0]),),

@@ -16,22 +16,18 @@ tensors (the kernel then has the easier memory layout). FLOPs count the causal p
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_ops import check, pyplot, save_figure, timer
 from fastgen import ops
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import Timer, check, matmul_tflop_s, pyplot, save_figure, save_json
+
 HEADS, KV_HEADS, BLOCK_SIZE = 32, 8, 16
-
-
-def matmul_rate(device: str, time_us, n: int) -> float:
-    """TFLOP/s of an n^3 bf16 matmul: the compute roof."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n ** 3 / time_us(lambda: a @ b) / 1e6
 
 
 def sdpa_flash(q, k, v, scale):
@@ -104,10 +100,12 @@ def main() -> None:
     parser.add_argument("--plot", help="PNG of TFLOP/s against sequence length")
     args = parser.parse_args()
     torch.manual_seed(0)
-    time_us = timer(args.device)
+    time_us = Timer(args.device).loop_us
     lengths = [256, 512] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
     total = 1024 if args.quick else 16384
-    matmul = matmul_rate(args.device, time_us, 1024 if args.quick else 8192)
+    # The compute roof: one loop-timed bf16 matmul (the kernels' timing, not the end-to-end one).
+    matmul = matmul_tflop_s(args.device, torch.bfloat16, 1024 if args.quick else 8192, trials=1,
+                            time_s=lambda fn: time_us(fn) / 1e6)
     print(f"device {args.device}; bf16 matmul {matmul:.1f} TFLOP/s (same run)")
     print(f"{'D':>4} {'L':>6} {'B':>3} {'fastgen us':>11} {'TFLOP/s':>8} {'of mm':>6} "
           f"{'SDPA us':>9} {'TFLOP/s':>8} {'speedup':>8}")
@@ -121,8 +119,8 @@ def main() -> None:
                       f"{100 * r['tflops'] / matmul:5.0f}% {r['sdpa_us']:9.1f} "
                       f"{r['sdpa_tflops']:8.1f} {r['sdpa_us'] / r['us']:7.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": args.device, "matmul_tflops": matmul, "rows": rows}, f, indent=1)
+        save_json(args.json, {"device": args.device, "matmul_tflops": matmul, "rows": rows},
+                  indent=1)
     if args.plot:
         plot(rows, matmul, args.plot)
 

@@ -16,51 +16,20 @@ Every fastgen result is checked against its baseline before it is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fastgen import ops
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from bench.common import Timer, check, copy_bandwidth, pyplot, save_figure, save_json
+
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128  # Llama-3.1-8B
 BLOCK_SIZE = 16
-
-
-def timer(device: str):
-    """-> time(fn) in microseconds: the median of 5 runs of enough calls to fill ~50 ms."""
-    cuda = device.startswith("cuda")
-
-    def now() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def time_us(fn) -> float:
-        fn()
-        start = now()
-        fn()
-        once = max(now() - start, 1e-6)
-        reps = max(1, min(1000, int(0.05 / once)))
-        samples = []
-        for _ in range(5):
-            start = now()
-            for _ in range(reps):
-                fn()
-            samples.append((now() - start) / reps * 1e6)
-        return statistics.median(samples)
-
-    return time_us
-
-
-def copy_bandwidth(device: str, time_us, nbytes: int) -> float:
-    """Read + write GB/s of a plain device copy."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    return 2 * nbytes / time_us(lambda: dst.copy_(src)) / 1e3
 
 
 def rms_norm_eager(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,8 +59,9 @@ def rotary_and_cache_eager(positions, q, k, v, cos_sin, key_cache, value_cache, 
 class Bench:
     def __init__(self, device: str, dtype: torch.dtype, copy_bytes: int):
         self.device, self.dtype = device, dtype
-        self.time_us = timer(device)
-        self.copy_gb_s = copy_bandwidth(device, self.time_us, copy_bytes)
+        self.time_us = Timer(device).loop_us
+        self.copy_gb_s = copy_bandwidth(device, copy_bytes,
+                                        time_s=lambda fn: self.time_us(fn) / 1e6)
         self.rows: list[dict] = []
         print(f"device {device}, {dtype}; copy bandwidth (read + write) {self.copy_gb_s:.1f} GB/s")
         print(f"{'op':<22} {'shape':<26} {'fastgen':>10} {'GB/s':>8} {'of copy':>8}   baselines (us, fastgen speedup)")
@@ -107,13 +77,6 @@ class Bench:
                               baselines_us=base))
         extra = "  ".join(f"{name} {t:.1f} ({t / us:.2f}x)" for name, t in base.items())
         print(f"{op:<22} {shape:<26} {us:8.1f}us {gb_s:8.1f} {100 * gb_s / self.copy_gb_s:7.0f}%   {extra}")
-
-
-def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 3e-2) -> None:
-    err = (got.float() - want.float()).abs().max().item()
-    scale = want.float().abs().max().item() + 1e-6
-    if err > tol * scale:
-        raise SystemExit(f"{name}: fastgen differs from the baseline (max error {err:.3g})")
 
 
 def bench_norms(b: Bench, tokens: int) -> None:
@@ -209,24 +172,6 @@ def bench_decode_attention(b: Bench, batch: int, context: int) -> dict:
     return b.rows[-1]
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or None (saying so) where matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (the JSON has the numbers)")
-        return None
-    return plt
-
-
-def save_figure(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
 def plot(sweeps: dict, copy_gb_s: float, path: str) -> None:
     plt = pyplot()
     if plt is None:
@@ -268,8 +213,8 @@ def main() -> None:
         batch_ctx = 512 if quick else 2048
         by_batch = [dict(bench_decode_attention(b, n, batch_ctx), x=n) for n in batches]
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": args.device, "copy_gb_s": b.copy_gb_s, "rows": b.rows}, f, indent=1)
+        save_json(args.json, {"device": args.device, "copy_gb_s": b.copy_gb_s, "rows": b.rows},
+                  indent=1)
     if args.plot:
         plot({f"batch 1, context up to {long_ctx}": ("context (tokens)", by_context),
               f"context {batch_ctx}": ("batch size", by_batch)}, b.copy_gb_s, args.plot)

@@ -5,11 +5,10 @@ the plot drawn again from the JSON (or the one-line notice where matplotlib is m
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench" / "e2e"
+from bench.e2e.presets import LLAMA31_8B, SYNTHETIC_MODELS
 
 # Llama-3.1-8B's preset (rope scaling, untied head) shrunk.
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -20,26 +19,22 @@ PROMPT_LEN, GEN_LEN = 24, 6
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))  # the benchmarks import their siblings
-    try:
-        import bench_decode
+    from bench.e2e import bench_decode
 
-        yield bench_decode
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    return bench_decode
 
 
 @pytest.fixture(scope="module")
 def run(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    bench.SYNTHETIC_MODELS["tiny"] = {**bench.LLAMA31_8B, **TINY}
+    SYNTHETIC_MODELS["tiny"] = {**LLAMA31_8B, **TINY}
     try:
         results = bench.main(["--model", "tiny", "--device", "cpu", "--dtype", "bfloat16",
                               "--batch-sizes", ",".join(map(str, BATCHES)),
                               "--prompt-len", str(PROMPT_LEN), "--gen-len", str(GEN_LEN),
                               "--matmul-size", "256", "--json", str(out)])
     finally:
-        del bench.SYNTHETIC_MODELS["tiny"]
+        del SYNTHETIC_MODELS["tiny"]
     return results, out
 
 

@@ -2,23 +2,14 @@
 every batch size, the phases add up to the step, and the benchmark leaves the engine as it found
 it (no timer left wrapped)."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench" / "e2e"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        import bench_engine_overhead
+    from bench.e2e import bench_engine_overhead
 
-        yield bench_engine_overhead
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    return bench_engine_overhead
 
 
 def test_toy_run(bench, tmp_path, capsys):
@@ -44,7 +35,7 @@ def test_timers_are_put_back(bench, tmp_path):
     from fastgen.engine.detokenizer import IncrementalDetokenizer
 
     llm = LLM(str(bench.tiny_model(tmp_path)), dtype="float32", device="cpu")
-    append, output = IncrementalDetokenizer.append, engine_module._Request.output
+    append, output = IncrementalDetokenizer.step, engine_module._Request.output
     bench.measure(llm, "stream", 2, 8, 3, 2, True, seed=0)
-    assert IncrementalDetokenizer.append is append and engine_module._Request.output is output
+    assert IncrementalDetokenizer.step is append and engine_module._Request.output is output
     assert "step" not in vars(llm.engine) and "forward" not in vars(llm.engine.model_runner.model)

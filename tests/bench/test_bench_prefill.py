@@ -12,24 +12,21 @@ from statistics import median
 import pytest
 import torch
 
-from tests.bench.test_bench_decode import BENCH_DIR, TINY
+from bench.e2e.presets import SYNTHETIC_MODELS
+from tests.bench.test_bench_decode import TINY
 
 LENGTHS, CHUNK, REPEATS = [24, 40], 16, 2
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(BENCH_DIR))  # the benchmarks import their siblings
-        import bench_prefill
+    from bench.e2e import bench_prefill
 
-        yield bench_prefill
+    return bench_prefill
 
 
 def run_tiny(bench, json_path: Path, *extra: str) -> dict:
-    # The presets --model takes: bench_prefill's runs go through bench_decode's run_and_save.
-    from bench_decode import SYNTHETIC_MODELS
-
+    # The presets --model takes (bench_prefill's runs go through roofline.run_and_save).
     SYNTHETIC_MODELS["tiny"] = {**SYNTHETIC_MODELS["llama3.1-8b"], **TINY}
     try:
         return bench.main(["--model", "tiny", "--device", "cpu", "--dtype", "bfloat16",

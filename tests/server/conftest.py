@@ -21,6 +21,18 @@ from tests.engine.tiny_model import save_tiny_llama
 MODEL_NAME = "tiny-llama"
 
 
+def slow_down(llm, step_delay: float) -> None:
+    """Adds step_delay seconds to every engine step of llm: a slow model, for tests that must
+    catch a request in flight."""
+    run = llm.engine.model_runner.execute
+
+    def slow_run(batch):
+        time.sleep(step_delay)
+        return run(batch)
+
+    llm.engine.model_runner.execute = slow_run
+
+
 @dataclass
 class RunningServer:
     url: str             # http://127.0.0.1:PORT
@@ -49,13 +61,7 @@ def start_server(tiny_model_path):
               **llm_options):
         llm = make_llm(tiny_model_path, **llm_options)
         if step_delay:
-            run = llm.engine.model_runner.run
-
-            def slow_run(batch):
-                time.sleep(step_delay)
-                return run(batch)
-
-            llm.engine.model_runner.run = slow_run
+            slow_down(llm, step_delay)
         engine = AsyncLLMEngine(llm.engine, max_waiting_requests=max_waiting_requests)
         options = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
         app = build_app(engine, MODEL_NAME, api_key=api_key, **options)

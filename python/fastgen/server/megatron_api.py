@@ -5,9 +5,10 @@ AsyncLLMEngine as the OpenAI routes, so existing Megatron clients can point at f
     -> {"text": [prompt + generation], "tokens": [[prompt + generated ids]],
         "segments": [[each token's text]], "logprobs": [[...]] (only when asked)}
 
-Each prompt is its own engine request, all submitted at once (continuous batching batches them
-with everyone else's); the answer waits for the last. A client that disconnects first aborts them.
-The engine sends each request's DELTA outputs (timed for the metrics as they come), added up here.
+Each prompt is its own engine request; they run as one Generation (generation.py, shared with the
+OpenAI routes: all submitted at once, so continuous batching batches them with everyone else's,
+their DELTA outputs timed and added up). The answer waits for the last; a client that disconnects
+first aborts them all.
 
 Megatron's validation rules, field by field and in its order, with two differences: every
 refusal is HTTP 400 with the app's JSON error (Megatron answers most with a bare string and HTTP
@@ -33,7 +34,6 @@ Megatron's `top_n_logprobs` response field is never produced: its `/api` has no 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -43,10 +43,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from fastgen.config import SamplingParams
-from fastgen.engine.async_engine import RequestStream
-from fastgen.outputs import RequestOutput, RequestOutputKind
+from fastgen.engine.detokenizer import text_decoder
+from fastgen.outputs import RequestOutput
 from fastgen.server.errors import APIError
-from fastgen.server.metrics import RequestMetrics
+from fastgen.server.generation import CLIENT_CLOSED_REQUEST, Generation, Prompt
+from fastgen.tokenization import continuation_text
 
 router = APIRouter()
 
@@ -54,10 +55,6 @@ MAX_PROMPTS = 128          # Megatron's limit per request
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1000
 MAX_SEED = 2**63 - 1 - MAX_PROMPTS  # random_seed + prompt index must stay a valid torch seed
-# Tokens of prompt decoded ahead of the generation, so a SentencePiece tokenizer keeps the space
-# that starts the first generated word (the detokenizer's trick).
-_CONTEXT_TOKENS = 5
-_CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
 
 def _refuse(message: str) -> APIError:
@@ -216,27 +213,18 @@ async def megatron_generate(request: Request) -> Response:
     except (ValueError, RecursionError) as error:  # bad JSON or encoding, absurd nesting
         raise _refuse(f"the request body is not valid JSON: {error}") from None
     req = MegatronRequest.parse(body)
-    engine = request.app.state.engine
-    tokenizer = engine.tokenizer
-    prompt_ids = [_tokenize(tokenizer, prompt, req.add_bos) for prompt in req.prompts]
-    _check_lengths(prompt_ids, req.tokens_to_generate, request.app.state.max_model_len)
+    state = request.app.state
+    tokenizer = state.engine.tokenizer
+    prompts = [Prompt(prompt, _tokenize(tokenizer, prompt, req.add_bos))
+               for prompt in req.prompts]
+    _check_lengths([p.token_ids for p in prompts], req.tokens_to_generate, state.max_model_len)
 
-    arrival = time.monotonic()
-    metrics = request.app.state.metrics
-    streams: list[RequestStream] = []
-    timers: list[RequestMetrics] = []
-    try:
-        for index, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids)):
-            streams.append(engine.add_request(ids, req.sampling_params(index), prompt,
-                                              RequestOutputKind.DELTA))
-            timers.append(metrics.request("megatron", arrival, len(ids)))
-        outputs = await _final_outputs(request, streams, timers)
-    finally:
-        for stream, timer in zip(streams, timers):
-            stream.abort()  # a no-op for finished requests
-            timer.abort()   # likewise
+    generation = Generation(state.engine, state.metrics, "megatron", prompts,
+                            [req.sampling_params(i) for i in range(len(prompts))],
+                            time.monotonic())
+    outputs = await generation.finish(request.receive)
     if outputs is None:
-        return Response(status_code=_CLIENT_CLOSED_REQUEST)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
     return JSONResponse(_response(tokenizer, req, outputs))
 
 
@@ -259,50 +247,15 @@ def _check_lengths(prompt_ids: list[list[int]], tokens_to_generate: int, max_len
                       f"tokens)")
 
 
-async def _final_outputs(request: Request, streams: list[RequestStream],
-                         timers: list[RequestMetrics]) -> list[RequestOutput] | None:
-    """Each stream's last output, in order; None when the client disconnects first. A stream
-    that failed raises its error, once every stream has ended."""
-    everything = asyncio.gather(*(_final_output(s, t) for s, t in zip(streams, timers)),
-                                return_exceptions=True)
-    gone = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait([everything, gone], return_when=asyncio.FIRST_COMPLETED)
-        if not everything.done():
-            return None
-    finally:
-        gone.cancel()
-        everything.cancel()  # cancels the readers still waiting, before their streams abort
-    outputs = everything.result()
-    for output in outputs:
-        if isinstance(output, BaseException):
-            raise output
-    return outputs
-
-
-async def _final_output(stream: RequestStream, timer: RequestMetrics) -> RequestOutput:
-    """The stream's DELTA outputs added up."""
-    final = None
-    async for out in stream:
-        timer.observe(out)
-        final = RequestOutput.accumulate(out) if final is None else final.add(out)
-    return final
-
-
-async def _disconnect(request: Request) -> None:
-    """Returns when the client has gone; the body is already read, so the next ASGI message
-    comes only then."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def _response(tokenizer, req: MegatronRequest, outputs: list[RequestOutput]) -> dict:
     """Megatron's response: per prompt, the prompt's text plus the generation, the tokens of
     both, each token's own text, and (when asked) the logprob of every token after the first."""
+    decode = text_decoder(tokenizer)
     texts, tokens, segments, logprobs = [], [], [], []
     for prompt, out in zip(req.prompts, outputs):
         generated = out.token_ids
-        texts.append(prompt + _generated_text(tokenizer, out.prompt_token_ids, generated))
+        # Stop string included (Megatron's text is its tokens'), special tokens left out.
+        texts.append(prompt + continuation_text(decode, out.prompt_token_ids, generated))
         tokens.append(out.prompt_token_ids + generated)
         segments.append(tokenizer.batch_decode([[t] for t in tokens[-1]]))
         if req.logprobs:
@@ -315,12 +268,3 @@ def _response(tokenizer, req: MegatronRequest, outputs: list[RequestOutput]) -> 
         response["logprobs"] = logprobs
     response["segments"] = segments
     return response
-
-
-def _generated_text(tokenizer, prompt_ids: list[int], generated: list[int]) -> str:
-    """The generated tokens' text, stop string included (Megatron's text is its tokens'),
-    special tokens left out."""
-    context = prompt_ids[-_CONTEXT_TOKENS:]
-    before = tokenizer.decode(context, skip_special_tokens=True)
-    after = tokenizer.decode(context + generated, skip_special_tokens=True)
-    return after[len(before):]

@@ -1,0 +1,1 @@
+"""End-to-end benchmarks (bench_*.py, scripts) and the libraries they share."""

@@ -1,0 +1,57 @@
+"""Which model an end-to-end benchmark runs: the model options every one of them takes, and the
+synthetic presets `--model` also names in bench_decode.py and bench_prefill.py.
+
+A preset is a real model's config.json run with random weights and a word-level tokenizer over
+its ids, so an 8B model's speed can be measured without a download: the prompts are token ids,
+and greedy decoding with ignore_eos costs the same whatever the weights say. The tokenizer only
+turns outputs into text, but it must know every id: one that decoded to nothing (a smaller
+tokenizer's missing ids) would make the detokenizer re-decode an ever longer window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fastgen.config import DEFAULT_MODEL, DTYPES
+
+# meta-llama/Llama-3.1-8B-Instruct's config.json, in the key names both transformers 4 and 5 read.
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "max_position_embeddings": 131072, "tie_word_embeddings": False, "attention_bias": False,
+    "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "initializer_range": 0.02, "torch_dtype": "bfloat16",
+}
+SYNTHETIC_MODELS = {"llama3.1-8b": LLAMA31_8B}  # name -> config.json, run with random weights
+
+
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser with the options every end-to-end benchmark shares: which
+    model, in which dtype, on which device, with real or random weights."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "random"])
+    return parser
+
+
+def synthetic_model_dir(config: dict, folder: Path) -> Path:
+    """A model folder for load_format="random": config.json and a word-level tokenizer whose
+    tokens "t0" .. "t{V-1}" cover the config's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    return folder
