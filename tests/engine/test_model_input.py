@@ -56,12 +56,14 @@ def test_scheduler_applies_the_output():
     sched = scheduler_with(*seqs, budget=20)
     batch = sched.schedule()
     assert batch.num_scheduled == [3, 2, 2, 1, 2, 3, 7]  # the last prompt in part
+    assert (batch.num_prefill_tokens, batch.num_decode_tokens) == (20, 0)
     model_input = build_model_input(batch.seqs, batch.num_scheduled, BLOCK_SIZE)
     rows = model_input.sampling.rows
     tokens = {0: 11, 1: EOS, 2: EOS, 3: 9, 4: 12}
     output = ModelOutput([tokens[b] for b in rows], [None] * len(rows),
                          [[{7: -0.5}] * len(r.targets) for r in model_input.prompt_logprobs])
     updates = sched.update_from_output(batch, model_input, output)
+    assert (batch.num_prefill_tokens, batch.num_tokens) == (20, 20)  # a snapshot: unchanged
     assert [(seq.seq_id, reason) for seq, reason in updates] == [
         (0, None), (1, FinishReason.STOP), (2, None), (3, FinishReason.STOP),
         (4, FinishReason.LENGTH), (5, FinishReason.LENGTH)]

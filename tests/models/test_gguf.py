@@ -62,6 +62,20 @@ def test_gguf_file_and_converted_folder_load_the_same_weights(smollm2_dir, smoll
         assert torch.equal(param, theirs[name]), name
 
 
+def test_gguf_tensors_feed_the_same_loader(smollm2_dir, smollm2):
+    """The file's tensors, dequantized and named as Hugging Face names them, stream straight into
+    a model through fastgen.loader.weights, as a safetensors folder's do."""
+    from fastgen.loader.gguf import _open_reader, iter_gguf_tensors
+    from fastgen.loader.weights import load_weights
+    from fastgen.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(smollm2.hf_config).float()
+    load_weights(model, iter_gguf_tensors(_open_reader(smollm2_dir / SOURCE_GGUF), smollm2.hf_config))
+    theirs = dict(model.named_parameters())
+    for name, param in smollm2.model.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+
+
 def test_greedy_answer(smollm2):
     tokenizer = smollm2.tokenizer
     prompt = tokenizer.apply_chat_template(

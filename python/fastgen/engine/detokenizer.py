@@ -30,9 +30,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from fastgen.tokenization import CONTEXT_TOKENS
 
-# Tokens of context decoded before the new ones (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).
-_CONTEXT_TOKENS = 5
+
 _REPLACEMENT_CHAR = "\ufffd"
 
 Decode = Callable[[list[int]], str]  # token ids -> text, special tokens skipped
@@ -84,7 +84,7 @@ class IncrementalDetokenizer:
         self._decode = decode if decode is not None else text_decoder(tokenizer)
         self.stop = list(stop)
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
-        self._prefix_offset = max(num_prompt_tokens - _CONTEXT_TOKENS, 0)
+        self._prefix_offset = max(num_prompt_tokens - CONTEXT_TOKENS, 0)
         self._read_offset = num_prompt_tokens
         self._prefix_text: str | None = None  # the window before the read offset, decoded
         self.text = ""
