@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from fastgen import envs
+
 WORDS = ("the a model token cache block server request stream batch prefill decode kernel "
          "attention memory bandwidth latency throughput user answer question river mountain "
          "history science music language city ocean forest").split()
@@ -221,7 +223,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--served-model-name")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"))
+    parser.add_argument("--api-key", default=envs.api_key())
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--num-requests", type=int, default=64,
                         help="requests in the concurrent phase")

@@ -1,12 +1,28 @@
-"""Configuration dataclasses that every layer above reads. Defaults live here, once; the CLI and
-the Python API take theirs from these classes."""
+"""Configuration dataclasses that every layer above reads. Defaults live here, once; the CLIs and
+the Python API take theirs from these classes.
+
+Every engine setting (a field of EngineConfig, CacheConfig or ParallelConfig) is declared with
+`setting(default, help, ...)`: its default, its command-line help and the values it accepts sit
+on the field's own line. EngineConfig.add_cli_args turns each into a flag (fastgen-run and
+fastgen-serve share that one list), fastgen-generate's verl keys read theirs from engine_flags(),
+and the dataclasses check their values at construction with the same checks, so a bad value gets
+the same one-line error from the command line (naming the flag) and from LLM(...) (naming the
+field). This is vLLM's EngineArgs.add_cli_args / from_cli_args, without a second class.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import argparse
 
 DEFAULT_MODEL = "smollm2"
 
@@ -120,34 +136,271 @@ class SamplingParams:
                 or self.frequency_penalty != 0.0)
 
 
+# What is wrong with a setting's value, as "must be at least 1, got 0"; None when it is fine.
+Check = Callable[[Any], "str | None"]
+
+
+def at_least(low: int) -> Check:
+    def check(value) -> str | None:
+        return None if value >= low else f"must be at least {low}, got {value}"
+    return check
+
+
+def positive(value) -> str | None:
+    return None if value > 0 else f"must be > 0, got {value}"
+
+
+def fraction(value) -> str | None:
+    return None if 0 < value <= 1 else f"must be in (0, 1], got {value}"
+
+
+def only_one(feature: str) -> Check:
+    """Accepts 1 alone: any other value needs a feature that is not built yet."""
+    def check(value) -> str | None:
+        return None if value == 1 else f"must be 1 ({feature} is not supported yet), got {value}"
+    return check
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting appears on the command line, declared beside its field by setting().
+
+    option is --the-field-name unless given; alias is a second spelling (-tp). A bool setting is
+    a switch; off names the flag that turns one that defaults to on off again. choices limit what
+    the flag (and a verl key) accepts; LLM(...) leaves those values to the loader, which names an
+    unknown dtype or device itself. default_text says what the default means where its value
+    does not (None meaning "the model's"). check runs on the command line and at construction.
+    """
+
+    help: str
+    option: str | None = None
+    alias: str | None = None
+    off: str | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    default_text: str | None = None
+    check: Check | None = None
+
+
+def setting(default: Any, help: str, **flag: Any) -> Any:
+    """A config field with its default and its command-line flag (see Flag)."""
+    return field(default=default, metadata={"flag": Flag(help, **flag)})
+
+
+def _check_fields(config: Any) -> None:
+    """ValueError naming the first field of config whose value its flag's check refuses."""
+    for f in dataclasses.fields(config):
+        flag, value = f.metadata.get("flag"), getattr(config, f.name)
+        problem = None if flag is None or flag.check is None or value is None else flag.check(value)
+        if problem is not None:
+            raise ValueError(f"{f.name} {problem}")
+
+
 @dataclass
 class CacheConfig:
     """The paged KV cache: blocks of block_size tokens; its size is set by the engine."""
 
-    block_size: int = 16
-    cpu_kv_cache_gib: float = 1.0       # on CPU, memory given to the cache
-    gpu_memory_utilization: float = 0.9  # on CUDA, fraction of device memory the engine may use
-    enable_prefix_caching: bool = True   # share full blocks of equal prefixes across requests
+    block_size: int = setting(16, "tokens per KV-cache block", check=at_least(1))
+    cpu_kv_cache_gib: float = setting(1.0, "on CPU, memory for the KV cache, GiB",
+                                      check=positive)
+    gpu_memory_utilization: float = setting(
+        0.9, "on CUDA, the fraction of device memory the engine may use, KV cache included",
+        check=fraction)
+    enable_prefix_caching: bool = setting(
+        True, "share the KV cache of equal prompt prefixes (whole blocks) across requests",
+        off="--no-prefix-caching")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass
+class ParallelConfig:
+    """The process layout: tensor_parallel_size ranks shard one model replica, and
+    data_parallel_size replicas serve requests of their own. Only 1 x 1 runs today; the layout is
+    read from this one place already, so adding tensor parallelism changes no entry point."""
+
+    tensor_parallel_size: int = setting(
+        1, "processes sharding one model replica (only 1 for now)", alias="-tp",
+        check=only_one("tensor parallelism"))
+    data_parallel_size: int = setting(
+        1, "model replicas serving requests of their own (only 1 for now; fastgen-generate "
+        "splits its rows across torchrun processes instead)", check=only_one("data parallelism"))
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass
 class EngineConfig:
-    """What `LLM(...)` and the CLIs construct: which model, where, and how it is run."""
+    """What `LLM(...)` and the CLIs construct: which model, where, and how it is run. The CLIs
+    and LLM(**kwargs) name settings flat (block_size, tensor_parallel_size); from_fields puts
+    each into the config that declares it."""
 
-    model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
-    device: str = "auto"  # auto | cpu | cuda
-    load_format: LoadFormat = LoadFormat.AUTO
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 256
-    # Tokens one step may feed the model: decodes first, then prompt chunks (chunked prefill).
-    max_num_batched_tokens: int = 2048
+    model: str = setting(DEFAULT_MODEL, "model name, Hugging Face folder, or .gguf file")
+    dtype: str = setting("bfloat16", "bfloat16, float16 or float32", choices=tuple(DTYPES),
+                         metavar="DTYPE")
+    device: str = setting("auto", "where the model runs", choices=("auto", "cpu", "cuda"),
+                          default_text="auto: CUDA when there is one")
+    load_format: LoadFormat = setting(
+        LoadFormat.AUTO, "auto: the weights of a safetensors folder or .gguf file; random: the "
+        "model's shapes with random weights (for benchmarks)")
+    max_model_len: int | None = setting(None, "context length, prompt plus output, tokens",
+                                        default_text="the model's", check=at_least(2))
+    max_num_seqs: int = setting(256, "most sequences in the running batch", check=at_least(1))
+    max_num_batched_tokens: int = setting(
+        2048, "most tokens one engine step feeds the model, decodes first; longer prompts are "
+        "prefilled in chunks", check=at_least(1))
     cache: CacheConfig = field(default_factory=CacheConfig)
-    seed: int = 0  # seeds random weights for load_format=random
-    # Turns CUDA graphs off (for debugging): decode steps then launch their kernels one by one.
-    # No effect on CPU, where nothing is captured.
-    enforce_eager: bool = False
+    seed: int = setting(0, "seeds random weights (--load-format random) and the draws of "
+                        "requests without a seed of their own", option="--engine-seed")
+    enforce_eager: bool = setting(
+        False, "turn CUDA graphs off: decode steps launch their kernels one by one (for "
+        "debugging; no effect on CPU, where nothing is captured)")
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+    @classmethod
+    def from_fields(cls, **values: Any) -> EngineConfig:
+        """The config of these settings, named flat (max_num_seqs, block_size,
+        tensor_parallel_size, ...), each put into the config that declares it; the rest keep
+        their defaults. An enum setting also takes its value (load_format="random"). TypeError
+        naming unknown settings; ValueError for a value a check refuses."""
+        flags = engine_flags()
+        unknown = sorted(set(values) - set(flags))
+        if unknown:
+            raise TypeError(f"unknown arguments: {', '.join(unknown)}")
+        by_owner: dict[type, dict[str, Any]] = {}
+        for name, value in values.items():
+            by_owner.setdefault(flags[name].owner, {})[name] = flags[name].convert(value)
+        nested = {name: kind(**by_owner.get(kind, {})) for name, kind in _nested_configs(cls)}
+        return cls(**by_owner.get(cls, {}), **nested)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Adds every engine setting's flag (engine_flags()) to parser, as one group, with its
+        help and default; from_cli_args reads the parsed values back. Returns parser."""
+        group = parser.add_argument_group("engine options")
+        for spec in engine_flags().values():
+            names = [spec.option, *([spec.flag.alias] if spec.flag.alias else [])]
+            if spec.type is bool:
+                switch = group.add_mutually_exclusive_group() if spec.flag.off else group
+                switch.add_argument(*names, dest=spec.dest, action="store_true",
+                                    default=spec.default,
+                                    help=spec.flag.help + (" (default: on)" if spec.default
+                                                           else ""))
+                if spec.flag.off:
+                    switch.add_argument(spec.flag.off, dest=spec.dest, action="store_false",
+                                        help=f"the opposite of {spec.option}")
+            else:
+                group.add_argument(*names, dest=spec.dest, default=spec.cli_default,
+                                   type=str if spec.choices else spec.type, choices=spec.choices,
+                                   metavar=spec.flag.metavar,
+                                   help=f"{spec.flag.help} (default: {spec.default_text})")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        """The config that add_cli_args's flags were parsed into; ValueError naming the flag
+        (one line) for a value no engine can use, before anything is loaded."""
+        values = {}
+        for spec in engine_flags().values():
+            value = getattr(args, spec.dest)
+            problem = spec.problem(value)
+            if problem is not None:
+                raise ValueError(f"{spec.option} {problem}")
+            values[spec.name] = value
+        return cls.from_fields(**values)
+
+
+@dataclass(frozen=True)
+class EngineFlag:
+    """One engine setting, resolved: a field of EngineConfig or of a config nested in it."""
+
+    name: str     # the field's name; unique across the nested configs (block_size, ...)
+    owner: type   # the dataclass declaring it: EngineConfig, CacheConfig or ParallelConfig
+    type: type    # int, float, str, bool or an Enum (for `int | None`: int)
+    default: Any  # the field's default
+    flag: Flag
+
+    @property
+    def option(self) -> str:
+        return self.flag.option or "--" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        """The parsed namespace's attribute: the option's name (engine_seed for --engine-seed),
+        so that a CLI's own flags (fastgen-run's sampling --seed) cannot collide with it."""
+        return self.option.lstrip("-").replace("-", "_")
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        if issubclass(self.type, enum.Enum):
+            return tuple(member.value for member in self.type)
+        return self.flag.choices
+
+    @property
+    def cli_default(self) -> Any:
+        """The default as the command line spells it (an enum's value)."""
+        return self.default.value if isinstance(self.default, enum.Enum) else self.default
+
+    @property
+    def default_text(self) -> str:
+        return self.flag.default_text or str(self.cli_default)
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with value ("must be at least 1, got 0"), or None."""
+        return None if value is None or self.flag.check is None else self.flag.check(value)
+
+    def convert(self, value: Any) -> Any:
+        """value as the field holds it: an enum member for its value ("random")."""
+        if not issubclass(self.type, enum.Enum) or isinstance(value, self.type):
+            return value
+        try:
+            return self.type(value)
+        except ValueError:
+            raise ValueError(f"unknown {self.name} {value!r}; choose one of: "
+                             f"{', '.join(self.choices)}") from None
+
+
+def engine_flags() -> dict[str, EngineFlag]:
+    """Every engine setting by field name, in declaration order (a nested config's in its
+    place). TypeError for a field declared without setting(): every setting has a flag."""
+    flags: dict[str, EngineFlag] = {}
+    for owner, f, kind in _settings(EngineConfig):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            raise TypeError(f"{owner.__name__}.{f.name} has no flag: declare it with setting()")
+        if kind is bool and f.default and flag.off is None:
+            raise TypeError(f"{owner.__name__}.{f.name} defaults to on but has no off flag")
+        if f.name in flags:
+            raise TypeError(f"{owner.__name__}.{f.name}: a second setting of that name")
+        flags[f.name] = EngineFlag(f.name, owner, kind, f.default, flag)
+    return flags
+
+
+def _nested_configs(cls: type) -> Iterator[tuple[str, type]]:
+    """(field name, dataclass) of each config nested in cls (EngineConfig's cache, parallel)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield f.name, hints[f.name]
+
+
+def _settings(cls: type) -> Iterator[tuple[type, dataclasses.Field, type]]:
+    """(declaring class, field, value type) of every setting of cls and of its nested configs;
+    `X | None` gives X."""
+    nested = dict(_nested_configs(cls))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in nested:
+            yield from _settings(nested[f.name])
+            continue
+        kinds = [k for k in typing.get_args(hints[f.name]) if k is not type(None)]
+        yield cls, f, kinds[0] if kinds else hints[f.name]

@@ -5,11 +5,14 @@ traceback."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
+from fastgen import envs
 from fastgen.errors import ModelLoadError
+
+Parsed = TypeVar("Parsed")  # what a CLI's parse step hands its run step
 
 
 class UsageError(Exception):
@@ -21,23 +24,31 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def run_cli(prog: str, parse: Callable[[], argparse.Namespace],
-            run: Callable[[argparse.Namespace], int]) -> int:
-    """parse() the command line, then run(args); user errors become one line on stderr."""
+def run_cli(prog: str, parse: Callable[[], Parsed], run: Callable[[Parsed], int]) -> int:
+    """parse() the command line, then run(parsed); user errors become one line on stderr."""
     if not sys.stderr.isatty():
-        # No progress bars in logs and pipes. Set before torch is imported: it imports tqdm,
-        # which reads its TQDM_* settings once, at import.
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        envs.disable_progress_bars()  # no progress bars in logs and pipes; before torch loads
     try:
-        args = parse()
+        parsed = parse()
     except UsageError as e:
         return fail(prog, str(e), status=2)
     try:
-        return run(args)
+        return run(parsed)
     except (ModelLoadError, ValueError, UsageError) as e:
         return fail(prog, str(e))
     except KeyboardInterrupt:
         return 130
+
+
+def engine_config(args: argparse.Namespace):
+    """The EngineConfig of the engine flags (EngineConfig.add_cli_args) in args; a value no
+    engine can use is a UsageError naming its flag."""
+    from fastgen.config import EngineConfig
+
+    try:
+        return EngineConfig.from_cli_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def fail(prog: str, message: str, status: int = 1) -> int:

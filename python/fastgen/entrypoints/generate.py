@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--config", metavar="FILE", help="YAML file of config keys")
     for key in KEYS:
-        help_text = f"{key.name}: {key.help} (default: {key.default})"
+        help_text = f"{key.name}: {key.help} (default: {key.default_text or key.default})"
         if key.type is bool:
             p.add_argument(key.flag, dest=key.name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_text)

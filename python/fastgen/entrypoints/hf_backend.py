@@ -19,6 +19,7 @@ import torch
 
 from fastgen.config import EngineConfig, SamplingParams, parse_dtype
 from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput
+from fastgen.tokenization import render_chat
 
 
 class HFBackend:
@@ -46,10 +47,7 @@ class HFBackend:
         outputs = []
         for prompt, params in zip(prompts, sampling_params):
             if chat:
-                text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                          add_generation_prompt=True,
-                                                          tokenize=False)
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                ids = render_chat(self.tokenizer, [{"role": "user", "content": prompt}])
             else:
                 ids = self.tokenizer.encode(prompt)
             outputs.append(self.generate_ids(ids, params, prompt))

@@ -14,40 +14,40 @@ without adding them again.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
-from fastgen.config import CacheConfig, EngineConfig, LoadFormat, SamplingParams
+from fastgen.config import EngineConfig, LoadFormat, SamplingParams
 from fastgen.engine.engine import LLMEngine
 from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput, RequestOutputKind
+from fastgen.tokenization import Conversation, render_chat_prompt
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "FinishReason"]
-
-Conversation = list[dict[str, str]]
 
 
 class LLM:
     def __init__(self, model: str = EngineConfig.model, dtype: str = EngineConfig.dtype,
                  device: str = EngineConfig.device,
                  load_format: str | LoadFormat = EngineConfig.load_format, **kwargs):
-        """kwargs: any other EngineConfig field (max_model_len, max_num_seqs, seed,
-        enforce_eager, ...) or CacheConfig field (block_size, cpu_kv_cache_gib,
-        gpu_memory_utilization, enable_prefix_caching). enforce_eager=True turns CUDA graphs
-        off, for debugging."""
-        cache_names = {f.name for f in fields(CacheConfig)}
-        engine_names = {f.name for f in fields(EngineConfig)} - {"cache"}
-        unknown = sorted(set(kwargs) - cache_names - engine_names)
-        if unknown:
-            raise TypeError(f"LLM() got unknown arguments: {', '.join(unknown)}")
-        cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_names})
+        """kwargs: any other engine setting, by its field name: EngineConfig's (max_model_len,
+        max_num_seqs, seed, enforce_eager, ...), CacheConfig's (block_size, cpu_kv_cache_gib,
+        gpu_memory_utilization, enable_prefix_caching) or ParallelConfig's
+        (tensor_parallel_size, data_parallel_size; only 1 for now). enforce_eager=True turns
+        CUDA graphs off, for debugging."""
         try:
-            load_format = LoadFormat(load_format)
-        except ValueError:
-            raise ValueError(f"unknown load_format {load_format!r}; choose one of: "
-                             f"{', '.join(f.value for f in LoadFormat)}") from None
-        config = EngineConfig(model=model, dtype=dtype, device=device, load_format=load_format,
-                              cache=cache,
-                              **{k: v for k, v in kwargs.items() if k in engine_names})
+            config = EngineConfig.from_fields(model=model, dtype=dtype, device=device,
+                                              load_format=load_format, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"LLM() got {e}") from None
+        self._start(config)
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig) -> LLM:
+        """The LLM of a config built beforehand (the CLIs': EngineConfig.from_cli_args)."""
+        llm = cls.__new__(cls)
+        llm._start(config)
+        return llm
+
+    def _start(self, config: EngineConfig) -> None:
         config.torch_dtype  # noqa: B018  (raises ValueError on an unknown dtype before loading)
         self.engine = LLMEngine(config)
 
@@ -85,10 +85,9 @@ class LLM:
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Answers one conversation (a list of {"role", "content"} messages) or several."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                 for c in conversations]
-        token_ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        return self._run(texts, token_ids, sampling_params, use_tqdm)
+        rendered = [render_chat_prompt(self.tokenizer, c) for c in conversations]
+        return self._run([r.text for r in rendered], [r.token_ids for r in rendered],
+                         sampling_params, use_tqdm)
 
     def _run(self, texts: list[str | None], token_ids: list[list[int]],
              sampling_params: SamplingParams | list[SamplingParams] | None,

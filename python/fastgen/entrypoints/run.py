@@ -9,7 +9,8 @@ Prompts are sent as a user message through the model's chat template unless --no
 on a terminal streams its answer token by token; several are generated as one batch and printed
 in order; --json prints one object per prompt per line ({"prompt", "text", "token_ids",
 "finish_reason"}). Defaults come from EngineConfig and SamplingParams: sampling at temperature 1.0
-(vLLM's default; pass --temperature 0 for greedy answers), up to 256 new tokens.
+(vLLM's default; pass --temperature 0 for greedy answers), up to 256 new tokens. The engine
+options are fastgen-serve's, from the one list EngineConfig.add_cli_args declares.
 
 A user error (unknown model, unreadable checkpoint, bad option value, a prompt longer than the
 context) prints one line, `fastgen-run: error: ...`, on stderr and exits with status 1 (2 for
@@ -23,10 +24,10 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from fastgen.entrypoints.cli import Parser, UsageError, run_cli
+from fastgen.entrypoints.cli import Parser, UsageError, engine_config, run_cli
 
 if TYPE_CHECKING:  # imported lazily at run time, so --help and usage errors stay fast
-    from fastgen.config import SamplingParams
+    from fastgen.config import EngineConfig, SamplingParams
 
 PROG = "fastgen-run"
 
@@ -34,12 +35,10 @@ PROG = "fastgen-run"
 def build_parser() -> argparse.ArgumentParser:
     from fastgen.config import EngineConfig, SamplingParams
 
-    engine, sampling = EngineConfig(), SamplingParams()
+    sampling = SamplingParams()
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--model", default=engine.model,
-                   help=f"model name, Hugging Face folder, or .gguf file (default: {engine.model})")
     p.add_argument("--prompt", action="append", default=[],
                    help="a prompt (repeat for several); with none, one prompt is read from stdin")
     p.add_argument("--max-tokens", type=int, default=sampling.max_tokens,
@@ -52,32 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "set of tokens with probability mass >= p (default: off)")
     p.add_argument("--seed", type=int, default=sampling.seed,
                    help="makes sampling reproducible (default: none)")
-    p.add_argument("--dtype", default=engine.dtype, help=f"bfloat16, float16 or float32 "
-                   f"(default: {engine.dtype})")
-    p.add_argument("--device", default=engine.device, choices=["auto", "cpu", "cuda"],
-                   help=f"(default: {engine.device}: CUDA when there is one)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="turn CUDA graphs off: decode steps launch their kernels one by one (for "
-                        "debugging; no effect on CPU, where nothing is captured)")
     p.add_argument("--no-chat", action="store_true",
                    help="complete the raw prompt instead of answering it as a chat message")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt per line")
     p.add_argument("--backend", default="fastgen", choices=["fastgen", "hf"],
                    help="fastgen, or Hugging Face transformers as a baseline (default: fastgen)")
-    return p
+    return EngineConfig.add_cli_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(PROG, lambda: build_parser().parse_args(argv), _run)
+    return run_cli(PROG, lambda: _parse(argv), _run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, EngineConfig]:
+    """The command line and the engine's config; UsageError for a bad flag or value."""
+    args = build_parser().parse_args(argv)
+    return args, engine_config(args)
+
+
+def _run(parsed: tuple[argparse.Namespace, EngineConfig]) -> int:
     import torch
 
-    from fastgen.config import SamplingParams, parse_dtype
+    from fastgen.config import SamplingParams
 
-    parse_dtype(args.dtype)  # ValueError on an unknown name, before any model is fetched
-    if args.device == "cuda" and not torch.cuda.is_available():
+    args, config = parsed
+    if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is available")
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
@@ -85,9 +83,9 @@ def _run(args: argparse.Namespace) -> int:
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompts = args.prompt or [_read_stdin()]
     if args.backend == "hf":
-        outputs = _run_hf(args, prompts, params)
+        outputs = _run_hf(args, config, prompts, params)
     else:
-        outputs = _run_fastgen(args, prompts, params)
+        outputs = _run_fastgen(args, config, prompts, params)
     if outputs is not None:
         _print(args, prompts, outputs)
     return 0
@@ -100,11 +98,12 @@ def _read_stdin() -> str:
     return prompt
 
 
-def _run_fastgen(args, prompts: list[str], params: SamplingParams):
+def _run_fastgen(args, config: EngineConfig, prompts: list[str], params: SamplingParams):
     from fastgen.entrypoints.llm import LLM
     from fastgen.outputs import RequestOutputKind
+    from fastgen.tokenization import render_chat
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, enforce_eager=args.enforce_eager)
+    llm = LLM.from_engine_config(config)
     stream = len(prompts) == 1 and not args.json and sys.stdout.isatty()
     if not stream:
         if args.no_chat:
@@ -115,9 +114,7 @@ def _run_fastgen(args, prompts: list[str], params: SamplingParams):
     if args.no_chat:
         ids = tokenizer.encode(prompts[0])
     else:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}],
-                                             add_generation_prompt=True, tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = render_chat(tokenizer, [{"role": "user", "content": prompts[0]}])
     for out in llm.engine.stream(ids, params, prompts[0], RequestOutputKind.DELTA):
         sys.stdout.write(out.delta)
         sys.stdout.flush()
@@ -125,17 +122,17 @@ def _run_fastgen(args, prompts: list[str], params: SamplingParams):
     return None
 
 
-def _run_hf(args, prompts: list[str], params: SamplingParams):
+def _run_hf(args, config: EngineConfig, prompts: list[str], params: SamplingParams):
     import torch
 
     from fastgen import loader
     from fastgen.entrypoints.hf_backend import HFBackend
 
-    device = args.device
+    device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = loader.resolve_model(args.model)
-    backend = HFBackend(model_dir, args.dtype, device)
+    model_dir = loader.resolve_model(config.model)
+    backend = HFBackend(model_dir, config.dtype, device)
     return backend.generate(prompts, params, chat=not args.no_chat)
 
 

@@ -8,8 +8,11 @@ config, so a verl command runs unchanged with fastgen-generate:
 Every key has a dotted verl name (`data.n_samples=4`, also `+data.n_samples=4` as Hydra writes
 new keys) and a plain flag (`--n-samples 4`); a YAML file (nested, as verl's generation.yaml)
 gives defaults that the command line overrides. Keys are one table, KEYS: a key's default,
-type, flag and help live in one place. verl keys that mean nothing to fastgen (Ray, FSDP, vLLM
-internals) are accepted and listed once as ignored; any other key is an error naming it.
+type, flag and help live in one place. A key that is an engine setting (rollout.max_num_seqs,
+model.path, ...) takes its flag, type, default, choices and help from the engine's own flag list
+(fastgen.config.engine_flags, which fastgen-run and fastgen-serve use too), and its value is
+checked by the same rule. verl keys that mean nothing to fastgen (Ray, FSDP, vLLM internals) are
+accepted and listed once as ignored; any other key is an error naming it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastgen.config import DEFAULT_MODEL, CacheConfig, EngineConfig
+from fastgen.config import EngineConfig, engine_flags
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,20 @@ class Key:
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
+    engine: str | None = None        # the engine setting it is (an EngineConfig field name)
+    default_text: str | None = None  # what the default means, where its value does not say
+
+    def problem(self, value: Any) -> str | None:
+        """What the engine's check finds wrong with value (None when fine, or not a setting)."""
+        return engine_flags()[self.engine].problem(value) if self.engine else None
+
+
+def engine_key(name: str, setting: str) -> Key:
+    """The verl key `name` for the engine setting `setting`, with the flag, type, default,
+    choices and help the engine declares for it."""
+    spec = engine_flags()[setting]
+    return Key(name, spec.option, spec.type, spec.cli_default, spec.flag.help, spec.choices,
+               engine=setting, default_text=spec.flag.default_text)
 
 
 KEYS: tuple[Key, ...] = (
@@ -66,8 +83,7 @@ KEYS: tuple[Key, ...] = (
         "prompt_truncated columns"),
     Key("data.keep_parts", "--keep-parts", bool, False,
         "keep the part files after the output file is assembled"),
-    Key("model.path", "--model", str, DEFAULT_MODEL,
-        "model name, Hugging Face folder, or .gguf file"),
+    engine_key("model.path", "model"),
     Key("rollout.temperature", "--temperature", float, 1.0, "0 means greedy"),
     Key("rollout.top_k", "--top-k", int, 50, "0 or -1 mean off"),
     Key("rollout.top_p", "--top-p", float, 0.7, "1.0 means off"),
@@ -77,24 +93,15 @@ KEYS: tuple[Key, ...] = (
     Key("rollout.ignore_eos", "--ignore-eos", bool, False, "always generate response_length tokens"),
     Key("rollout.seed", "--seed", int, 0,
         "row i's sample j draws from seed + i * n_samples + j, whatever the process layout"),
-    Key("rollout.dtype", "--dtype", str, EngineConfig.dtype, "bfloat16, float16 or float32"),
-    Key("rollout.gpu_memory_utilization", "--gpu-memory-utilization", float,
-        CacheConfig.gpu_memory_utilization, "fraction of GPU memory the engine may use"),
-    Key("rollout.cpu_kv_cache_gib", "--cpu-kv-cache-gib", float, CacheConfig.cpu_kv_cache_gib,
-        "memory given to the KV cache on CPU"),
-    Key("rollout.tensor_model_parallel_size", "--tensor-parallel-size", int, 1,
-        "processes per model replica (only 1 for now)"),
-    Key("rollout.max_num_batched_tokens", "--max-num-batched-tokens", int,
-        EngineConfig.max_num_batched_tokens, "most tokens per engine step"),
-    Key("rollout.max_num_seqs", "--max-num-seqs", int, EngineConfig.max_num_seqs,
-        "most sequences per engine step"),
-    Key("rollout.max_model_len", "--max-model-len", int, None,
-        "context length (default: the model's)"),
-    Key("rollout.enforce_eager", "--enforce-eager", bool, EngineConfig.enforce_eager,
-        "turn CUDA graphs off: decode steps launch their kernels one by one (for debugging; no "
-        "effect on CPU)"),
-    Key("trainer.device", "--device", str, EngineConfig.device, "auto, cpu or cuda",
-        ("auto", "cpu", "cuda")),
+    engine_key("rollout.dtype", "dtype"),
+    engine_key("rollout.gpu_memory_utilization", "gpu_memory_utilization"),
+    engine_key("rollout.cpu_kv_cache_gib", "cpu_kv_cache_gib"),
+    engine_key("rollout.tensor_model_parallel_size", "tensor_parallel_size"),
+    engine_key("rollout.max_num_batched_tokens", "max_num_batched_tokens"),
+    engine_key("rollout.max_num_seqs", "max_num_seqs"),
+    engine_key("rollout.max_model_len", "max_model_len"),
+    engine_key("rollout.enforce_eager", "enforce_eager"),
+    engine_key("trainer.device", "device"),
     Key("trainer.nnodes", "--nnodes", int, None, "checked against torchrun's world size"),
     Key("trainer.n_gpus_per_node", "--n-gpus-per-node", int, None,
         "checked against torchrun's world size"),
@@ -144,6 +151,11 @@ class JobConfig:
     @property
     def temperature(self) -> float:
         return self.values["rollout.temperature"] if self.values["rollout.do_sample"] else 0.0
+
+    def engine_config(self) -> EngineConfig:
+        """The engine the job runs: every key that is an engine setting, the rest defaults."""
+        return EngineConfig.from_fields(**{key.engine: self.values[key.name] for key in KEYS
+                                           if key.engine})
 
 
 def parse_value(key: Key, text: Any) -> Any:
@@ -248,9 +260,13 @@ def check(config: JobConfig) -> None:
             key = KEY_BY_NAME[name]
             raise ConfigError(f"{name} is required ({key.flag} or {name}=...)")
     for name in ("data.n_samples", "data.batch_size", "rollout.prompt_length",
-                 "rollout.response_length", "rollout.tensor_model_parallel_size"):
+                 "rollout.response_length"):
         if config[name] < 1:
             raise ConfigError(f"{name} must be at least 1, got {config[name]}")
+    for key in KEYS:
+        problem = key.problem(config[key.name])
+        if problem is not None:
+            raise ConfigError(f"{key.name} {problem}")
     if config["rollout.temperature"] < 0:
         raise ConfigError(f"rollout.temperature must be >= 0, got {config['rollout.temperature']}")
     if config.top_k is not None and config.top_k < 1:

@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fastgen.generation.config import ConfigError, Truncation
-
-Conversation = list[dict[str, str]]
+from fastgen.tokenization import Conversation, render_chat
 
 
 class DataError(ValueError):
@@ -102,8 +101,7 @@ def encode_prompt(tokenizer, prompt: str | Conversation, chat_template: bool) ->
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("the model's tokenizer has no chat template; chat prompts need one "
                           "(plain-text prompts can go without: data.chat_template=false)")
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return render_chat(tokenizer, conversation)
 
 
 def truncate(token_ids: list[int], limit: int, mode: str) -> tuple[list[int] | None, bool]:

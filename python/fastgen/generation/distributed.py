@@ -13,11 +13,11 @@ timeout: ranks wait there for the slowest shard, which may take hours.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from fastgen import envs
 from fastgen.generation.config import ConfigError
 
 # Ranks that finish their shard wait for the slowest one at the final gather.
@@ -59,9 +59,9 @@ class Layout:
 def layout_from_env(tp_size: int) -> Layout:
     """The layout torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) describes; a single
     process without it. ConfigError for a tp size that cannot run."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = Layout(rank=int(os.environ.get("RANK", "0")), world_size=world_size,
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), tp_size=tp_size)
+    world_size = envs.torchrun_world_size()
+    layout = Layout(rank=envs.torchrun_rank(), world_size=world_size,
+                    local_rank=envs.torchrun_local_rank(), tp_size=tp_size)
     if tp_size > 1:
         raise ConfigError(f"rollout.tensor_model_parallel_size={tp_size}: tensor parallelism is "
                           f"not supported yet (a later release adds it); use 1 and data "

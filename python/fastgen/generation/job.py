@@ -125,13 +125,7 @@ def _run(config: JobConfig, layout: Layout, group: Group) -> Summary | None:
 
     from fastgen.entrypoints.llm import LLM
 
-    llm = LLM(config["model.path"], dtype=config["rollout.dtype"], device=config["trainer.device"],
-              gpu_memory_utilization=config["rollout.gpu_memory_utilization"],
-              cpu_kv_cache_gib=config["rollout.cpu_kv_cache_gib"],
-              max_num_batched_tokens=config["rollout.max_num_batched_tokens"],
-              max_num_seqs=config["rollout.max_num_seqs"],
-              max_model_len=config["rollout.max_model_len"],
-              enforce_eager=config["rollout.enforce_eager"])
+    llm = LLM.from_engine_config(config.engine_config())
     shard = layout.shard(len(prompts))
     done = covered_rows(work.parts())
     pending = [row for row in shard if row not in done]

@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastgen import envs
 from fastgen.config import DEFAULT_MODEL
 from fastgen.loader.gguf import conversion_is_current, convert_gguf
 from fastgen.loader.hf import ModelLoadError, one_line
@@ -52,7 +53,7 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 def cache_dir() -> Path:
     """$FASTGEN_CACHE, default ~/.cache/fastgen."""
-    return Path(os.environ.get("FASTGEN_CACHE") or "~/.cache/fastgen").expanduser()
+    return envs.cache_dir()
 
 
 def _say(message: str) -> None:
