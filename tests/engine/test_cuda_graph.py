@@ -26,7 +26,7 @@ from fastgen.engine.sequence import Sequence
 from fastgen.ops.tolerances import LOGIT_TOLERANCES, assert_close
 from fastgen.outputs import CompletionOutput
 from tests.engine.tiny_model import save_tiny_llama
-from tests.models.test_llama import save_tiny_model
+from tests.models.harness import save_tiny_model
 
 BLOCK_SIZE = 4  # small, so prompts and decoding cross block boundaries often
 MAX_NUM_SEQS = 16  # buckets 1, 2, 4, 8, 16

@@ -8,10 +8,16 @@ blocks, S block size, M blocks per sequence, Hkv KV heads, D head size.
 
 from __future__ import annotations
 
-import torch
+import copy
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastgen.config import EngineConfig
 from fastgen.layers.attention import (AttentionMetadata, ForwardBatch, allocate_kv_caches,
                                       kv_cache_specs)
+from fastgen.loader import load_model
+from fastgen.ops.tolerances import assert_logits_close
 
 
 class PagedHarness:
@@ -66,3 +72,72 @@ class PagedHarness:
         positions = list(self.seq_lens)
         self.seq_lens = [n + 1 for n in self.seq_lens]
         return self._run(tokens, positions, list(range(len(tokens))), [1] * len(tokens))
+
+
+# Checking a model family against Hugging Face's implementation.
+
+VOCAB = 384
+DECODE_STEPS = 5
+DEFAULT_PROMPT_LENGTHS = [13, 1, 29, 40]
+
+
+def save_tiny_model(hf_config, folder) -> None:
+    """A random checkpoint with every parameter (biases and norm weights too) drawn away from its
+    init value, saved as safetensors with a small word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    hf_config = copy.deepcopy(hf_config)
+    hf_config.vocab_size = VOCAB
+    hf_config.bos_token_id, hf_config.eos_token_id = 1, 2
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.1 if "embed" in name or "lm_head" in name else 0.05)
+    model.save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w1", eos_token="w2").save_pretrained(folder)
+
+
+def hf_greedy(hf_model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """HF's greedy continuation and its logits at every position of prompt + continuation."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = hf_model(torch.tensor([ids])).logits[0]
+            ids.append(int(logits[-1].argmax()))
+        logits = hf_model(torch.tensor([ids])).logits[0]  # [L + steps, V]
+    return ids[len(prompt):], logits
+
+
+
+def assert_matches_hugging_face(hf_config, folder, device: str = "cpu",
+                                lengths: list[int] = DEFAULT_PROMPT_LENGTHS) -> None:
+    """fastgen's model of a tiny random checkpoint against transformers' on the same folder:
+    logits of a packed prefill of prompts of these lengths and of batched decode steps fed with
+    HF's greedy tokens within the float32 logit tolerance, and the same greedy tokens."""
+    save_tiny_model(hf_config, folder)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    loaded = load_model(EngineConfig(model=str(folder), dtype="float32", device=device))
+    assert loaded.eos_token_ids == [2]
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+    expected = [hf_greedy(hf_model, p, DECODE_STEPS) for p in prompts]
+
+    harness = PagedHarness(loaded.model, max_seqs=len(prompts),
+                           max_len=max(lengths) + DECODE_STEPS, block_size=16, device=device)
+    for prompt, logits, (greedy, hf_logits) in zip(prompts, harness.prefill(prompts), expected):
+        assert_logits_close(logits.cpu(), hf_logits[:len(prompt)], torch.float32)
+        assert int(logits[-1].argmax()) == greedy[0]
+    for step in range(DECODE_STEPS - 1):
+        logits = harness.decode([greedy[step] for greedy, _ in expected]).cpu()  # [B, V]
+        for b, (prompt, (greedy, hf_logits)) in enumerate(zip(prompts, expected)):
+            assert_logits_close(logits[b], hf_logits[len(prompt) + step], torch.float32)
+            assert int(logits[b].argmax()) == greedy[step + 1]

@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 
 from fastgen.config import EngineConfig, LoadFormat
 from fastgen.loader import ModelLoadError, load_model
-from tests.models.test_llama import save_tiny_model
+from tests.models.harness import save_tiny_model
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=False)

@@ -54,6 +54,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
         model_class = get_model_class(hf_config)
     except ValueError as e:
         raise ModelLoadError(f"{model_dir}: {e}") from None
+    # A multimodal checkpoint's language model is built from its text config (Llama 4).
+    hf_config = hf_config.get_text_config()
     max_positions = int(hf_config.max_position_embeddings)
     max_model_len = config.max_model_len or max_positions
     if max_model_len > max_positions:

@@ -28,15 +28,35 @@ def one_line(error: BaseException) -> str:
 
 
 def load_hf_config(model_dir: Path):
-    """config.json through transformers' AutoConfig."""
+    """config.json through transformers' AutoConfig, with the published configs transformers 5
+    refuses mended first (_mend_config)."""
     from transformers import AutoConfig
 
-    if not (model_dir / "config.json").is_file():
+    path = model_dir / "config.json"
+    if not path.is_file():
         raise ModelLoadError(f"{model_dir} has no config.json; expected a Hugging Face model folder")
     try:
+        config = json.loads(path.read_text())
+        mended = _mend_config(config)
+        if mended:
+            model_type = config.pop("model_type")
+            return AutoConfig.for_model(model_type, **config)
         return AutoConfig.from_pretrained(model_dir)
     except Exception as e:  # transformers raises ValueError, OSError, KeyError, JSONDecodeError
-        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {one_line(e)}") from e
+        raise ModelLoadError(f"cannot read {path}: {one_line(e)}") from e
+
+
+def _mend_config(config: dict) -> bool:
+    """Older Llama 4 Scout configs carry "attn_temperature_tuning": 4 (an int where transformers
+    5 wants a bool, as the reference code treats it): read as true. Returns whether anything
+    changed."""
+    mended = False
+    for part in (config, config.get("text_config") or {}):
+        value = part.get("attn_temperature_tuning")
+        if isinstance(value, int) and not isinstance(value, bool):
+            part["attn_temperature_tuning"] = bool(value)
+            mended = True
+    return mended
 
 
 def load_tokenizer(model_dir: Path):

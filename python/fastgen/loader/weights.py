@@ -26,6 +26,8 @@ quantized layers repack their blocks), in module order.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -34,7 +36,10 @@ from torch import nn
 
 from fastgen.layers.parameter import WHOLE, ShardId, ShardKey, covers, default_weight_loader
 
+logger = logging.getLogger(__name__)
+
 _EXPERT = "{e}"
+_QUIET = frozenset({"rotary_emb.inv_freq", "lm_head.weight"})  # skipped without a word
 _MAX_LISTED = 8  # names listed per kind of error; the rest are counted
 
 
@@ -106,8 +111,15 @@ class WeightMapping:
         return replace(self, ignore=self.ignore + fragments)
 
     def ignores(self, name: str) -> bool:
+        return self.ignored_by(name) is not None
+
+    def ignored_by(self, name: str) -> str | None:
+        """The ignore fragment that skips this tensor, or None."""
         components = _split(name)
-        return any(_find(components, _split(fragment)) is not None for fragment in self.ignore)
+        for fragment in self.ignore:
+            if _find(components, _split(fragment)) is not None:
+                return fragment
+        return None
 
     def to_param(self, name: str) -> WeightTarget:
         """The parameter, shard and expert a checkpoint tensor named `name` fills."""
@@ -164,8 +176,11 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     filled: dict[str, list[ShardKey]] = {name: [] for name in params}
     unexpected: list[str] = []
     mismatched: list[str] = []
+    skipped: Counter[str] = Counter()
     for name, tensor in weights:
-        if mapping.ignores(name):
+        fragment = mapping.ignored_by(name)
+        if fragment is not None:
+            skipped[fragment] += 1
             continue
         target = mapping.to_param(name)
         param = params.get(target.param)
@@ -193,6 +208,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         problems.append(_listed("wrong shapes", mismatched))
     if problems:
         raise ValueError("; ".join(problems))
+    for fragment, count in skipped.items():
+        if fragment not in _QUIET:
+            logger.info("skipped %d checkpoint tensors named *%s* (not part of %s)", count,
+                        fragment, type(model).__name__)
     process_weights_after_loading(model)
 
 

@@ -5,10 +5,22 @@ from __future__ import annotations
 from torch import nn
 
 from fastgen.models.llama import LlamaForCausalLM
+from fastgen.models.llama4 import Llama4ForCausalLM
+from fastgen.models.mixtral import MixtralForCausalLM
+from fastgen.models.qwen2 import Qwen2ForCausalLM
+from fastgen.models.qwen3 import Qwen3ForCausalLM
+from fastgen.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "Llama4ForCausalLM": Llama4ForCausalLM,
+    "Llama4ForConditionalGeneration": Llama4ForCausalLM,  # the text model; vision is skipped
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -1,0 +1,155 @@
+"""Mixture-of-experts as a layer: E SwiGLU experts held in one fused layout for every family, the
+router's choice of k experts per token, and the weighted sum of their outputs, through the moe op
+family (fastgen.ops.moe_route, fastgen.ops.fused_moe).
+
+Weights live as w13 [E, 2I, H] (each expert's gate rows, then its up rows, nn.Linear's layout)
+and w2 [E, H, I], whatever the checkpoint stores: Mixtral's experts.{e}.w1 / w3 / w2, Qwen's and
+DeepSeek's experts.{e}.gate_proj / up_proj / down_proj, Llama 4's fused and transposed
+experts.gate_up_proj [E, H, 2I] / experts.down_proj [E, I, H] (the model's weight mapping
+transposes those on the way in). Under tensor parallelism each rank keeps its slice of every
+expert's intermediate dimension (I / tp rows of gate and up, columns of down), so one all-reduce
+of the layer's output sums the partial products, as a row-parallel linear does.
+
+Routing variants are a MoERouting value (the families differ only there): softmax or sigmoid
+scores, renormalised or not, group-limited selection, a scale, and whether the router weight
+multiplies the expert's output (Mixtral, Qwen, DeepSeek) or its input (Llama 4).
+
+Shape letters: T tokens, H hidden, I expert intermediate (per rank), E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastgen import ops
+from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
+from fastgen.layers.linear import ReplicatedLinear
+from fastgen.layers.mlp import GatedMLP
+from fastgen.layers.parameter import ShardId, check_shape, weight_parameter
+
+
+@dataclass(frozen=True)
+class MoERouting:
+    """How router logits [T, E] become k (weight, expert) pairs per token (see ops.moe_route)."""
+
+    top_k: int
+    scoring: str = "softmax"          # softmax | sigmoid
+    renormalize: bool = False         # the k weights rescaled to sum to 1
+    num_groups: int | None = None     # group-limited selection: E experts in num_groups groups,
+    topk_groups: int | None = None    # the best topk_groups of them kept,
+    group_scoring: str = "max"        # ranked by their best score (max) or best two (sum_top2)
+    scale: float = 1.0                # routed_scaling_factor
+    weight_on_input: bool = False     # expert(w * x) (Llama 4) instead of w * expert(x)
+
+
+class FusedMoE(nn.Module):
+    """out[t] = sum over the k experts e the router picks for t of w * expert_e(x[t]) (or
+    expert_e(w * x[t])), expert_e(x) = down_e(silu(gate_e(x)) * up_e(x)).
+    w13: [E, 2I, H]; w2: [E, H, I]"""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 routing: MoERouting, tp: TensorParallelGroup = SINGLE_RANK):
+        super().__init__()
+        if intermediate_size % tp.size:
+            raise ValueError(f"expert intermediate size ({intermediate_size}) does not split over "
+                             f"tensor-parallel size {tp.size}")
+        if not 1 <= routing.top_k <= num_experts:
+            raise ValueError(f"top_k {routing.top_k} must be in 1..{num_experts} (the experts)")
+        self.num_experts, self.routing, self.tp = num_experts, routing, tp
+        self.intermediate_size = intermediate_size // tp.size  # per rank
+        inter = self.intermediate_size
+        self.w13 = weight_parameter((num_experts, 2 * inter, hidden_size), self._load_w13,
+                                    [(shard, e) for e in range(num_experts) for shard in (0, 1)])
+        self.w2 = weight_parameter((num_experts, hidden_size, inter), self._load_w2,
+                                   [(None, e) for e in range(num_experts)])
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; router_logits: [T, E] -> [T, H] (summed over the tensor-parallel group)"""
+        r = self.routing
+        weights, ids = ops.moe_route(router_logits.float(), r.top_k, r.scoring, r.renormalize,
+                                     r.num_groups, r.topk_groups, r.group_scoring,
+                                     self.correction_bias(), r.scale)  # [T, k] each
+        out = ops.fused_moe(x, self.w13, self.w2, weights, ids, r.weight_on_input)
+        return self.tp.all_reduce(out)
+
+    def correction_bias(self) -> torch.Tensor | None:
+        """A per-expert bias [E] float32 added to the scores for selection only (DeepSeek-V3's
+        e_score_correction_bias); None here, set by the models that have one."""
+        return None
+
+    # Loading: per expert (shard 0 gate / 1 up of w13, w2 whole), or every expert at once.
+
+    def _rank_rows(self, loaded: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of an expert's intermediate dimension."""
+        inter = self.intermediate_size
+        if loaded.shape[dim] != inter * self.tp.size:
+            raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected "
+                             f"{inter * self.tp.size} along dim {dim}")
+        return loaded.narrow(dim, self.tp.rank * inter, inter)
+
+    def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None,
+                  expert_id: int | None = None) -> None:
+        inter = self.intermediate_size
+        if expert_id is None:  # every expert's [gate | up] at once: [E, 2I_full, H]
+            if shard_id is not None or loaded.dim() != 3 or loaded.shape[0] != self.num_experts:
+                raise ValueError(f"fused expert tensor has shape {tuple(loaded.shape)}, expected "
+                                 f"({self.num_experts}, {2 * inter * self.tp.size}, "
+                                 f"{param.shape[2]})")
+            gate, up = loaded.chunk(2, dim=1)
+            for index, part in enumerate((gate, up)):
+                target = param.data.narrow(1, index * inter, inter)
+                part = self._rank_rows(part, 1)
+                check_shape(target, part)
+                target.copy_(part)
+            return
+        if shard_id not in (0, 1):
+            raise ValueError(f"expert gate/up shard must be 0 (gate) or 1 (up), got {shard_id!r}")
+        target = param.data[expert_id].narrow(0, shard_id * inter, inter)  # [I, H]
+        part = self._rank_rows(loaded, 0)
+        check_shape(target, part)
+        target.copy_(part)
+
+    def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None,
+                 expert_id: int | None = None) -> None:
+        if expert_id is None:  # every expert's down projection at once: [E, H, I_full]
+            part = self._rank_rows(loaded, 2)
+            check_shape(param, part)
+            param.data.copy_(part)
+            return
+        part = self._rank_rows(loaded, 1)  # [H, I]
+        check_shape(param.data[expert_id], part)
+        param.data[expert_id].copy_(part)
+
+
+class SparseMoEBlock(nn.Module):
+    """A decoder layer's feed-forward when it is a mixture of experts: the router (`gate`,
+    [E, H], replicated), the routed experts, and optionally a shared expert every token passes
+    through, itself optionally scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE). The names
+    are the Qwen / Mixtral checkpoint's (mlp.gate, mlp.experts, mlp.shared_expert,
+    mlp.shared_expert_gate); other families rename onto them in their weight mapping."""
+
+    def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int,
+                 routing: MoERouting, shared_intermediate_size: int | None = None,
+                 shared_expert_gate: bool = False, tp: TensorParallelGroup = SINGLE_RANK):
+        super().__init__()
+        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, tp=tp)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, routing, tp)
+        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, tp=tp)
+                              if shared_intermediate_size else None)
+        self.shared_expert_gate = (ReplicatedLinear(hidden_size, 1, bias=False, tp=tp)
+                                   if shared_expert_gate else None)
+        if self.shared_expert_gate is not None and self.shared_expert is None:
+            raise ValueError("a shared expert gate needs a shared expert")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H]"""
+        out = self.experts(x, self.gate(x))  # router logits [T, E]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared  # [T, 1] * [T, H]
+            out = out + shared
+        return out
