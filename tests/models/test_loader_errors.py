@@ -13,6 +13,7 @@ from transformers import LlamaConfig
 
 from fastgen.config import EngineConfig, LoadFormat
 from fastgen.loader import ModelLoadError, load_model
+from fastgen.loader.hub import PRESETS
 from tests.models.harness import save_tiny_model
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -39,6 +40,12 @@ def test_unreachable_hub_fails_fast():
     with pytest.raises(ModelLoadError, match="could not download fastgen-test/does-not-exist"):
         load("fastgen-test/does-not-exist")
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("preset", ["mixtral", "qwen2.5", "qwen3", "qwen3-moe", "llama4-scout"])
+def test_presets_name_their_checkpoint_when_the_hub_is_unreachable(preset):
+    with pytest.raises(ModelLoadError, match=f"could not download {PRESETS[preset]} from"):
+        load(preset)
 
 
 def test_missing_safetensors(tiny_dir):

