@@ -21,13 +21,22 @@ from bench.e2e.presets import SYNTHETIC_MODELS, synthetic_model_dir
 class StepCost:
     """What one decode step over a batch must read and compute, from the model's shapes. A
     "key" is one cached position one sequence attends to; a step's keys are summed over its
-    sequences."""
+    sequences.
 
-    weight_bytes: int        # every weight but the embedding table; the LM head, tied or not
+    A mixture-of-experts layer reads only the experts its tokens were routed to: with k of E
+    experts per token and routing spread evenly, a batch of B tokens reaches a fraction
+    1 - (1 - k/E)^B of them (the expected share of experts at least one token picks), so
+    expert bytes are counted at that fraction and expert FLOPs at k/E of the experts' weights."""
+
+    weight_bytes: int        # every weight but the embedding table and the experts; the LM head
     row_bytes: int           # one embedding row: each sequence gathers one
-    matmul_weights: int      # weights multiplied per token: every linear layer and the LM head
+    matmul_weights: int      # weights multiplied per token: every linear layer, the LM head and
+    #                          k experts of each MoE layer
     kv_bytes_per_key: int    # 2 * layers * kv_heads * head_dim * dtype bytes
     flops_per_key: int       # 4 * layers * heads * head_dim: q.k and p.v
+    expert_bytes: int = 0    # every MoE layer's experts, all E of them
+    experts: int = 0         # E
+    experts_per_token: int = 0  # k
 
     @classmethod
     def of(cls, model: torch.nn.Module, hf_config) -> StepCost:
@@ -35,17 +44,31 @@ class StepCost:
         elem = next(iter(params.values())).element_size()
         embedding = next(p for name, p in params.items() if "embed_tokens" in name)  # [V, H]
         table = 0 if getattr(hf_config, "tie_word_embeddings", False) else embedding.numel()
-        total = sum(p.numel() for p in params.values())
+        experts = [p for name, p in params.items() if ".experts." in name]  # w13, w2: [E, ., .]
+        expert_params = sum(p.numel() for p in experts)
+        num_experts = experts[0].shape[0] if experts else 0
+        top_k = int(getattr(hf_config, "num_experts_per_tok", 0)) if experts else 0
+        total = sum(p.numel() for p in params.values()) - expert_params
         vectors = sum(p.numel() for p in params.values() if p.dim() == 1)  # norms, biases
         layers, heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        active_params = expert_params * top_k // num_experts if experts else 0
         return cls(weight_bytes=(total - table) * elem, row_bytes=embedding.shape[1] * elem,
-                   matmul_weights=total - vectors - table,
+                   matmul_weights=total - vectors - table + active_params,
                    kv_bytes_per_key=2 * layers * hf_config.num_key_value_heads * head_dim * elem,
-                   flops_per_key=4 * layers * heads * head_dim)
+                   flops_per_key=4 * layers * heads * head_dim,
+                   expert_bytes=expert_params * elem, experts=num_experts,
+                   experts_per_token=top_k)
+
+    def experts_read(self, batch: int) -> float:
+        """The expected fraction of each MoE layer's experts a batch of tokens reaches."""
+        if not self.experts:
+            return 0.0
+        return 1.0 - (1.0 - self.experts_per_token / self.experts) ** batch
 
     def bytes(self, batch: int, keys: float) -> float:
-        return self.weight_bytes + batch * self.row_bytes + keys * self.kv_bytes_per_key
+        return (self.weight_bytes + self.expert_bytes * self.experts_read(batch)
+                + batch * self.row_bytes + keys * self.kv_bytes_per_key)
 
     def flops(self, batch: int, keys: float) -> float:
         return 2 * self.matmul_weights * batch + keys * self.flops_per_key

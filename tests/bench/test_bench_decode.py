@@ -72,7 +72,8 @@ def test_bytes_and_flops_follow_the_config(run):
     assert results["cost"] == {"weight_bytes": 2 * (matmul + norms), "row_bytes": 2 * h,
                                "matmul_weights": matmul,
                                "kv_bytes_per_key": 2 * layers * kv * 2,
-                               "flops_per_key": 4 * layers * q}
+                               "flops_per_key": 4 * layers * q,
+                               "expert_bytes": 0, "experts": 0, "experts_per_token": 0}
     row = results["points"]["3"]["fastgen"]
     keys = 3 * row["mean_context"]
     assert row["bytes_per_step"] == pytest.approx(
