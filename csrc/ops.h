@@ -5,6 +5,7 @@
 #pragma once
 
 #include <optional>
+#include <string_view>
 
 #include <ATen/core/Tensor.h>
 
@@ -27,7 +28,16 @@
                  const at::Tensor& value_cache, const at::Tensor& cu_seqlens_q,                 \
                  const at::Tensor& seq_lens_k, const at::Tensor& block_tables,                  \
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,                      \
-                 std::optional<int64_t> sliding_window, std::optional<int64_t> chunk_size);
+                 std::optional<int64_t> sliding_window, std::optional<int64_t> chunk_size);    \
+  void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& router_logits, \
+                 std::string_view scoring, bool renormalize, std::optional<int64_t> num_groups,  \
+                 std::optional<int64_t> topk_groups, std::string_view group_scoring,            \
+                 const std::optional<at::Tensor>& correction_bias, double scale);               \
+  void moe_align(at::Tensor& sorted_ids, at::Tensor& expert_offsets, at::Tensor& tile_experts,  \
+                 const at::Tensor& topk_ids, int64_t block_size);                               \
+  void fused_moe(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,                   \
+                 const at::Tensor& w2, const at::Tensor& topk_weights,                          \
+                 const at::Tensor& topk_ids, bool weight_on_input);
 
 namespace fastgen::cpu {
 FASTGEN_DECLARE_OPS

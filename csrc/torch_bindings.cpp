@@ -2,7 +2,8 @@
 // Shape letters: T = tokens in the batch, B = sequences, H = hidden size, Hq / Hkv = query / KV
 // heads, D = head size, R = rotary dims (<= D), N = cache blocks, S = block size, M = blocks per
 // sequence in the block table, P = positions in the cos/sin cache, I / O = a linear layer's input /
-// output features.
+// output features (in the MoE ops, I is an expert's intermediate size), E = experts, k = experts
+// per token.
 //
 // Python reaches these as torch.ops.fastgen.<op>; importing the module runs the registrations.
 #include <Python.h>
@@ -50,6 +51,38 @@ TORCH_LIBRARY(fastgen, m) {
   // input: [T, I]; weight: [O, I] (nn.Linear's layout); bias: [O]; out: [T, O], of input's dtype
   // or float32 (e.g. fp32 logits from a bf16 LM head, rounded once).
   m.def("linear(Tensor! out, Tensor input, Tensor weight, Tensor? bias) -> ()");
+  // Mixture-of-experts routing, in float32, per token: scores = softmax(router_logits) over the
+  // E experts, or sigmoid(router_logits) (scoring "softmax" | "sigmoid"); selection keys = scores
+  // + correction_bias (when given: DeepSeek-V3, it selects only); with num_groups, the experts
+  // split into num_groups equal groups, ranked by their best key (group_scoring "max") or the sum
+  // of their two best ("sum_top2"), and only the topk_groups best groups' experts stay eligible.
+  // topk_ids = the k eligible experts of the largest keys, in descending order of key (ties: the
+  // lower expert index), topk_weights = their scores, divided by their sum when renormalize, times
+  // scale. router_logits: [T, E] float32; topk_weights: [T, k] float32; topk_ids: [T, k] int32;
+  // correction_bias: [E] float32
+  m.def("moe_route(Tensor! topk_weights, Tensor! topk_ids, Tensor router_logits, str scoring, "
+        "bool renormalize, int? num_groups, int? topk_groups, str group_scoring, "
+        "Tensor? correction_bias, float scale) -> ()");
+  // The T * k (token, slot) pairs p = t * k + j sorted by expert topk_ids[t, j] (stable), each
+  // expert's run padded with the value T * k to a multiple of block_size: expert e's run is
+  // sorted_ids[expert_offsets[e] : expert_offsets[e + 1]], expert_offsets[E] the padded total
+  // (entries past it are T * k too), tile_experts[i] the expert of tile i (sorted_ids[i * block_size :
+  // (i + 1) * block_size]), -1 past the last tile. Ids must be in [0, E): the CPU checks them, the
+  // CUDA kernel skips pairs outside (there is no sync to check them). topk_ids: [T, k] int32;
+  // sorted_ids: [T * k + E * (block_size - 1)] int32; expert_offsets: [E + 1] int32;
+  // tile_experts: [ceil(sorted_ids.size(0) / block_size)] int32
+  m.def("moe_align(Tensor! sorted_ids, Tensor! expert_offsets, Tensor! tile_experts, "
+        "Tensor topk_ids, int block_size) -> ()");
+  // The experts' SwiGLU MLPs, weighted and summed over each token's k slots:
+  //   out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])   (weight_on_input false)
+  //   out[t] = sum_j expert_{topk_ids[t, j]}(topk_weights[t, j] * x[t])  (true: Llama 4)
+  //   expert_e(x) = w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x)),
+  // accumulated in float32 (the activation rounded to x's dtype), the k slots summed in slot order
+  // without atomics: a token's output does not depend on the rest of the batch on a given path.
+  // Ids as moe_align's. x, out: [T, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_weights: [T, k]
+  // float32; topk_ids: [T, k] int32
+  m.def("fused_moe(Tensor! out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "
+        "Tensor topk_ids, bool weight_on_input) -> ()");
 }
 
 #define FASTGEN_IMPL_OPS(m, ns)                              \
@@ -59,7 +92,10 @@ TORCH_LIBRARY(fastgen, m) {
   m.impl("rotary_embedding", &ns::rotary_embedding);                      \
   m.impl("reshape_and_cache", &ns::reshape_and_cache);                    \
   m.impl("rotary_embedding_and_cache", &ns::rotary_embedding_and_cache);  \
-  m.impl("attention", &ns::attention);
+  m.impl("attention", &ns::attention);                                    \
+  m.impl("moe_route", &ns::moe_route);                                    \
+  m.impl("moe_align", &ns::moe_align);                                    \
+  m.impl("fused_moe", &ns::fused_moe);
 
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
   FASTGEN_IMPL_OPS(m, fastgen::cpu)

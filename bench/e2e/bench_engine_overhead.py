@@ -211,7 +211,7 @@ def measure(llm: LLM, mode: str, batch: int, prompt_len: int, max_tokens: int,
 PASSES = [("generate", False), ("generate", True), ("stream", False), ("cumulative", False)]
 ROWS = [("schedule", "schedule"), ("prepare", "prepare inputs"), ("sample", "sample"),
         ("run_other", "rest of model_runner.execute"), ("detokenize", "detokenize + stop strings"),
-        ("outputs", "build outputs"), ("step_other", "rest of engine.step (+ apply output)")]
+        ("outputs", "build outputs"), ("step_other", "rest of step, apply output")]
 
 
 def report(results: dict) -> str:

@@ -28,7 +28,24 @@ LLAMA31_8B = {
     "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
     "initializer_range": 0.02, "torch_dtype": "bfloat16",
 }
-SYNTHETIC_MODELS = {"llama3.1-8b": LLAMA31_8B}  # name -> config.json, run with random weights
+# Mixtral-8x7B's shape scaled down to fit a 2-core CPU in a benchmark (285M parameters, 115M of
+# them active per token: 8 experts, top-2, 6 layers, hidden 768), and Mixtral-8x7B itself for GPUs.
+MIXTRAL_MINI = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_act": "silu",
+    "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6,
+    "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+    "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+}
+MIXTRAL_8X7B = {**MIXTRAL_MINI, "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "head_dim": 128, "max_position_embeddings": 32768}
+SYNTHETIC_MODELS = {  # name -> config.json, run with random weights
+    "llama3.1-8b": LLAMA31_8B,
+    "mixtral-mini": MIXTRAL_MINI,
+    "mixtral-8x7b": MIXTRAL_8X7B,
+}
 
 
 def model_parser(description: str) -> argparse.ArgumentParser:

@@ -8,10 +8,15 @@
 //     launch<HEAD_DIM>(...);                      // HEAD_DIM: constexpr int
 //   });
 //   FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] { launch<IS_NEOX>(...); });
+//   const DType dtype = float_dtype(x.scalar_type(), "attention");  // for launchers taking a DType
 #pragma once
+
+#include <type_traits>
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+
+#include "core/dtype.h"
 
 #define FASTGEN_DISPATCH_FLOAT(dtype, op_name, ...)                                         \
   [&] {                                                                                     \
@@ -43,3 +48,17 @@
     constexpr bool CONST_NAME = false;                                                      \
     return __VA_ARGS__();                                                                   \
   }()
+
+namespace fastgen {
+
+// The DType (core/dtype.h) of a float32 / float16 / bfloat16 tensor; any other dtype fails as in
+// FASTGEN_DISPATCH_FLOAT.
+inline DType float_dtype(at::ScalarType dtype, const char* op_name) {
+  return FASTGEN_DISPATCH_FLOAT(dtype, op_name, [&] {
+    if constexpr (std::is_same_v<scalar_t, float>) return DType::kFloat32;
+    else if constexpr (std::is_same_v<scalar_t, at::Half>) return DType::kFloat16;
+    else return DType::kBFloat16;
+  });
+}
+
+}  // namespace fastgen

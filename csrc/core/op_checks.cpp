@@ -4,7 +4,9 @@
 // as in the op schemas.
 #include "core/op_checks.h"
 
+#include <cstdint>
 #include <initializer_list>
+#include <string>
 
 #include <c10/util/Exception.h>
 
@@ -216,6 +218,190 @@ void check_linear_args(const at::Tensor& out, const at::Tensor& input, const at:
     FASTGEN_CHECK_CONTIGUOUS(op, *bias);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ",
                 bias->sizes());
+  }
+}
+
+MoeRouting check_moe_route_args(const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                const at::Tensor& router_logits, std::string_view scoring,
+                                bool renormalize, std::optional<int64_t> num_groups,
+                                std::optional<int64_t> topk_groups,
+                                std::string_view group_scoring,
+                                const std::optional<at::Tensor>& correction_bias, double scale) {
+  constexpr const char* op = "moe_route";
+  FASTGEN_CHECK_DIM(op, router_logits, 2);
+  FASTGEN_CHECK_DIM(op, topk_weights, 2);
+  FASTGEN_CHECK_DTYPE(op, router_logits, at::kFloat);
+  FASTGEN_CHECK_DTYPE(op, topk_weights, at::kFloat);
+  FASTGEN_CHECK_DTYPE(op, topk_ids, at::kInt);
+  FASTGEN_CHECK_CONTIGUOUS(op, topk_weights);
+  FASTGEN_CHECK_CONTIGUOUS(op, topk_ids);
+  FASTGEN_CHECK_SAME_DEVICE(op, topk_weights, router_logits);
+  FASTGEN_CHECK_SAME_DEVICE(op, topk_ids, router_logits);
+  TORCH_CHECK(router_logits.stride(1) == 1, op, ": router_logits rows must be contiguous");
+  const int64_t num_tokens = router_logits.size(0), num_experts = router_logits.size(1);
+  const int64_t top_k = topk_weights.size(1);
+  TORCH_CHECK(topk_weights.size(0) == num_tokens, op, ": topk_weights must have ", num_tokens,
+              " rows (one per token of router_logits), got shape ", topk_weights.sizes());
+  TORCH_CHECK(topk_ids.sizes() == topk_weights.sizes(), op, ": topk_ids shape ", topk_ids.sizes(),
+              " != topk_weights shape ", topk_weights.sizes());
+  TORCH_CHECK(top_k >= 1 && top_k <= num_experts, op, ": top_k must be in [1, ", num_experts,
+              "] (the number of experts), got ", top_k);
+  MoeRouting routing{num_experts, top_k, MoeScoring::kSoftmax, renormalize, 1, 1,
+                     MoeGroupScoring::kMax, static_cast<float>(scale)};
+  if (scoring == "sigmoid") {
+    routing.scoring = MoeScoring::kSigmoid;
+  } else {
+    TORCH_CHECK(scoring == "softmax", op, ": scoring must be \"softmax\" or \"sigmoid\", got \"",
+                scoring, "\"");
+  }
+  if (group_scoring == "sum_top2") {
+    routing.group_scoring = MoeGroupScoring::kSumTop2;
+  } else {
+    TORCH_CHECK(group_scoring == "max", op, ": group_scoring must be \"max\" or \"sum_top2\", got \"",
+                group_scoring, "\"");
+  }
+  TORCH_CHECK(num_groups.has_value() == topk_groups.has_value(), op,
+              ": num_groups and topk_groups must be given together, got num_groups ",
+              num_groups ? std::to_string(*num_groups) : "None", " and topk_groups ",
+              topk_groups ? std::to_string(*topk_groups) : "None");
+  if (num_groups) {
+    TORCH_CHECK(*num_groups >= 1 && num_experts % *num_groups == 0, op, ": num_groups ",
+                *num_groups, " must divide the ", num_experts, " experts");
+    TORCH_CHECK(*topk_groups >= 1 && *topk_groups <= *num_groups, op, ": topk_groups must be in [1, ",
+                *num_groups, "] (num_groups), got ", *topk_groups);
+    const int64_t group_size = num_experts / *num_groups;
+    TORCH_CHECK(top_k <= *topk_groups * group_size, op, ": top_k ", top_k, " is more than the ",
+                *topk_groups * group_size, " experts of the ", *topk_groups, " kept groups");
+    TORCH_CHECK(routing.group_scoring != MoeGroupScoring::kSumTop2 || group_size >= 2, op,
+                ": group_scoring \"sum_top2\" needs groups of >= 2 experts, got ", group_size);
+    routing.num_groups = *num_groups;
+    routing.topk_groups = *topk_groups;
+  }
+  if (correction_bias) {
+    const at::Tensor& bias = *correction_bias;
+    TORCH_CHECK(bias.scalar_type() == at::kFloat, op, ": correction_bias must be Float, got ",
+                bias.scalar_type());
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == num_experts && bias.is_contiguous(), op,
+                ": correction_bias must be [", num_experts, "] and contiguous, got ", bias.sizes());
+    TORCH_CHECK(bias.device() == router_logits.device(), op, ": correction_bias must be on ",
+                router_logits.device(), " (the device of router_logits), got ", bias.device());
+  }
+  return routing;
+}
+
+void check_moe_align_args(const at::Tensor& sorted_ids, const at::Tensor& expert_offsets,
+                          const at::Tensor& tile_experts, const at::Tensor& topk_ids,
+                          int64_t block_size) {
+  constexpr const char* op = "moe_align";
+  FASTGEN_CHECK_DIM(op, topk_ids, 2);
+  FASTGEN_CHECK_DIM(op, sorted_ids, 1);
+  FASTGEN_CHECK_DIM(op, expert_offsets, 1);
+  FASTGEN_CHECK_DIM(op, tile_experts, 1);
+  for (const at::Tensor* t : {&sorted_ids, &expert_offsets, &tile_experts, &topk_ids}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt, op, ": every tensor must be int32, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), op, ": every tensor must be contiguous");
+    TORCH_CHECK(t->device() == topk_ids.device(), op, ": every tensor must be on ",
+                topk_ids.device(), " (the device of topk_ids), got one on ", t->device());
+  }
+  TORCH_CHECK(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
+  const int64_t num_experts = expert_offsets.size(0) - 1;
+  TORCH_CHECK(num_experts >= 1, op, ": expert_offsets must be [E + 1] with E >= 1, got ",
+              expert_offsets.sizes());
+  const int64_t num_pairs = topk_ids.numel();
+  const int64_t padded = moe_max_padded_pairs(num_pairs, num_experts, block_size);
+  const int64_t tiles = moe_max_tiles(num_pairs, num_experts, block_size);
+  TORCH_CHECK(sorted_ids.size(0) == padded, op, ": sorted_ids must be [", padded, "] (T * k + E * (",
+              "block_size - 1)), got ", sorted_ids.sizes());
+  TORCH_CHECK(tile_experts.size(0) == tiles, op, ": tile_experts must be [", tiles,
+              "] (sorted_ids' tiles of block_size), got ", tile_experts.sizes());
+  TORCH_CHECK(padded <= INT32_MAX, op, ": ", padded, " padded pairs do not fit int32 ids");
+}
+
+void check_fused_moe_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,
+                          const at::Tensor& w2, const at::Tensor& topk_weights,
+                          const at::Tensor& topk_ids) {
+  constexpr const char* op = "fused_moe";
+  FASTGEN_CHECK_DIM(op, x, 2);
+  FASTGEN_CHECK_DIM(op, w13, 3);
+  FASTGEN_CHECK_DIM(op, w2, 3);
+  FASTGEN_CHECK_DIM(op, topk_weights, 2);
+  FASTGEN_CHECK_CONTIGUOUS(op, x);
+  FASTGEN_CHECK_CONTIGUOUS(op, w13);
+  FASTGEN_CHECK_CONTIGUOUS(op, w2);
+  FASTGEN_CHECK_CONTIGUOUS(op, out);
+  FASTGEN_CHECK_CONTIGUOUS(op, topk_weights);
+  FASTGEN_CHECK_CONTIGUOUS(op, topk_ids);
+  FASTGEN_CHECK_SAME_DTYPE(op, w13, x);
+  FASTGEN_CHECK_SAME_DTYPE(op, w2, x);
+  FASTGEN_CHECK_SAME_DTYPE(op, out, x);
+  FASTGEN_CHECK_DTYPE(op, topk_weights, at::kFloat);
+  FASTGEN_CHECK_DTYPE(op, topk_ids, at::kInt);
+  for (const at::Tensor* t : {&out, &w13, &w2, &topk_weights, &topk_ids}) {
+    TORCH_CHECK(t->device() == x.device(), op, ": every tensor must be on ", x.device(),
+                " (the device of x), got one on ", t->device());
+  }
+  const int64_t num_tokens = x.size(0), hidden = x.size(1), num_experts = w13.size(0);
+  TORCH_CHECK(w13.size(1) % 2 == 0 && w13.size(2) == hidden, op, ": w13 must be [E, 2I, ",
+              hidden, "] (gate rows, then up rows), got ", w13.sizes());
+  const int64_t inter = w13.size(1) / 2;
+  TORCH_CHECK(w2.size(0) == num_experts && w2.size(1) == hidden && w2.size(2) == inter, op,
+              ": w2 must be [", num_experts, ", ", hidden, ", ", inter, "] (w13 is ", w13.sizes(),
+              "), got ", w2.sizes());
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out shape ", out.sizes(), " != x shape ", x.sizes());
+  TORCH_CHECK(topk_weights.size(0) == num_tokens && topk_weights.size(1) >= 1, op,
+              ": topk_weights must be [", num_tokens, ", k] with k >= 1, got ", topk_weights.sizes());
+  TORCH_CHECK(topk_ids.sizes() == topk_weights.sizes(), op, ": topk_ids shape ", topk_ids.sizes(),
+              " != topk_weights shape ", topk_weights.sizes());
+  TORCH_CHECK(topk_ids.numel() <= INT32_MAX, op, ": ", topk_ids.numel(),
+              " (token, slot) pairs do not fit int32 ids");
+}
+
+void check_slot_values(const char* op, const at::Tensor& slot_mapping, int64_t num_slots) {
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
+    TORCH_CHECK(slots[t] < num_slots, op, ": slot_mapping[", t, "] = ", slots[t],
+                " is outside the cache's slots [0, ", num_slots, ") (negative slots are padding)");
+  }
+}
+
+void check_position_values(const char* op, const at::Tensor& positions, int64_t max_position) {
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < positions.size(0); ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, op, ": positions[", t, "] = ", pos[t],
+                " is outside the cos_sin_cache range [0, ", max_position, ")");
+  }
+}
+
+void check_attention_metadata_values(const at::Tensor& query, const at::Tensor& key_cache,
+                                     const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
+                                     const at::Tensor& block_tables, int64_t max_seqlen_q,
+                                     int64_t max_seqlen_k) {
+  constexpr const char* op = "attention";
+  const int64_t num_seqs = seq_lens_k.size(0), num_blocks = key_cache.size(0);
+  const int64_t block_size = key_cache.size(1), max_blocks = block_tables.size(1);
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* k_lens = seq_lens_k.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  TORCH_CHECK(cu[0] == 0 && cu[num_seqs] == query.size(0), op,
+              ": cu_seqlens_q must run from 0 to the number of query tokens ", query.size(0),
+              ", got ", cu[0], " .. ", cu[num_seqs]);
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t q_len = cu[b + 1] - cu[b], k_len = k_lens[b];
+    TORCH_CHECK(q_len >= 0, op, ": cu_seqlens_q must be non-decreasing, got ", cu[b], " then ",
+                cu[b + 1], " at sequence ", b);
+    TORCH_CHECK(q_len <= k_len && k_len <= max_blocks * block_size, op, ": sequence ", b,
+                " has ", q_len, " queries and ", k_len, " keys; need q_len <= k_len <= ",
+                max_blocks * block_size, " (block_tables width x block size)");
+    TORCH_CHECK(q_len <= max_seqlen_q && k_len <= max_seqlen_k, op, ": sequence ", b, " (q_len ",
+                q_len, ", k_len ", k_len, ") exceeds max_seqlen_q ", max_seqlen_q,
+                " / max_seqlen_k ", max_seqlen_k);
+    if (q_len == 0) continue;
+    for (int64_t i = 0; i < (k_len + block_size - 1) / block_size; ++i) {
+      const int32_t block = tables[b * max_blocks + i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, op, ": block_tables[", b, ", ", i, "] = ",
+                  block, " is not a cache block (the cache has ", num_blocks, ")");
+    }
   }
 }
 

@@ -1,16 +1,20 @@
 // Every op's backend-independent argument checks, written once: ranks, shapes, dtypes,
 // contiguity, devices and optional arguments, i.e. everything that can be checked without reading
 // a tensor's data. Each tensor adapter (csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu) calls its
-// op's check first, then adds only what is specific to its backend: the CPU adapters check values
-// they can read on the host (positions, slots, attention metadata), the CUDA adapters launch
-// limits and the device guard. Defined in op_checks.cpp, compiled once by the host compiler.
+// op's check first, then adds only what is specific to its backend: the CPU adapters check the
+// values they can read on the host (positions, slots, attention metadata: the value checks at the
+// end, written once here too), the CUDA adapters launch limits and the device guard. Defined in
+// op_checks.cpp, compiled once by the host compiler.
 // A failed check throws c10::Error with a message naming the op, the argument and what it got.
 #pragma once
 
 #include <cstdint>
 #include <optional>
+#include <string_view>
 
 #include <ATen/core/Tensor.h>
+
+#include "core/moe.h"
 
 namespace fastgen {
 
@@ -66,5 +70,49 @@ void check_attention_args(const at::Tensor& out, const at::Tensor& query,
 // when given. (No device check: with no CUDA kernel, only CPU tensors reach it.)
 void check_linear_args(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias);
+
+// moe_route: router_logits [T, E] float32 with contiguous rows, topk_weights [T, k] float32 and
+// topk_ids [T, k] int32 contiguous with 1 <= k <= E, scoring "softmax" or "sigmoid",
+// group_scoring "max" or "sum_top2", num_groups and topk_groups both given or both not, with
+// num_groups dividing E, 1 <= topk_groups <= num_groups, k <= the kept groups' experts and (for
+// sum_top2) groups of >= 2 experts, correction_bias [E] float32 contiguous when given, one device.
+// Returns the routing configuration the launchers take.
+MoeRouting check_moe_route_args(const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                const at::Tensor& router_logits, std::string_view scoring,
+                                bool renormalize, std::optional<int64_t> num_groups,
+                                std::optional<int64_t> topk_groups,
+                                std::string_view group_scoring,
+                                const std::optional<at::Tensor>& correction_bias, double scale);
+
+// moe_align: topk_ids [T, k] int32 contiguous, expert_offsets [E + 1] int32 (E >= 1),
+// block_size >= 1, sorted_ids [moe_max_padded_pairs(T * k, E, block_size)] and tile_experts
+// [moe_max_tiles(...)] int32, all contiguous, one device. The ids' values are not read.
+void check_moe_align_args(const at::Tensor& sorted_ids, const at::Tensor& expert_offsets,
+                          const at::Tensor& tile_experts, const at::Tensor& topk_ids,
+                          int64_t block_size);
+
+// fused_moe: x [T, H], w13 [E, 2I, H], w2 [E, H, I] and out [T, H] contiguous and of one dtype,
+// topk_weights [T, k] float32 and topk_ids [T, k] int32 contiguous (k >= 1), one device. The ids'
+// values are not read.
+void check_fused_moe_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,
+                          const at::Tensor& w2, const at::Tensor& topk_weights,
+                          const at::Tensor& topk_ids);
+
+// Value checks, for host tensors only (they read the data; the kernels trust it). Each runs after
+// its op's argument check above.
+
+// slot_mapping [T] int64: every slot < num_slots (negative slots are padding).
+void check_slot_values(const char* op, const at::Tensor& slot_mapping, int64_t num_slots);
+
+// positions [T] int64: every position in [0, max_position), the rows of cos_sin_cache.
+void check_position_values(const char* op, const at::Tensor& positions, int64_t max_position);
+
+// attention's metadata: cu_seqlens_q runs from 0 to the number of query tokens and never
+// decreases; each sequence has q_len <= k_len <= block_tables width x block size, within
+// max_seqlen_q / max_seqlen_k; the block ids of its pages are cache blocks.
+void check_attention_metadata_values(const at::Tensor& query, const at::Tensor& key_cache,
+                                     const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
+                                     const at::Tensor& block_tables, int64_t max_seqlen_q,
+                                     int64_t max_seqlen_k);
 
 }  // namespace fastgen

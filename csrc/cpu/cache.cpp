@@ -8,7 +8,6 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include "core/dispatch.h"
@@ -56,18 +55,12 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   constexpr const char* op = "reshape_and_cache";
   check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping);
   // Slots are on the host, so their range is checked here too (the copy trusts them).
-  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), head_size = key.size(2);
-  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    TORCH_CHECK(slots[t] < num_slots, op, ": slot_mapping[", t, "] = ", slots[t],
-                " is outside the cache's slots [0, ", num_slots, ") (negative slots are padding)");
-  }
+  check_slot_values(op, slot_mapping, key_cache.size(0) * key_cache.size(1));
   FASTGEN_DISPATCH_FLOAT(key.scalar_type(), op, [&] {
     reshape_and_cache_launch<scalar_t>(
         key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
-        value_cache.data_ptr<scalar_t>(), slots, num_tokens, num_kv_heads, head_size,
-        key.stride(0), value.stride(0));
+        value_cache.data_ptr<scalar_t>(), slot_mapping.data_ptr<int64_t>(), key.size(0),
+        key.size(1), key.size(2), key.stride(0), value.stride(0));
   });
 }
 

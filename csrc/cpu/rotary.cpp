@@ -10,7 +10,6 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include "core/dispatch.h"
@@ -135,24 +134,12 @@ FASTGEN_INSTANTIATE(c10::Half)
 FASTGEN_INSTANTIATE(c10::BFloat16)
 #undef FASTGEN_INSTANTIATE
 
-namespace {
-
-// Positions are on the host, so their range is checked here (the kernels trust them).
-void check_positions(const char* op, const at::Tensor& positions, int64_t max_position) {
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < positions.size(0); ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, op, ": positions[", t, "] = ", pos[t],
-                " is outside the cos_sin_cache range [0, ", max_position, ")");
-  }
-}
-
-}  // namespace
-
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox) {
   constexpr const char* op = "rotary_embedding";
   check_rotary_embedding_args(positions, query, key, head_size, cos_sin_cache);
-  check_positions(op, positions, cos_sin_cache.size(0));
+  // Positions are on the host, so their range is checked here too (the kernels trust them).
+  check_position_values(op, positions, cos_sin_cache.size(0));
   const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
   const int64_t* pos = positions.data_ptr<int64_t>();
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
@@ -172,19 +159,16 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,
   constexpr const char* op = "rotary_embedding_and_cache";
   check_rotary_embedding_and_cache_args(positions, query, key, value, head_size, cos_sin_cache,
                                         key_cache, value_cache, slot_mapping);
-  check_positions(op, positions, cos_sin_cache.size(0));
+  // Positions and slots are on the host, so their ranges are checked here too.
+  check_position_values(op, positions, cos_sin_cache.size(0));
+  check_slot_values(op, slot_mapping, key_cache.size(0) * key_cache.size(1));
   const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
-  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    TORCH_CHECK(slots[t] < num_slots, op, ": slot_mapping[", t, "] = ", slots[t],
-                " is outside the cache's slots [0, ", num_slots, ") (negative slots are padding)");
-  }
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     rotary_embedding_and_cache_launch<scalar_t>(
         positions.data_ptr<int64_t>(), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
         value.data_ptr<scalar_t>(), cos_sin_cache.data_ptr<float>(),
-        key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(), slots, num_tokens,
+        key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(),
+        slot_mapping.data_ptr<int64_t>(), num_tokens,
         query.size(1) / head_size, key.size(1) / head_size, head_size, rot_dim, query.stride(0),
         key.stride(0), value.stride(0), is_neox);
   });

@@ -1,23 +1,27 @@
-// Paged causal attention on the GPU: the op's adapter, and the plain kernel for batches with
-// prefill tokens (prefill, chunked prefill; GQA, sliding window, chunks). Decode-only batches go
-// to the split-KV kernel in decode_attention.cu; the tiled tensor-core prefill kernel is next.
-// One thread block per (query token, query head), kWarps warps: each warp takes every kWarps-th
-// visible key, a key's dot product is spread over the warp's lanes (HEAD_DIM / 32 elements each,
-// coalesced) and reduced with shuffles, and each warp keeps a float32 online softmax; the warps'
-// partial results are merged through shared memory at the end. Blocks find their sequence by
-// binary search over cu_seqlens_q, so the grid depends only on the token count.
+// Paged causal attention on the GPU: the op's adapter, attention_launch (the kernel choice, torch-
+// free, shared with the C++ benchmark), and the plain kernel for the batches the two fast kernels
+// do not take (float32, head size 256, misaligned views; see attention.h). Decode-only batches go
+// to the split-KV kernel in decode_attention.cu, other bf16 / fp16 batches to the tensor-core
+// kernel in prefill_attention.cu.
+// The plain kernel: one thread block per (query token, query head), kWarps warps: each warp takes
+// every kWarps-th visible key, a key's dot product is spread over the warp's lanes (HEAD_DIM / 32
+// elements each, coalesced) and reduced with shuffles, and each warp keeps a float32 online
+// softmax; the warps' partial results are merged through shared memory at the end. Blocks find
+// their sequence by binary search over cu_seqlens_q, so the grid depends only on the token count.
 #include <cstdint>
 #include <cstdlib>
 #include <string_view>
 #include <type_traits>
-#include <limits>
 
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include "core/attention_mask.h"
 #include "core/dispatch.h"
+#include "core/dtype.h"
 #include "core/op_checks.h"
 #include "cuda/attention.h"
 #include "cuda/common.cuh"
@@ -28,7 +32,6 @@ namespace fastgen::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -56,7 +59,7 @@ attention_kernel(T* __restrict__ out,                       // [num_tokens, num_
   const int64_t q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
   const int64_t k_len = seq_lens_k[seq];
   const int64_t pos = k_len - q_len + (token - cu_seqlens_q[seq]);
-  const int64_t first = max(max(int64_t{0}, pos - window + 1), pos / chunk * chunk);
+  const int64_t first = first_visible_key(pos, window, chunk);
   const int kv_head = head / (num_heads / num_kv_heads);
   const int32_t* block_table = block_tables + static_cast<int64_t>(seq) * max_blocks_per_seq;
 
@@ -117,11 +120,15 @@ attention_kernel(T* __restrict__ out,                       // [num_tokens, num_
 
 // A device attribute, asked once per (attribute, device): a cheap query, but not free per layer.
 template <cudaDeviceAttr ATTR>
-int device_attribute(int device) {
+cudaError_t device_attribute(int device, int* value) {
   static int values[64] = {};
-  TORCH_CHECK(device >= 0 && device < 64, "attention: device index ", device, " out of range");
-  if (values[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&values[device], ATTR, device));
-  return values[device];
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (values[device] == 0) {
+    const cudaError_t error = cudaDeviceGetAttribute(&values[device], ATTR, device);
+    if (error != cudaSuccess) return error;
+  }
+  *value = values[device];
+  return cudaSuccess;
 }
 
 bool plain_kernels_only() {
@@ -132,19 +139,42 @@ bool plain_kernels_only() {
   return plain;
 }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Calls f(type) with std::type_identity<T> for the dtype's CUDA type.
+template <typename F>
+cudaError_t with_cuda_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(std::type_identity<float>{});
+    case DType::kFloat16: return f(std::type_identity<__half>{});
+    case DType::kBFloat16: return f(std::type_identity<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls f(head_dim) with std::integral_constant<int, head_dim> for a head size with kernels.
+template <typename F>
+cudaError_t with_head_dim(int64_t head_dim, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 template <typename T, int HEAD_DIM>
-cudaError_t attention_launch(T* out, const T* query, const T* key_cache, const T* value_cache,
-                             const int32_t* cu_seqlens_q, const int32_t* seq_lens_k,
-                             const int32_t* block_tables, int64_t num_tokens, int64_t num_seqs,
-                             int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
-                             int64_t max_blocks_per_seq, int64_t query_stride, float scale,
-                             std::optional<int64_t> sliding_window,
-                             std::optional<int64_t> chunk_size, cudaStream_t stream) {
+cudaError_t plain_attention_launch(T* out, const T* query, const T* key_cache, const T* value_cache,
+                                   const int32_t* cu_seqlens_q, const int32_t* seq_lens_k,
+                                   const int32_t* block_tables, int64_t num_tokens,
+                                   int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                                   int64_t block_size, int64_t max_blocks_per_seq,
+                                   int64_t query_stride, float scale,
+                                   std::optional<int64_t> sliding_window,
+                                   std::optional<int64_t> chunk_size, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  // No window / no chunk are the infinite ones: p - j < INT64_MAX and j / INT64_MAX == 0 always.
-  constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max();
   const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(num_heads));
   attention_kernel<T, HEAD_DIM><<<grid, kWarps * 32, 0, stream>>>(
       out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k, block_tables,
@@ -154,12 +184,11 @@ cudaError_t attention_launch(T* out, const T* query, const T* key_cache, const T
   return cudaGetLastError();
 }
 
-#define FASTGEN_INSTANTIATE(T, D)                                                                \
-  template cudaError_t attention_launch<T, D>(T*, const T*, const T*, const T*, const int32_t*, \
-                                              const int32_t*, const int32_t*, int64_t, int64_t, \
-                                              int64_t, int64_t, int64_t, int64_t, int64_t,      \
-                                              float, std::optional<int64_t>,                    \
-                                              std::optional<int64_t>, cudaStream_t);
+#define FASTGEN_INSTANTIATE(T, D)                                                               \
+  template cudaError_t plain_attention_launch<T, D>(                                            \
+      T*, const T*, const T*, const T*, const int32_t*, const int32_t*, const int32_t*, int64_t, \
+      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, std::optional<int64_t>,       \
+      std::optional<int64_t>, cudaStream_t);
 #define FASTGEN_INSTANTIATE_HEAD_DIMS(T) \
   FASTGEN_INSTANTIATE(T, 64) FASTGEN_INSTANTIATE(T, 128) FASTGEN_INSTANTIATE(T, 256)
 FASTGEN_INSTANTIATE_HEAD_DIMS(float)
@@ -168,6 +197,89 @@ FASTGEN_INSTANTIATE_HEAD_DIMS(__nv_bfloat16)
 #undef FASTGEN_INSTANTIATE_HEAD_DIMS
 #undef FASTGEN_INSTANTIATE
 
+const char* attention_kernel_name(AttentionKernel kernel) {
+  switch (kernel) {
+    case AttentionKernel::kDecode: return "decode";
+    case AttentionKernel::kTensorCore: return "tensor cores";
+    case AttentionKernel::kPlain: return "plain";
+  }
+  return "unknown";
+}
+
+bool attention_head_dim_supported(int64_t head_dim) {
+  return head_dim == 64 || head_dim == 128 || head_dim == 256;
+}
+
+cudaError_t attention_launch(void* out, const void* query, const void* key_cache,
+                             const void* value_cache, const int32_t* cu_seqlens_q,
+                             const int32_t* seq_lens_k, const int32_t* block_tables, DType dtype,
+                             int64_t num_tokens, int64_t num_seqs, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                             int64_t max_blocks_per_seq, int64_t max_seqlen_q,
+                             int64_t max_seqlen_k, int64_t query_stride, float scale,
+                             std::optional<int64_t> sliding_window,
+                             std::optional<int64_t> chunk_size,
+                             const std::function<float*(int64_t)>& workspace, cudaStream_t stream,
+                             AttentionKernel* launched) {
+  if (!attention_head_dim_supported(head_dim)) return cudaErrorInvalidValue;
+  int device = 0;
+  if (const cudaError_t error = cudaGetDevice(&device); error != cudaSuccess) return error;
+  // The choice (attention.h): the two fast kernels read rows with 16-byte loads.
+  const bool aligned = (query_stride * element_size(dtype)) % 16 == 0 && aligned16(query) &&
+                       aligned16(key_cache) && aligned16(value_cache);
+  const bool fast = aligned && !plain_kernels_only();
+  AttentionKernel kernel = AttentionKernel::kPlain;
+  if (fast && max_seqlen_q == 1 && num_seqs <= 65535) {
+    kernel = AttentionKernel::kDecode;
+  } else if (fast && dtype != DType::kFloat32 && head_dim != 256 && num_seqs <= 65535 &&
+             num_heads <= 65535) {
+    int major = 0;
+    if (const cudaError_t error = device_attribute<cudaDevAttrComputeCapabilityMajor>(device, &major);
+        error != cudaSuccess) {
+      return error;
+    }
+    if (major >= 8) kernel = AttentionKernel::kTensorCore;  // mma.sync on bf16 needs sm_80
+  }
+  if (launched != nullptr) *launched = kernel;
+
+  return with_cuda_type(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return with_head_dim(head_dim, [&](auto dim) -> cudaError_t {
+      constexpr int HEAD_DIM = decltype(dim)::value;
+      auto* o = static_cast<T*>(out);
+      const auto* q = static_cast<const T*>(query);
+      const auto* k = static_cast<const T*>(key_cache);
+      const auto* v = static_cast<const T*>(value_cache);
+      if (kernel == AttentionKernel::kDecode) {
+        int num_sms = 0;
+        if (const cudaError_t error = device_attribute<cudaDevAttrMultiProcessorCount>(device, &num_sms);
+            error != cudaSuccess) {
+          return error;
+        }
+        const int num_splits = decode_attention_num_splits<T, HEAD_DIM>(
+            num_seqs, num_heads, num_kv_heads, max_seqlen_k, num_sms);
+        const int64_t floats = decode_attention_workspace_floats(num_seqs, num_heads, HEAD_DIM, num_splits);
+        return decode_attention_launch<T, HEAD_DIM>(
+            o, q, k, v, cu_seqlens_q, seq_lens_k, block_tables, floats > 0 ? workspace(floats) : nullptr,
+            num_seqs, num_heads, num_kv_heads, block_size, max_blocks_per_seq, query_stride, scale,
+            sliding_window, chunk_size, num_splits, stream);
+      }
+      if constexpr (!std::is_same_v<T, float> && HEAD_DIM != 256) {
+        if (kernel == AttentionKernel::kTensorCore) {
+          return prefill_attention_launch<T, HEAD_DIM>(
+              o, q, k, v, cu_seqlens_q, seq_lens_k, block_tables, num_seqs, num_heads, num_kv_heads,
+              block_size, max_blocks_per_seq, max_seqlen_q, query_stride, scale, sliding_window,
+              chunk_size, stream);
+        }
+      }
+      return plain_attention_launch<T, HEAD_DIM>(
+          o, q, k, v, cu_seqlens_q, seq_lens_k, block_tables, num_tokens, num_seqs, num_heads,
+          num_kv_heads, block_size, max_blocks_per_seq, query_stride, scale, sliding_window,
+          chunk_size, stream);
+    });
+  });
+}
+
 void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                const at::Tensor& value_cache, const at::Tensor& cu_seqlens_q,
                const at::Tensor& seq_lens_k, const at::Tensor& block_tables, int64_t max_seqlen_q,
@@ -175,68 +287,27 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
                std::optional<int64_t> chunk_size) {
   constexpr const char* op = "attention";
   // The metadata's values live on the device and are trusted (checking them would cost a host
-  // sync per layer); what is left to check here is the grid's limit.
+  // sync per layer); what is left to check here is what the kernels support and the grid's limit.
   check_attention_args(out, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k, block_tables,
                        sliding_window, chunk_size);
+  const DType dtype = float_dtype(query.scalar_type(), op);
+  TORCH_CHECK(attention_head_dim_supported(query.size(2)), op, ": unsupported head size ",
+              query.size(2), " (supported: 64, 128, 256)");
   TORCH_CHECK(query.size(1) <= 65535, op, ": at most 65535 query heads, got ", query.size(1));
-  const int64_t num_seqs = seq_lens_k.size(0);
   const c10::cuda::CUDAGuard guard(query.device());
-  // Decode steps (one query per sequence) take the split-KV kernel and other bf16 / fp16 batches
-  // the tensor-core kernel, both of which read query and cache rows with 16-byte loads; the rest
-  // (float32, head size 256, misaligned views) the plain kernel. FASTGEN_ATTENTION_KERNELS=plain
-  // sends everything to the plain kernel (for bisecting a wrong result).
-  const int64_t vec_bytes = 16, elem = query.element_size();
-  const bool aligned = (query.stride(0) * elem) % vec_bytes == 0 &&
-                       reinterpret_cast<uintptr_t>(query.data_ptr()) % vec_bytes == 0 &&
-                       reinterpret_cast<uintptr_t>(key_cache.data_ptr()) % vec_bytes == 0 &&
-                       reinterpret_cast<uintptr_t>(value_cache.data_ptr()) % vec_bytes == 0;
-  const bool fast = aligned && !plain_kernels_only();
-  const bool decode = fast && max_seqlen_q == 1 && num_seqs <= 65535;
-  const bool tensor_cores =
-      fast && !decode && query.scalar_type() != at::kFloat && query.size(2) != 256 &&
-      num_seqs <= 65535 && query.size(1) <= 65535 &&
-      device_attribute<cudaDevAttrComputeCapabilityMajor>(query.get_device()) >= 8;  // sm_80+
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
-    using T = cuda_type_t<scalar_t>;
-    FASTGEN_DISPATCH_HEAD_DIM(query.size(2), op, [&] {
-      auto* out_ptr = reinterpret_cast<T*>(out.data_ptr());
-      const auto* q_ptr = reinterpret_cast<const T*>(query.data_ptr());
-      const auto* k_ptr = reinterpret_cast<const T*>(key_cache.data_ptr());
-      const auto* v_ptr = reinterpret_cast<const T*>(value_cache.data_ptr());
-      const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
-      const int32_t* lens = seq_lens_k.data_ptr<int32_t>();
-      const int32_t* tables = block_tables.data_ptr<int32_t>();
-      const float scale_f = static_cast<float>(scale);
-      if (decode) {
-        const int num_splits = decode_attention_num_splits<T, HEAD_DIM>(
-            num_seqs, query.size(1), key_cache.size(2), max_seqlen_k,
-            device_attribute<cudaDevAttrMultiProcessorCount>(query.get_device()));
+  at::Tensor workspace;  // the decode kernel's split partials, when it splits
+  C10_CUDA_CHECK(attention_launch(
+      out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+      cu_seqlens_q.data_ptr<int32_t>(), seq_lens_k.data_ptr<int32_t>(),
+      block_tables.data_ptr<int32_t>(), dtype, query.size(0), seq_lens_k.size(0), query.size(1),
+      key_cache.size(2), query.size(2), key_cache.size(1), block_tables.size(1), max_seqlen_q,
+      max_seqlen_k, query.stride(0), static_cast<float>(scale), sliding_window, chunk_size,
+      [&](int64_t floats) {
         // From torch's caching allocator (the graph's pool while a CUDA graph captures).
-        const at::Tensor workspace = at::empty(
-            {decode_attention_workspace_floats(num_seqs, query.size(1), HEAD_DIM, num_splits)},
-            query.options().dtype(at::kFloat));
-        C10_CUDA_CHECK((decode_attention_launch<T, HEAD_DIM>(
-            out_ptr, q_ptr, k_ptr, v_ptr, cu, lens, tables, workspace.data_ptr<float>(), num_seqs,
-            query.size(1), key_cache.size(2), key_cache.size(1), block_tables.size(1),
-            query.stride(0), scale_f, sliding_window, chunk_size, num_splits, stream)));
-        return;
-      }
-      if constexpr (!std::is_same_v<T, float> && HEAD_DIM != 256) {
-        if (tensor_cores) {
-          C10_CUDA_CHECK((prefill_attention_launch<T, HEAD_DIM>(
-              out_ptr, q_ptr, k_ptr, v_ptr, cu, lens, tables, num_seqs, query.size(1),
-              key_cache.size(2), key_cache.size(1), block_tables.size(1), max_seqlen_q,
-              query.stride(0), scale_f, sliding_window, chunk_size, stream)));
-          return;
-        }
-      }
-      C10_CUDA_CHECK((attention_launch<T, HEAD_DIM>(
-          out_ptr, q_ptr, k_ptr, v_ptr, cu, lens, tables, query.size(0), num_seqs, query.size(1),
-          key_cache.size(2), key_cache.size(1), block_tables.size(1), query.stride(0), scale_f,
-          sliding_window, chunk_size, stream)));
-    });
-  });
+        workspace = at::empty({floats}, query.options().dtype(at::kFloat));
+        return workspace.data_ptr<float>();
+      },
+      c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace fastgen::cuda

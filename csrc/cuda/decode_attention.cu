@@ -21,8 +21,8 @@
 // the kernels can be captured in a CUDA graph and replayed as sequences grow.
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
+#include "core/attention_mask.h"
 #include "cuda/attention.h"
 #include "cuda/common.cuh"
 
@@ -63,7 +63,7 @@ struct Visible {
 __device__ __forceinline__ Visible visible_keys(int64_t k_len, int64_t window, int64_t chunk,
                                                 int num_splits) {
   const int64_t pos = k_len - 1;  // the query is the last cached token
-  const int64_t first = max(max(int64_t{0}, pos - window + 1), pos >= 0 ? pos / chunk * chunk : 0);
+  const int64_t first = first_visible_key(pos, window, chunk);
   const int64_t n = max(int64_t{0}, pos - first + 1);
   const int64_t wanted = max(int64_t{1}, (n + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
   return {first, pos, static_cast<int>(min(wanted, static_cast<int64_t>(num_splits)))};
@@ -280,15 +280,9 @@ decode_combine_kernel(T* __restrict__ out,                       // [num_tokens,
       from_float<T>(l_all > 0.f ? a_all / l_all : 0.f);
 }
 
-constexpr float kLog2e = 1.4426950408889634f;
-
 // Query heads per CTA: the group size rounded up to 1, 2, 4 or 8 (larger groups take several
 // CTAs per KV head, each re-reading it).
 inline int group_tile(int64_t group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
-
-}  // namespace
-
-namespace {
 
 // Calls f(kernel) with the kernel instance for a group tile (heads per CTA) of 1, 2, 4 or 8; fewer
 // keys are in flight per thread as the heads' registers grow.
@@ -353,7 +347,6 @@ cudaError_t decode_attention_launch(T* out, const T* query, const T* key_cache,
                                     std::optional<int64_t> chunk_size, int num_splits,
                                     cudaStream_t stream) {
   if (num_seqs == 0) return cudaSuccess;
-  constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max();
   const int64_t window = sliding_window.value_or(kUnbounded), chunk = chunk_size.value_or(kUnbounded);
   const int64_t group = num_heads / num_kv_heads;
   const int tile = group_tile(group);

@@ -18,11 +18,11 @@
 // different bank groups. The grid is (ceil(max_seqlen_q / 64), sequences, query heads): it
 // depends only on host ints, and CTAs past their sequence's queries exit at once.
 #include <cstdint>
-#include <limits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "core/attention_mask.h"
 #include "cuda/attention.h"
 #include "cuda/common.cuh"
 
@@ -31,7 +31,6 @@ namespace fastgen::cuda {
 namespace {
 
 constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4, kThreads = kWarps * 32;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- PTX wrappers -------------------------------------------------------------------------------
 
@@ -140,10 +139,7 @@ prefill_attention_kernel(T* __restrict__ out,                       // [num_toke
   // Positions of this CTA's first and last real query, and the keys any of them sees.
   const int64_t pos0 = k_len - q_len + m0;
   const int64_t pos_last = k_len - q_len + min(m0 + kBlockM, q_len) - 1;
-  auto first_visible = [&](int64_t p) {
-    return max(max(int64_t{0}, p - window + 1), p / chunk * chunk);
-  };
-  const int64_t key_begin = first_visible(pos0) / kBlockN * kBlockN;
+  const int64_t key_begin = first_visible_key(pos0, window, chunk) / kBlockN * kBlockN;
   const int64_t key_end = pos_last + 1;  // exclusive
   const int num_tiles = static_cast<int>((key_end - key_begin + kBlockN - 1) / kBlockN);
 
@@ -187,7 +183,7 @@ prefill_attention_kernel(T* __restrict__ out,                       // [num_toke
   int64_t pos[2];
   pos[0] = pos0 + warp * 16 + row_in_warp;
   pos[1] = pos[0] + 8;
-  int64_t first[2] = {first_visible(pos[0]), first_visible(pos[1])};
+  int64_t first[2] = {first_visible_key(pos[0], window, chunk), first_visible_key(pos[1], window, chunk)};
   float o[kDimTiles][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
@@ -216,7 +212,7 @@ prefill_attention_kernel(T* __restrict__ out,                       // [num_toke
     }
 
     // Scale into the log2 domain and mask where some (row, key) pair of the CTA is not visible.
-    const bool full = n0 + kBlockN - 1 <= pos0 && n0 >= first_visible(pos_last);
+    const bool full = n0 + kBlockN - 1 <= pos0 && n0 >= first_visible_key(pos_last, window, chunk);
 #pragma unroll
     for (int nt = 0; nt < kKeyTiles; ++nt) {
 #pragma unroll
@@ -311,7 +307,6 @@ cudaError_t prefill_attention_launch(T* out, const T* query, const T* key_cache,
                                      std::optional<int64_t> sliding_window,
                                      std::optional<int64_t> chunk_size, cudaStream_t stream) {
   if (num_seqs == 0 || max_seqlen_q == 0) return cudaSuccess;
-  constexpr int64_t kUnbounded = std::numeric_limits<int64_t>::max();
   constexpr int smem = (kBlockM + 4 * kBlockN) * HEAD_DIM * static_cast<int>(sizeof(T));
   auto kernel = prefill_attention_kernel<T, HEAD_DIM>;
   static const cudaError_t attr =

@@ -85,6 +85,16 @@ def test_head_layouts(num_heads: int, num_kv_heads: int, head_dim: int, device: 
     run_and_compare(batch, sliding_window=33)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [8, 20, 24, 33, 40])
+def test_head_sizes_off_the_vector_width(head_dim: int, dtype: torch.dtype) -> None:
+    """CPU only (CUDA takes 64, 128, 256): head sizes that end in a partial 8- or 16-lane vector,
+    through the prefill and decode kernels' tails, with the window and chunk masks."""
+    batch = make_batch([3, 1, 40, 1], [3, 30, 57, 300], num_heads=6, num_kv_heads=2,
+                       head_dim=head_dim, block_size=16, dtype=dtype, device="cpu", seed=8)
+    run_and_compare(batch, sliding_window=33, chunk_size=48)
+
+
 @pytest.mark.parametrize("block_size", [16, 32, 5])
 def test_block_sizes(block_size: int, device: str) -> None:
     batch = make_batch([1, 50, 9], [64, 50, 31], num_heads=4, num_kv_heads=2, head_dim=64,

@@ -3,7 +3,8 @@
 Each wrapper allocates the output where the op writes into one and documents shapes; the kernels
 check their inputs. Shape letters: T tokens, H hidden, Hq / Hkv query / KV heads, D head size,
 N cache blocks, S block size, B sequences, M blocks per sequence, I / O a linear layer's input /
-output features.
+output features (in the MoE ops, I is an expert's intermediate size), E experts, k experts per
+token.
 The pure-PyTorch references the tests compare against are in ``fastgen.ops.reference``.
 """
 
@@ -86,4 +87,60 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x: [T, I]; weight: [O, I]; bias: [O] -> [T, O] of out_dtype (x's dtype, or float32)"""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     _ops.linear.default(out, x, weight, bias)
+    return out
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
+              renormalize: bool = False, num_groups: int | None = None,
+              topk_groups: int | None = None, group_scoring: str = "max",
+              correction_bias: torch.Tensor | None = None,
+              scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing (see the moe_route schema). scores = softmax(router_logits) ("softmax":
+    Mixtral, Qwen2/3-MoE, DeepSeek-V2) or sigmoid(router_logits) ("sigmoid": Llama 4,
+    DeepSeek-V3); the top_k experts by scores + correction_bias (selection only), among the
+    topk_groups best of num_groups equal groups when given (group_scoring "max": DeepSeek-V2,
+    "sum_top2": DeepSeek-V3); weights = their scores, renormalised to sum 1 when renormalize,
+    times scale. Ties go to the lower expert index; ids in descending order of selection key.
+    router_logits: [T, E] float32; correction_bias: [E] float32
+    -> (topk_weights [T, k] float32, topk_ids [T, k] int32)"""
+    num_tokens = router_logits.shape[0]
+    topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    _ops.moe_route.default(topk_weights, topk_ids, router_logits, scoring, renormalize,
+                           num_groups, topk_groups, group_scoring, correction_bias, scale)
+    return topk_weights, topk_ids
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int,
+              block_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The T * k (token, slot) pairs p = t * k + j sorted by expert (stable), each expert's run
+    padded with the value T * k to a multiple of block_size, as a grouped GEMM over tiles of
+    block_size rows reads them (see the moe_align schema). topk_ids: [T, k] int32
+    -> (sorted_ids [T * k + E * (block_size - 1)] int32: expert e's run is
+        sorted_ids[expert_offsets[e]:expert_offsets[e + 1]], padding and the tail T * k;
+        expert_offsets [E + 1] int32: expert_offsets[E] is the padded total;
+        tile_experts [ceil(sorted_ids.numel() / block_size)] int32: each tile's expert, -1 past
+        the last)"""
+    padded = topk_ids.numel() + num_experts * (block_size - 1)
+    options = dict(dtype=torch.int32, device=topk_ids.device)
+    sorted_ids = torch.empty(padded, **options)
+    expert_offsets = torch.empty(num_experts + 1, **options)
+    tile_experts = torch.empty(-(-padded // block_size), **options)
+    _ops.moe_align.default(sorted_ids, expert_offsets, tile_experts, topk_ids, block_size)
+    return sorted_ids, expert_offsets, tile_experts
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, weight_on_input: bool = False,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts' SwiGLU MLPs, weighted and summed over each token's k slots, in slot
+    order, accumulated in float32 (see the fused_moe schema):
+        out[t] = sum_j w_j * expert_{id_j}(x[t])     (weight_on_input=False: Mixtral, Qwen, DeepSeek)
+        out[t] = sum_j expert_{id_j}(w_j * x[t])     (weight_on_input=True: Llama 4)
+        expert_e(x) = w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x))
+    x: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; topk_weights: [T, k]
+    float32; topk_ids: [T, k] int32; out (written when given): [T, H] -> [T, H] in x's dtype"""
+    if out is None:
+        out = torch.empty_like(x)
+    _ops.fused_moe.default(out, x, w13, w2, topk_weights, topk_ids, weight_on_input)
     return out

@@ -118,3 +118,75 @@ def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         scores = scores.masked_fill(~allowed[None], float("-inf"))
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     return out
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
+              renormalize: bool = False, num_groups: int | None = None,
+              topk_groups: int | None = None, group_scoring: str = "max",
+              correction_bias: torch.Tensor | None = None,
+              scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing in float64: scores = softmax or sigmoid of the logits; selection keys = scores +
+    correction_bias; with num_groups, only the experts of the topk_groups groups with the best
+    max (or sum of the two best) keys are eligible; the top_k eligible keys, ties to the lower
+    index (a stable descending sort); weights = their scores, / their sum when renormalize,
+    * scale.   router_logits: [T, E]; correction_bias: [E]
+    -> (weights [T, k] float32, ids [T, k] int32)"""
+    logits = router_logits.double()
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()  # [T, E]
+    keys = scores if correction_bias is None else scores + correction_bias.double()
+    if num_groups is not None:
+        grouped = keys.view(keys.shape[0], num_groups, -1)  # [T, G, E / G]
+        if group_scoring == "max":
+            group_keys = grouped.amax(-1)
+        else:
+            group_keys = grouped.topk(2, dim=-1).values.sum(-1)
+        kept = group_keys.sort(dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+        eligible = torch.zeros_like(group_keys, dtype=torch.bool).scatter_(1, kept, True)
+        keys = keys.masked_fill(~eligible.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+    ids = keys.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]  # [T, k]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return (weights * scale).float(), ids.int()
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int,
+              block_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs p = t * k + j sorted by expert (stable), each expert's run padded with T * k to
+    a multiple of block_size; expert offsets (padded) and each tile's expert (-1 past the end).
+    topk_ids: [T, k] -> (sorted_ids [T * k + E * (block_size - 1)], expert_offsets [E + 1],
+    tile_experts [ceil(sorted_ids.numel() / block_size)]), int32"""
+    flat = topk_ids.flatten().long()
+    num_pairs = flat.numel()
+    padded = num_pairs + num_experts * (block_size - 1)
+    sorted_ids = torch.full((padded,), num_pairs, dtype=torch.int32)
+    tile_experts = torch.full((-(-padded // block_size),), -1, dtype=torch.int32)
+    offsets = [0]
+    for e in range(num_experts):
+        pairs = (flat == e).nonzero().flatten()  # ascending: the stable order
+        start = offsets[-1]
+        sorted_ids[start:start + pairs.numel()] = pairs.int()
+        offsets.append(start + -(-pairs.numel() // block_size) * block_size)
+        tile_experts[start // block_size:offsets[-1] // block_size] = e
+    return sorted_ids, torch.tensor(offsets, dtype=torch.int32), tile_experts
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, weight_on_input: bool = False) -> torch.Tensor:
+    """sum_j w_j * expert_{id_j}(x[t]) (or expert_{id_j}(w_j * x[t]) with weight_on_input),
+    expert_e(x) = w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x)), one expert at a time over
+    the pairs routed to it, in float32 (float64 when x is float64).
+    x: [T, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_weights, topk_ids: [T, k] -> [T, H]"""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    for e in topk_ids.unique().tolist():
+        tokens, slots = (topk_ids == e).nonzero(as_tuple=True)
+        weight = topk_weights[tokens, slots].to(dtype)[:, None]  # [n, 1]
+        h = x[tokens].to(dtype)  # [n, H]
+        if weight_on_input:
+            h = h * weight
+        gate_up = h @ w13[e].to(dtype).T  # [n, 2I]
+        y = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w2[e].to(dtype).T
+        out.index_add_(0, tokens, y if weight_on_input else y * weight)
+    return out
