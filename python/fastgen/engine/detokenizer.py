@@ -80,7 +80,6 @@ class IncrementalDetokenizer:
                  decode: Decode | None = None):
         """decode: text_decoder(tokenizer), when the caller made it already (the engine makes
         one for all its requests)."""
-        self.tokenizer = tokenizer
         self._decode = decode if decode is not None else text_decoder(tokenizer)
         self.stop = list(stop)
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
