@@ -23,7 +23,10 @@
                                   const at::Tensor& key, const at::Tensor& value,               \
                                   int64_t head_size, const at::Tensor& cos_sin_cache,           \
                                   bool is_neox, at::Tensor& key_cache, at::Tensor& value_cache, \
-                                  const at::Tensor& slot_mapping);                              \
+                                  const at::Tensor& slot_mapping,                               \
+                                  const std::optional<at::Tensor>& q_norm_weight,               \
+                                  const std::optional<at::Tensor>& k_norm_weight,               \
+                                  double norm_eps);                                             \
   void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,         \
                  const at::Tensor& value_cache, const at::Tensor& cu_seqlens_q,                 \
                  const at::Tensor& seq_lens_k, const at::Tensor& block_tables,                  \

@@ -32,11 +32,15 @@ TORCH_LIBRARY(fastgen, m) {
         "Tensor slot_mapping) -> ()");
   // rotary_embedding and reshape_and_cache in one pass: query is rotated in place, and each
   // token's rotated key and its value are written into its cache slot (negative: skipped); key is
-  // left as it was. positions: [T] int64; query: [T, Hq * D]; key, value: [T, Hkv * D];
-  // cos_sin_cache: [P, R] float32; caches: [N, S, Hkv, D]; slot_mapping: [T] int64
+  // left as it was. With q_norm_weight and k_norm_weight (both or neither), each query and key
+  // head is RMS-normalised with that weight (epsilon norm_eps) before it is rotated: Qwen3's and
+  // Llama 4's per-head q/k norm in the same pass. positions: [T] int64; query: [T, Hq * D];
+  // key, value: [T, Hkv * D]; cos_sin_cache: [P, R] float32; caches: [N, S, Hkv, D];
+  // slot_mapping: [T] int64; q_norm_weight, k_norm_weight: [D]
   m.def("rotary_embedding_and_cache(Tensor positions, Tensor! query, Tensor key, Tensor value, "
         "int head_size, Tensor cos_sin_cache, bool is_neox, Tensor! key_cache, "
-        "Tensor! value_cache, Tensor slot_mapping) -> ()");
+        "Tensor! value_cache, Tensor slot_mapping, Tensor? q_norm_weight=None, "
+        "Tensor? k_norm_weight=None, float norm_eps=1e-6) -> ()");
   // Causal attention of packed variable-length queries over a paged KV cache: prefill, chunked
   // prefill and decode in one op. Sequence b's queries are rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
   // and are the last q_len of its seq_lens_k[b] cached keys, so query i sits at position

@@ -7,7 +7,8 @@ achieved bandwidth and as a fraction of a copy bandwidth measured in the same ru
 Baselines: rms_norm vs F.rms_norm and the eager float32 composite (as HF's LlamaRMSNorm);
 fused_add_rms_norm vs add + F.rms_norm; silu_and_mul vs F.silu(gate) * up; the fused rotary +
 cache write vs fastgen's two unfused ops and vs the eager HF-style composite (rotate_half, then an
-index_copy into the cache); paged decode attention vs torch's scaled_dot_product_attention on the
+index_copy into the cache); the same with Qwen3's per-head q/k norm fused in, vs two rms_norm calls
+before the fused rotary op; paged decode attention vs torch's scaled_dot_product_attention on the
 same keys and values in a contiguous [B, Hkv, L, D] cache (GQA through enable_gqa). Bytes counted
 are those each op must move at least once (the paged cache's keys and values for attention).
 Every fastgen result is checked against its baseline before it is timed.
@@ -144,6 +145,50 @@ def bench_rotary_and_cache(b: Bench, tokens: int) -> None:
            "eager": lambda: rotary_and_cache_eager(positions, q, k, v, cos_sin, *caches, slots)})
 
 
+def bench_qk_norm_rotary_and_cache(b: Bench, tokens: int) -> None:
+    """Qwen3's attention input (Qwen3-8B has Llama-3.1-8B's heads): per-head q/k RMSNorm, rotary
+    and the cache write in one call, against the two rms_norm calls plus the fused rotary op it
+    replaces, and against the eager HF-style composite."""
+    from fastgen.layers.rotary import build_cos_sin_cache
+
+    q_w, kv_w, eps = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, 1e-6
+    qkv = b.randn(tokens, q_w + 2 * kv_w)
+    q, k, v = qkv.split([q_w, kv_w, kv_w], dim=-1)
+    q_weight, k_weight = b.randn(HEAD_DIM), b.randn(HEAD_DIM)
+    cos_sin = build_cos_sin_cache(HEAD_DIM, HEAD_DIM, 8192, 1000000.0, None).to(b.device)
+    positions = torch.randint(0, 8192, (tokens,), device=b.device)
+    num_slots = max(tokens, 4096)
+    slots = torch.randperm(num_slots, device=b.device)[:tokens]
+    caches = [b.randn(num_slots // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM) for _ in range(2)]
+
+    def normed(x, w):
+        return ops.rms_norm(x.reshape(-1, HEAD_DIM), w, eps).view(tokens, -1)
+
+    def unfused():
+        ops.rotary_embedding_and_cache(positions, normed(q, q_weight), normed(k, k_weight), v,
+                                       HEAD_DIM, cos_sin, True, *caches, slots)
+
+    def eager():
+        qn = rms_norm_eager(q.reshape(-1, HEAD_DIM), q_weight, eps).view(tokens, -1)
+        kn = rms_norm_eager(k.reshape(-1, HEAD_DIM), k_weight, eps).view(tokens, -1)
+        rotary_and_cache_eager(positions, qn, kn, v, cos_sin, *caches, slots)
+
+    q_ours, eager_caches = q.clone(), [c.clone() for c in caches]
+    ops.rotary_embedding_and_cache(positions, q_ours, k, v, HEAD_DIM, cos_sin, True, *caches,
+                                   slots, q_weight, k_weight, eps)
+    q_eager = normed(q, q_weight)
+    ops.rotary_embedding_and_cache(positions, q_eager, normed(k, k_weight), v, HEAD_DIM, cos_sin,
+                                   True, *eager_caches, slots)
+    check("qk norm + rotary_embedding_and_cache", q_ours, q_eager)
+    check("qk norm + rotary_embedding_and_cache (cache)", caches[0], eager_caches[0])
+    nbytes = (2 * q_w + 4 * kv_w) * tokens * qkv.element_size()
+    # The fused op normalises q in place: q drifts between calls, harmless for the timing.
+    b.row("qk_norm+rotary_and_cache", f"{tokens} tokens", nbytes,
+          lambda: ops.rotary_embedding_and_cache(positions, q, k, v, HEAD_DIM, cos_sin, True,
+                                                 *caches, slots, q_weight, k_weight, eps),
+          {"2 rms_norm + fused rotary": unfused, "eager": eager})
+
+
 def bench_decode_attention(b: Bench, batch: int, context: int) -> dict:
     """One decode query per sequence over `context` cached tokens in shuffled pages."""
     blocks_per_seq = math.ceil(context / BLOCK_SIZE)
@@ -206,6 +251,8 @@ def main() -> None:
             bench_norms(b, tokens)
             bench_silu(b, tokens)
             bench_rotary_and_cache(b, tokens)
+        for tokens in ([1, 64] if quick else [1, 16, 4096]):
+            bench_qk_norm_rotary_and_cache(b, tokens)
         contexts = [512, 2048] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
         batches = [1, 4] if quick else [1, 8, 32, 64, 128]
         long_ctx = contexts[-1]

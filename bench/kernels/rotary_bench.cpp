@@ -36,7 +36,8 @@ struct CpuRotary {
   void rotary_and_cache(const int64_t* pos, T* qkv, const float* cos_sin, T* kc, T* vc, const int64_t* slots,
                         int64_t tokens, const ModelShape& m) const {
     const QkvRows<T> rows = qkv_rows(qkv, m);
-    cpu::rotary_embedding_and_cache_launch<T>(pos, rows.q, rows.k, rows.v, cos_sin, kc, vc, slots, tokens, m.heads,
+    cpu::rotary_embedding_and_cache_launch<T>(pos, rows.q, rows.k, rows.v, cos_sin, kc, vc, slots, nullptr,
+                                              nullptr, 0.f, tokens, m.heads,
                                               m.kv_heads, m.head_dim, m.head_dim, rows.row_stride,
                                               rows.row_stride, rows.row_stride, true);
   }
@@ -57,7 +58,7 @@ struct CudaRotary {
                         int64_t tokens, const ModelShape& m) const {
     const QkvRows<T> rows = qkv_rows(qkv, m);
     check_cuda(cuda::rotary_embedding_and_cache_launch<T>(pos, rows.q, rows.k, rows.v, cos_sin, kc, vc, slots,
-                                                          tokens, m.heads, m.kv_heads, m.head_dim, m.head_dim,
+                                                          nullptr, nullptr, 0.f, tokens, m.heads, m.kv_heads, m.head_dim, m.head_dim,
                                                           rows.row_stride, rows.row_stride, rows.row_stride,
                                                           true, nullptr),
                "rotary_embedding_and_cache");

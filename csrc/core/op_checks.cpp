@@ -131,7 +131,9 @@ void check_rotary_embedding_and_cache_args(const at::Tensor& positions, const at
                                            int64_t head_size, const at::Tensor& cos_sin_cache,
                                            const at::Tensor& key_cache,
                                            const at::Tensor& value_cache,
-                                           const at::Tensor& slot_mapping) {
+                                           const at::Tensor& slot_mapping,
+                                           const std::optional<at::Tensor>& q_norm_weight,
+                                           const std::optional<at::Tensor>& k_norm_weight) {
   constexpr const char* op = "rotary_embedding_and_cache";
   check_rotary_embedding_args(positions, query, key, head_size, cos_sin_cache, op);
   FASTGEN_CHECK_DIM(op, value, 2);
@@ -141,6 +143,17 @@ void check_rotary_embedding_and_cache_args(const at::Tensor& positions, const at
   check_reshape_and_cache_args(key.view({tokens, num_kv_heads, head_size}),
                                value.view({tokens, num_kv_heads, head_size}), key_cache,
                                value_cache, slot_mapping, op);
+  TORCH_CHECK(q_norm_weight.has_value() == k_norm_weight.has_value(), op,
+              ": q_norm_weight and k_norm_weight are given together or not at all");
+  for (const auto* weight : {&q_norm_weight, &k_norm_weight}) {
+    if (!weight->has_value()) continue;
+    const at::Tensor& norm_weight = **weight;
+    TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == head_size, op,
+                ": a q/k norm weight must be [", head_size, "], got ", norm_weight.sizes());
+    FASTGEN_CHECK_CONTIGUOUS(op, norm_weight);
+    FASTGEN_CHECK_SAME_DTYPE(op, norm_weight, query);
+    FASTGEN_CHECK_SAME_DEVICE(op, norm_weight, query);
+  }
 }
 
 void check_attention_args(const at::Tensor& out, const at::Tensor& query,

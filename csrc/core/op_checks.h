@@ -47,13 +47,16 @@ void check_reshape_and_cache_args(const at::Tensor& key, const at::Tensor& value
                                   const char* op = "reshape_and_cache");
 
 // rotary_embedding_and_cache: rotary_embedding's checks for (positions, query, key), and
-// reshape_and_cache's for key and value viewed as [T, Hkv, D] (value shaped like key).
+// reshape_and_cache's for key and value viewed as [T, Hkv, D] (value shaped like key); the q/k
+// norm weights both or neither, each a contiguous [head_size] of query's dtype and device.
 void check_rotary_embedding_and_cache_args(const at::Tensor& positions, const at::Tensor& query,
                                            const at::Tensor& key, const at::Tensor& value,
                                            int64_t head_size, const at::Tensor& cos_sin_cache,
                                            const at::Tensor& key_cache,
                                            const at::Tensor& value_cache,
-                                           const at::Tensor& slot_mapping);
+                                           const at::Tensor& slot_mapping,
+                                           const std::optional<at::Tensor>& q_norm_weight,
+                                           const std::optional<at::Tensor>& k_norm_weight);
 
 // attention: query and out [T, Hq, D] (query rows may be strided), caches [N, S, Hkv, D]
 // contiguous with Hkv dividing Hq, int32 metadata cu_seqlens_q [B + 1], seq_lens_k [B] and

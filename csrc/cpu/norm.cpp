@@ -3,8 +3,6 @@
 // masked tail for hidden sizes that are not a multiple of the vector width. The fused variant
 // adds the residual in the same pass, so the hidden state is read once and written twice instead
 // of read three times.
-#include <cmath>
-
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -12,57 +10,23 @@
 #include "core/dispatch.h"
 #include "core/op_checks.h"
 #include "cpu/norm.h"
+#include "cpu/norm_row.h"
 #include "cpu/vec.h"
 #include "ops.h"
 
 namespace fastgen::cpu {
 
-namespace {
-
-// y = x * inv_rms * w over one row (the same operation order as the scalar loop it replaces).
-// y may be x: each chunk is loaded before it is stored.
-template <typename T>
-inline void scale_row(T* y,        // [n]
-                      const T* x,  // [n]
-                      const T* w,  // [n]
-                      float inv_rms, int64_t n) {
-  using namespace vec;
-  const Vec scale = set1(inv_rms);
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) store(y + i, load(x + i) * scale * load(w + i));
-  if (i < n) store(y + i, load(x + i, n - i) * scale * load(w + i, n - i), n - i);
-}
-
-inline float inv_rms(float sum_sq, int64_t hidden, float epsilon) {
-  return 1.f / std::sqrt(sum_sq / static_cast<float>(hidden) + epsilon);
-}
-
-}  // namespace
+using norm_row::inv_rms;
+using norm_row::scale_row;
+using norm_row::sum_squares;
 
 template <typename T>
 void rms_norm_launch(T* out, const T* input, const T* weight, float epsilon, int64_t num_tokens,
                      int64_t hidden, int64_t input_stride) {
-  using namespace vec;
   at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* x = input + t * input_stride;
-      // Two accumulators, so consecutive FMAs do not wait on each other.
-      Vec acc0 = zero(), acc1 = zero();
-      int64_t i = 0;
-      for (; i + 2 * kWidth <= hidden; i += 2 * kWidth) {
-        const Vec v0 = load(x + i), v1 = load(x + i + kWidth);
-        acc0 = fmadd(v0, v0, acc0);
-        acc1 = fmadd(v1, v1, acc1);
-      }
-      for (; i + kWidth <= hidden; i += kWidth) {
-        const Vec v = load(x + i);
-        acc0 = fmadd(v, v, acc0);
-      }
-      if (i < hidden) {
-        const Vec v = load(x + i, hidden - i);
-        acc1 = fmadd(v, v, acc1);
-      }
-      scale_row(out + t * hidden, x, weight, inv_rms(reduce_add(acc0 + acc1), hidden, epsilon),
+      scale_row(out + t * hidden, x, weight, inv_rms(sum_squares(x, hidden), hidden, epsilon),
                 hidden);
     }
   });

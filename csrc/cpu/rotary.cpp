@@ -3,7 +3,10 @@
 // thread pool only when each task gets enough work to pay for the hand-off (decode batches of a
 // few tokens run inline). query and key may be column slices of one fused qkv tensor, so rows
 // are addressed through their own strides. The layout (neox or GPT-J) is a template parameter;
-// neox rows, two contiguous halves, are rotated with the fp32 SIMD helpers of cpu/vec.h.
+// neox rows, two contiguous halves, are rotated with the fp32 SIMD helpers of cpu/vec.h. The
+// cache-writing variant can also RMS-normalise each query and key head before rotating it
+// (Qwen3's and Llama 4's q/k norm), with the row operations of the rms_norm op, so the fused
+// result is bitwise that of rms_norm followed by the rotation.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -14,6 +17,7 @@
 
 #include "core/dispatch.h"
 #include "core/op_checks.h"
+#include "cpu/norm_row.h"
 #include "cpu/rotary.h"
 #include "cpu/vec.h"
 #include "ops.h"
@@ -65,6 +69,15 @@ inline void rotate_heads(T* __restrict__ x,              // [num_heads, head_siz
   }
 }
 
+// RMS-normalises each of num_heads heads of one token row in place (weight: [head_size]).
+template <typename T>
+inline void normalize_heads(T* x, const T* weight, float epsilon, int64_t num_heads,
+                            int64_t head_size) {
+  for (int64_t h = 0; h < num_heads; ++h) {
+    norm_row::normalize(x + h * head_size, weight, epsilon, head_size);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -100,24 +113,31 @@ template <typename T>
 void rotary_embedding_and_cache_launch(const int64_t* positions, T* query, const T* key,
                                        const T* value, const float* cos_sin_cache, T* key_cache,
                                        T* value_cache, const int64_t* slot_mapping,
-                                       int64_t num_tokens, int64_t num_heads,
+                                       const T* q_norm_weight, const T* k_norm_weight,
+                                       float norm_eps, int64_t num_tokens, int64_t num_heads,
                                        int64_t num_kv_heads, int64_t head_size, int64_t rot_dim,
                                        int64_t query_stride, int64_t key_stride,
                                        int64_t value_stride, bool is_neox) {
   const int64_t half = rot_dim / 2, row = num_kv_heads * head_size;
-  const int64_t per_token = std::max<int64_t>((num_heads + num_kv_heads) * rot_dim + 2 * row, 1);
+  const bool qk_norm = q_norm_weight != nullptr;
+  const int64_t per_token = std::max<int64_t>(
+      (num_heads + num_kv_heads) * (qk_norm ? 2 * head_size : rot_dim) + 2 * row, 1);
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / per_token);
   FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
     at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const float* cos = cos_sin_cache + positions[t] * rot_dim;
         const float* sin = cos + half;
-        rotate_heads<T, IS_NEOX>(query + t * query_stride, cos, sin, num_heads, head_size, half);
+        T* q = query + t * query_stride;
+        if (qk_norm) normalize_heads(q, q_norm_weight, norm_eps, num_heads, head_size);
+        rotate_heads<T, IS_NEOX>(q, cos, sin, num_heads, head_size, half);
         const int64_t slot = slot_mapping[t];
         if (slot < 0) continue;  // padding
-        // The key row is copied to its slot and rotated there: the cache row is the only copy.
+        // The key row is copied to its slot and normalised and rotated there: the cache row is
+        // the only copy.
         T* k_out = key_cache + slot * row;
         std::memcpy(k_out, key + t * key_stride, row * sizeof(T));
+        if (qk_norm) normalize_heads(k_out, k_norm_weight, norm_eps, num_kv_heads, head_size);
         rotate_heads<T, IS_NEOX>(k_out, cos, sin, num_kv_heads, head_size, half);
         std::memcpy(value_cache + slot * row, value + t * value_stride, row * sizeof(T));
       }
@@ -127,8 +147,9 @@ void rotary_embedding_and_cache_launch(const int64_t* positions, T* query, const
 
 #define FASTGEN_INSTANTIATE(T)                                                                  \
   template void rotary_embedding_and_cache_launch<T>(                                          \
-      const int64_t*, T*, const T*, const T*, const float*, T*, T*, const int64_t*, int64_t,  \
-      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool);
+      const int64_t*, T*, const T*, const T*, const float*, T*, T*, const int64_t*, const T*,  \
+      const T*, float, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
+      bool);
 FASTGEN_INSTANTIATE(float)
 FASTGEN_INSTANTIATE(c10::Half)
 FASTGEN_INSTANTIATE(c10::BFloat16)
@@ -155,10 +176,13 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,
                                 const at::Tensor& key, const at::Tensor& value, int64_t head_size,
                                 const at::Tensor& cos_sin_cache, bool is_neox,
                                 at::Tensor& key_cache, at::Tensor& value_cache,
-                                const at::Tensor& slot_mapping) {
+                                const at::Tensor& slot_mapping,
+                                const std::optional<at::Tensor>& q_norm_weight,
+                                const std::optional<at::Tensor>& k_norm_weight, double norm_eps) {
   constexpr const char* op = "rotary_embedding_and_cache";
   check_rotary_embedding_and_cache_args(positions, query, key, value, head_size, cos_sin_cache,
-                                        key_cache, value_cache, slot_mapping);
+                                        key_cache, value_cache, slot_mapping, q_norm_weight,
+                                        k_norm_weight);
   // Positions and slots are on the host, so their ranges are checked here too.
   check_position_values(op, positions, cos_sin_cache.size(0));
   check_slot_values(op, slot_mapping, key_cache.size(0) * key_cache.size(1));
@@ -168,9 +192,12 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,
         positions.data_ptr<int64_t>(), query.data_ptr<scalar_t>(), key.data_ptr<scalar_t>(),
         value.data_ptr<scalar_t>(), cos_sin_cache.data_ptr<float>(),
         key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(),
-        slot_mapping.data_ptr<int64_t>(), num_tokens,
-        query.size(1) / head_size, key.size(1) / head_size, head_size, rot_dim, query.stride(0),
-        key.stride(0), value.stride(0), is_neox);
+        slot_mapping.data_ptr<int64_t>(),
+        q_norm_weight ? q_norm_weight->data_ptr<scalar_t>() : nullptr,
+        k_norm_weight ? k_norm_weight->data_ptr<scalar_t>() : nullptr,
+        static_cast<float>(norm_eps), num_tokens, query.size(1) / head_size,
+        key.size(1) / head_size, head_size, rot_dim, query.stride(0), key.stride(0),
+        value.stride(0), is_neox);
   });
 }
 

@@ -5,8 +5,11 @@
 // key's unrotated tail, a value vector) in turn. Where sizes and alignment allow, an item is N
 // elements moved with 16-byte accesses (N = 8 for bf16); otherwise one element (pair) at a time.
 // query and key may be column slices of one fused qkv tensor, so rows are addressed through their
-// own strides. Positions and slots are trusted here (a device kernel cannot raise; the CPU
-// adapters check them); a negative slot is padding and is not written.
+// own strides. With q/k norm weights (Qwen3, Llama 4) the cache variant is a second kernel: one
+// warp per head reduces the head's sum of squares, then normalises (rounding to T, as the
+// rms_norm op does) and rotates its pairs in registers. Positions and slots are trusted here (a
+// device kernel cannot raise; the CPU adapters check them); a negative slot is padding and is not
+// written.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -124,6 +127,66 @@ rotary_kernel(const int64_t* __restrict__ positions,    // [num_tokens]
   }
 }
 
+// rotary_kernel<CACHE = true> with a per-head RMS norm first: one block per token, one warp per
+// head (the query heads, then, unless the slot is padding, the key heads, which go to the cache),
+// and the value row copied by the whole block. A lane reads the head for the sum of squares, and
+// after the warp's reduction writes only the elements of its own pairs, so the query is
+// normalised and rotated in place without a race. One element at a time: the heads this serves
+// are 64-256 wide, and the pass is bound by the qkv row it reads.
+template <typename T, bool IS_NEOX>
+__global__ void __launch_bounds__(kThreads)
+rotary_norm_cache_kernel(const int64_t* __restrict__ positions,    // [num_tokens]
+                         T* __restrict__ query,                    // [num_tokens, num_heads * head_size]
+                         const T* __restrict__ key,                // [num_tokens, num_kv_heads * head_size]
+                         const T* __restrict__ value,              // [num_tokens, num_kv_heads * head_size]
+                         const float* __restrict__ cos_sin_cache,  // [max_position, rot_dim]
+                         T* __restrict__ key_cache,                // [num_slots, num_kv_heads, head_size]
+                         T* __restrict__ value_cache,              // [num_slots, num_kv_heads, head_size]
+                         const int64_t* __restrict__ slot_mapping, // [num_tokens]
+                         const T* __restrict__ q_norm_weight,      // [head_size]
+                         const T* __restrict__ k_norm_weight,      // [head_size]
+                         float norm_eps, int num_heads, int num_kv_heads, int head_size,
+                         int rot_dim, int64_t query_stride, int64_t key_stride,
+                         int64_t value_stride) {
+  const int64_t t = blockIdx.x;
+  const int half = rot_dim / 2;
+  const float* cos = cos_sin_cache + positions[t] * rot_dim;
+  const float* sin = cos + half;
+  const int64_t slot = slot_mapping[t];
+  const int64_t row = static_cast<int64_t>(num_kv_heads) * head_size;
+  const int lane = threadIdx.x % 32;
+  const int heads = num_heads + (slot < 0 ? 0 : num_kv_heads);
+  for (int h = threadIdx.x / 32; h < heads; h += kThreads / 32) {
+    const bool is_query = h < num_heads;
+    const int kv_head = h - num_heads;
+    const T* src = is_query ? query + t * query_stride + static_cast<int64_t>(h) * head_size
+                            : key + t * key_stride + static_cast<int64_t>(kv_head) * head_size;
+    T* dst = is_query ? const_cast<T*>(src)
+                      : key_cache + slot * row + static_cast<int64_t>(kv_head) * head_size;
+    const T* weight = is_query ? q_norm_weight : k_norm_weight;
+    float sum_sq = 0.f;
+    for (int i = lane; i < head_size; i += 32) {
+      const float x = to_float(src[i]);
+      sum_sq += x * x;
+    }
+    const float inv_rms = rsqrtf(warp_sum(sum_sq) / static_cast<float>(head_size) + norm_eps);
+    // The normalised element, rounded to T as the rms_norm op stores it.
+    const auto normed = [&](int i) {
+      return to_float(from_float<T>(to_float(src[i]) * inv_rms * to_float(weight[i])));
+    };
+    for (int p = lane; p < half; p += 32) {
+      const int ia = IS_NEOX ? p : 2 * p, ib = IS_NEOX ? p + half : 2 * p + 1;
+      const float a = normed(ia), b = normed(ib), c = cos[p], s = sin[p];
+      dst[ia] = from_float<T>(a * c - b * s);
+      dst[ib] = from_float<T>(b * c + a * s);
+    }
+    for (int i = rot_dim + lane; i < head_size; i += 32) dst[i] = from_float<T>(normed(i));
+  }
+  if (slot < 0) return;
+  const T* v_row = value + t * value_stride;
+  for (int64_t e = threadIdx.x; e < row; e += blockDim.x) value_cache[slot * row + e] = v_row[e];
+}
+
 template <typename T, int N, bool IS_NEOX, bool CACHE>
 void launch(const int64_t* positions, T* query, T* key, const T* value,
             const float* cos_sin_cache, T* key_cache, T* value_cache,
@@ -186,10 +249,22 @@ cudaError_t rotary_embedding_launch(const int64_t* positions, T* query, T* key,
 template <typename T>
 cudaError_t rotary_embedding_and_cache_launch(
     const int64_t* positions, T* query, const T* key, const T* value, const float* cos_sin_cache,
-    T* key_cache, T* value_cache, const int64_t* slot_mapping, int64_t num_tokens,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_size, int64_t rot_dim,
-    int64_t query_stride, int64_t key_stride, int64_t value_stride, bool is_neox,
-    cudaStream_t stream) {
+    T* key_cache, T* value_cache, const int64_t* slot_mapping, const T* q_norm_weight,
+    const T* k_norm_weight, float norm_eps, int64_t num_tokens, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_size, int64_t rot_dim, int64_t query_stride,
+    int64_t key_stride, int64_t value_stride, bool is_neox, cudaStream_t stream) {
+  if (q_norm_weight != nullptr) {
+    if (num_tokens == 0) return cudaSuccess;
+    FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
+      rotary_norm_cache_kernel<T, IS_NEOX>
+          <<<static_cast<unsigned>(num_tokens), kThreads, 0, stream>>>(
+              positions, query, key, value, cos_sin_cache, key_cache, value_cache, slot_mapping,
+              q_norm_weight, k_norm_weight, norm_eps, static_cast<int>(num_heads),
+              static_cast<int>(num_kv_heads), static_cast<int>(head_size),
+              static_cast<int>(rot_dim), query_stride, key_stride, value_stride);
+    });
+    return cudaGetLastError();
+  }
   // The kernel only reads key when writing the cache; the cast keeps one kernel for both uses.
   return dispatch<T, true>(positions, query, const_cast<T*>(key), value, cos_sin_cache, key_cache,
                            value_cache, slot_mapping, num_tokens, num_heads, num_kv_heads,
@@ -202,8 +277,9 @@ cudaError_t rotary_embedding_and_cache_launch(
                                                   int64_t, int64_t, int64_t, int64_t, int64_t, \
                                                   int64_t, int64_t, bool, cudaStream_t);       \
   template cudaError_t rotary_embedding_and_cache_launch<T>(                                  \
-      const int64_t*, T*, const T*, const T*, const float*, T*, T*, const int64_t*, int64_t,  \
-      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, cudaStream_t);
+      const int64_t*, T*, const T*, const T*, const float*, T*, T*, const int64_t*, const T*,  \
+      const T*, float, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
+      bool, cudaStream_t);
 FASTGEN_INSTANTIATE(float)
 FASTGEN_INSTANTIATE(__half)
 FASTGEN_INSTANTIATE(__nv_bfloat16)
@@ -229,19 +305,26 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,
                                 const at::Tensor& key, const at::Tensor& value, int64_t head_size,
                                 const at::Tensor& cos_sin_cache, bool is_neox,
                                 at::Tensor& key_cache, at::Tensor& value_cache,
-                                const at::Tensor& slot_mapping) {
+                                const at::Tensor& slot_mapping,
+                                const std::optional<at::Tensor>& q_norm_weight,
+                                const std::optional<at::Tensor>& k_norm_weight, double norm_eps) {
   constexpr const char* op = "rotary_embedding_and_cache";
   check_rotary_embedding_and_cache_args(positions, query, key, value, head_size, cos_sin_cache,
-                                        key_cache, value_cache, slot_mapping);
+                                        key_cache, value_cache, slot_mapping, q_norm_weight,
+                                        k_norm_weight);
   const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
   const c10::cuda::CUDAGuard guard(query.device());
   FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     using T = cuda_type_t<scalar_t>;
+    const auto weight_ptr = [](const std::optional<at::Tensor>& w) {
+      return w ? reinterpret_cast<const T*>(w->data_ptr()) : nullptr;
+    };
     C10_CUDA_CHECK(rotary_embedding_and_cache_launch<T>(
         positions.data_ptr<int64_t>(), reinterpret_cast<T*>(query.data_ptr()),
         reinterpret_cast<const T*>(key.data_ptr()), reinterpret_cast<const T*>(value.data_ptr()),
         cos_sin_cache.data_ptr<float>(), reinterpret_cast<T*>(key_cache.data_ptr()),
         reinterpret_cast<T*>(value_cache.data_ptr()), slot_mapping.data_ptr<int64_t>(),
+        weight_ptr(q_norm_weight), weight_ptr(k_norm_weight), static_cast<float>(norm_eps),
         num_tokens, query.size(1) / head_size, key.size(1) / head_size, head_size, rot_dim,
         query.stride(0), key.stride(0), value.stride(0), is_neox,
         c10::cuda::getCurrentCUDAStream()));

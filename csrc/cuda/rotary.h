@@ -25,7 +25,8 @@ cudaError_t rotary_embedding_launch(const int64_t* positions,    // [num_tokens]
 
 // Rotates query in place and writes each token's rotated key and its value into the token's slot
 // of the paged cache (slot = block * block_size + offset); a negative slot (padding) is skipped.
-// key is not modified.
+// key is not modified. With q_norm_weight and k_norm_weight (both or neither), each query and key
+// head is first RMS-normalised with that weight (over head_size, epsilon norm_eps).
 template <typename T>
 cudaError_t rotary_embedding_and_cache_launch(
     const int64_t* positions,     // [num_tokens]
@@ -36,7 +37,9 @@ cudaError_t rotary_embedding_and_cache_launch(
     T* key_cache,                 // [N, S, num_kv_heads, head_size]
     T* value_cache,               // [N, S, num_kv_heads, head_size]
     const int64_t* slot_mapping,  // [num_tokens]
-    int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
+    const T* q_norm_weight,       // [head_size] or nullptr
+    const T* k_norm_weight,       // [head_size] or nullptr
+    float norm_eps, int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
     int64_t rot_dim, int64_t query_stride, int64_t key_stride, int64_t value_stride,
     bool is_neox, cudaStream_t stream);
 

@@ -85,6 +85,53 @@ def test_rotary_embedding_and_cache(device, dtype, num_tokens, rotary_dim, is_ne
     assert torch.equal(key_cache[untouched], expected_key_cache[untouched])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 6, 67])
+@pytest.mark.parametrize("head_size,rotary_dim", [(64, 64), (40, 40), (72, 20)])
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_rotary_embedding_and_cache_qk_norm(device, dtype, num_tokens, head_size, rotary_dim,
+                                            is_neox):
+    """With q/k norm weights, every query and key head is RMS-normalised before it is rotated
+    (Qwen3, Llama 4): against the float32 reference, and on the CPU bitwise equal to the rms_norm
+    op followed by the unnormalised fused op (the norm shares the rms_norm kernel's row code).
+    Head sizes 40 and 72 leave a SIMD tail; 72 / 20 a partial rotary dim (the tail is normalised
+    too)."""
+    num_heads, num_kv_heads, eps = 5, 3, 1e-5
+    cache = build_cos_sin_cache(head_size, rotary_dim, MAX_POSITION, 10000.0, None).to(device)
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), device=device)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_size, dtype=dtype,
+                      device=device)
+    query, key, value = qkv.split([num_heads * head_size, num_kv_heads * head_size,
+                                   num_kv_heads * head_size], dim=-1)
+    q_weight = (torch.rand(head_size, device=device) + 0.5).to(dtype)
+    k_weight = (torch.rand(head_size, device=device) + 0.5).to(dtype)
+    shape = (7, 16, num_kv_heads, head_size)
+    key_cache = torch.zeros(shape, dtype=dtype, device=device)
+    value_cache = torch.zeros(shape, dtype=dtype, device=device)
+    slots = torch.randperm(7 * 16, device=device)[:num_tokens]
+    slots[2::4] = -1
+    key_before, query_before = key.clone(), query.clone()
+    expected_key_cache, expected_value_cache = key_cache.clone(), value_cache.clone()
+    expected_q = reference.rotary_embedding_and_cache(
+        positions, query, key, value, head_size, cache, is_neox, expected_key_cache,
+        expected_value_cache, slots, q_weight, k_weight, eps)
+    ops.rotary_embedding_and_cache(positions, query, key, value, head_size, cache, is_neox,
+                                   key_cache, value_cache, slots, q_weight, k_weight, eps)
+    assert_close(query, expected_q, dtype)
+    assert_close(key_cache, expected_key_cache, dtype)
+    assert torch.equal(value_cache, expected_value_cache)
+    assert torch.equal(key, key_before)
+    if device == "cpu":
+        unfused_q = ops.rms_norm(query_before.reshape(-1, head_size), q_weight, eps)
+        unfused_k = ops.rms_norm(key_before.reshape(-1, head_size), k_weight, eps)
+        unfused_q, unfused_k = unfused_q.view(num_tokens, -1), unfused_k.view(num_tokens, -1)
+        unfused_caches = torch.zeros_like(key_cache), torch.zeros_like(value_cache)
+        ops.rotary_embedding_and_cache(positions, unfused_q, unfused_k, value, head_size, cache,
+                                       is_neox, *unfused_caches, slots)
+        assert torch.equal(query, unfused_q)
+        assert torch.equal(key_cache, unfused_caches[0])
+
+
 def test_rotary_embedding_and_cache_checks():
     cache = build_cos_sin_cache(HEAD_SIZE, HEAD_SIZE, MAX_POSITION, 10000.0, None)
     qkv, query, key = make_qkv(2, True, torch.float32, "cpu")
@@ -100,9 +147,21 @@ def test_rotary_embedding_and_cache_checks():
     with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: value shape"):
         ops.rotary_embedding_and_cache(torch.tensor([0, 1]), query, key, value[:, :64],
                                        HEAD_SIZE, cache, True, *caches, torch.tensor([0, 1]))
-    torch.library.opcheck(torch.ops.fastgen.rotary_embedding_and_cache.default,
-                          (torch.tensor([0, 1]), query, key, value, HEAD_SIZE, cache, True,
-                           *caches, torch.tensor([3, -1])))
+    weight = torch.ones(HEAD_SIZE)
+    with pytest.raises(RuntimeError, match="q_norm_weight and k_norm_weight are given together"):
+        ops.rotary_embedding_and_cache(torch.tensor([0, 1]), query, key, value, HEAD_SIZE, cache,
+                                       True, *caches, torch.tensor([0, 1]), weight, None)
+    with pytest.raises(RuntimeError, match=r"a q/k norm weight must be \[64\], got \[63\]"):
+        ops.rotary_embedding_and_cache(torch.tensor([0, 1]), query, key, value, HEAD_SIZE, cache,
+                                       True, *caches, torch.tensor([0, 1]), weight, weight[:63])
+    with pytest.raises(RuntimeError, match="norm_weight and query must have the same dtype"):
+        ops.rotary_embedding_and_cache(torch.tensor([0, 1]), query, key, value, HEAD_SIZE, cache,
+                                       True, *caches, torch.tensor([0, 1]), weight,
+                                       weight.to(torch.bfloat16))
+    for norm_args in ((), (weight, weight, 1e-5)):
+        torch.library.opcheck(torch.ops.fastgen.rotary_embedding_and_cache.default,
+                              (torch.tensor([0, 1]), query, key, value, HEAD_SIZE, cache, True,
+                               *caches, torch.tensor([3, -1]), *norm_args))
 
 
 def test_rotary_embedding_layer(device):

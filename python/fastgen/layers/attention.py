@@ -164,17 +164,26 @@ class Attention(AttentionLayer):
                                  self.chunk_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, q_norm_weight: torch.Tensor | None = None,
+                k_norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6
+                ) -> torch.Tensor:
         """q: [T, Hq * D]; k, v: [T, Hkv * D]; positions: [T] int64 (with rotary_emb)
-        -> [T, Hq * D]. q is rotated in place; k is only read."""
+        -> [T, Hq * D]. With q_norm_weight and k_norm_weight ([D]), each head of q and k is
+        RMS-normalised first (Qwen3, Llama 4), in the same kernel as the rotation and the cache
+        write. q is rotated (and normalised) in place; k is only read."""
         tokens = q.shape[0]
         key_cache, value_cache = batch.kv_caches[self.layer_index]
         meta = batch.attn_metadata
         if self.rotary_emb is not None:
             rope = self.rotary_emb
             ops.rotary_embedding_and_cache(positions, q, k, v, self.head_size, rope.cos_sin_cache,
-                                           rope.is_neox, key_cache, value_cache, meta.slot_mapping)
+                                           rope.is_neox, key_cache, value_cache, meta.slot_mapping,
+                                           q_norm_weight, k_norm_weight, norm_eps)
         else:
+            if q_norm_weight is not None:  # no fused kernel without a rotation: two norm calls
+                d = self.head_size
+                q = ops.rms_norm(q.reshape(-1, d), q_norm_weight, norm_eps).view(tokens, -1)
+                k = ops.rms_norm(k.reshape(-1, d), k_norm_weight, norm_eps).view(tokens, -1)
             ops.reshape_and_cache(k.view(tokens, self.num_kv_heads, self.head_size),
                                   v.view(tokens, self.num_kv_heads, self.head_size),
                                   key_cache, value_cache, meta.slot_mapping)

@@ -6,8 +6,8 @@ are mixtures of experts, and their checkpoint names).
 Decoder layer: x -> RMSNorm -> attention (+ residual) -> RMSNorm -> feed-forward (+ residual).
 q, k and v come out of one fused matmul and gate and up out of another; q/k/v are views of the
 fused output (the rotary + cache-write kernel takes strided rows), and each residual add is fused
-into the following norm, so a Llama decode step costs nine kernel calls per layer (a per-head
-q/k norm, Qwen3's, adds two).
+into the following norm, so a Llama decode step costs nine kernel calls per layer (Qwen3's
+per-head q/k norm runs inside the rotary kernel and adds none).
 Hugging Face checkpoints keep the projections separate; `weight_mapping` says which fused
 parameter and which shard each of them loads into (fastgen.loader.weights does the loading).
 
@@ -83,11 +83,11 @@ class LlamaAttention(nn.Module):
         """positions: [T]; x: [T, H] -> [T, H]"""
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # views
-        if self.q_norm is not None:  # per head, over D: [T * H, D] rows
-            tokens, d = q.shape[0], self.head_size
-            q = self.q_norm(q.reshape(-1, d)).view(tokens, self.q_size)
-            k = self.k_norm(k.reshape(-1, d)).view(tokens, self.kv_size)
-        out = self.attn(q, k, v, batch, positions)  # rotates q, k; [T, Hq D]
+        if self.q_norm is None:
+            out = self.attn(q, k, v, batch, positions)  # rotates q, k; [T, Hq D]
+        else:  # per-head norms in the rotary kernel
+            out = self.attn(q, k, v, batch, positions, self.q_norm.weight, self.k_norm.weight,
+                            self.q_norm.eps)
         return self.o_proj(out)
 
 

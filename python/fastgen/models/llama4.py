@@ -9,7 +9,7 @@ What differs from the Llama decoder (transformers' modeling_llama4 is the refere
 - On rotary layers a weightless RMS norm over each head of q and k (use_qk_norm). transformers
   applies it after the rotation; it is applied before it here, which is the same map (a rotation
   of each pair keeps the head's sum of squares, so the norm's scale is unchanged), and lets the
-  rotation and the cache write stay one kernel.
+  norm, the rotation and the cache write be one kernel.
 - Feed-forward: on the MoE layers (config.moe_layers) the router's top-k on raw logits, scored
   by sigmoid and not renormalised, scales each expert's INPUT (expert(s * x)), plus a shared
   expert on x; dense SwiGLU of intermediate_size_mlp elsewhere. Checkpoints store the experts
@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastgen import ops
 from fastgen.layers.attention import Attention, ForwardBatch
 from fastgen.layers.linear import QKVParallelLinear, RowParallelLinear
 from fastgen.layers.mlp import GatedMLP
@@ -73,9 +72,10 @@ class Llama4Attention(nn.Module):
         """positions: [T]; x: [T, H] -> [T, H]"""
         tokens, d = x.shape[0], self.head_size
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm:  # per head: [T * H, D] rows
-            q = ops.rms_norm(q.reshape(-1, d), self.unit_weight, self.eps).view(tokens, -1)
-            k = ops.rms_norm(k.reshape(-1, d), self.unit_weight, self.eps).view(tokens, -1)
+        if self.qk_norm:  # per head, in the rotary kernel
+            out = self.attn(q, k, v, batch, positions, self.unit_weight, self.unit_weight,
+                            self.eps)
+            return self.o_proj(out)
         if self.temperature_tuning:
             scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale))
             scale = scale * self.attn_scale + 1.0  # [T]

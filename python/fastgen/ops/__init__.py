@@ -55,14 +55,20 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
 def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, head_size: int, cos_sin_cache: torch.Tensor,
                                is_neox: bool, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                               slot_mapping: torch.Tensor) -> None:
+                               slot_mapping: torch.Tensor,
+                               q_norm_weight: torch.Tensor | None = None,
+                               k_norm_weight: torch.Tensor | None = None,
+                               norm_eps: float = 1e-6) -> None:
     """rotary_embedding and reshape_and_cache in one pass: query is rotated in place, and each
     token's rotated key and its value go into its cache slot (negative slots are skipped); key
-    itself is left unrotated.   positions: [T] int64; query: [T, Hq * D]; key, value:
-    [T, Hkv * D]; cos_sin_cache: [P, R] float32; caches: [N, S, Hkv, D]; slot_mapping: [T] int64"""
+    itself is left unrotated. With q_norm_weight and k_norm_weight (both or neither), each query
+    and key head is RMS-normalised with that weight first (Qwen3's and Llama 4's q/k norm),
+    bitwise as rms_norm would.   positions: [T] int64; query: [T, Hq * D]; key, value:
+    [T, Hkv * D]; cos_sin_cache: [P, R] float32; caches: [N, S, Hkv, D]; slot_mapping: [T] int64;
+    q_norm_weight, k_norm_weight: [D]"""
     _ops.rotary_embedding_and_cache.default(positions, query, key, value, head_size,
                                             cos_sin_cache, is_neox, key_cache, value_cache,
-                                            slot_mapping)
+                                            slot_mapping, q_norm_weight, k_norm_weight, norm_eps)
 
 
 def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -72,10 +72,19 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
 def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, head_size: int, cos_sin_cache: torch.Tensor,
                                is_neox: bool, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                               slot_mapping: torch.Tensor) -> torch.Tensor:
-    """rotary_embedding, then reshape_and_cache of the rotated key (rounded to the cache's dtype)
-    and the value, in place on the caches. Returns the rotated query in float32.
-    positions: [T]; query: [T, Hq * D]; key, value: [T, Hkv * D]; caches: [N, S, Hkv, D]"""
+                               slot_mapping: torch.Tensor,
+                               q_norm_weight: torch.Tensor | None = None,
+                               k_norm_weight: torch.Tensor | None = None,
+                               norm_eps: float = 1e-6) -> torch.Tensor:
+    """With norm weights, each head of query and key RMS-normalised (in float32, no rounding);
+    then rotary_embedding, then reshape_and_cache of the rotated key (rounded to the cache's
+    dtype) and the value, in place on the caches. Returns the rotated query in float32.
+    positions: [T]; query: [T, Hq * D]; key, value: [T, Hkv * D]; caches: [N, S, Hkv, D];
+    norm weights: [D]"""
+    if q_norm_weight is not None:
+        tokens = query.shape[0]
+        query = rms_norm(query.reshape(-1, head_size), q_norm_weight, norm_eps).view(tokens, -1)
+        key = rms_norm(key.reshape(-1, head_size), k_norm_weight, norm_eps).view(tokens, -1)
     q, k = rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
     tokens, num_kv_heads = key.shape[0], key.shape[1] // head_size
     reshape_and_cache(k.to(key_cache.dtype).view(tokens, num_kv_heads, head_size),
