@@ -9,7 +9,10 @@
 # 2-5 min, cut at $DECODE_TIMEOUT_S, default 480 s), prefill-8b (the same shapes, time to first
 # token at 2k, 8k and 32k tokens, fastgen chunked and in one step, and HF: 0.74 PFLOP a 32k
 # prefill, ~2 s at 400 TFLOP/s, so ~2 min with loading; cut at $PREFILL_TIMEOUT_S, default 360 s),
-# decode-smollm2 (1-2 min). A device call may run 10 minutes, so split them, e.g. `build tests`,
+# decode-smollm2 (1-2 min), moe (the grouped expert MLP beside transformers' expert loops and
+# grouped_mm on Mixtral-, Qwen3-MoE- and Scout-shaped layers, ~1-2 min), decode-mixtral (8 of
+# Mixtral-8x7B's layers, 23 GB of random bf16 weights, fastgen and HF at batch 1, 8 and 64: 2-4
+# min, cut at $DECODE_TIMEOUT_S). A device call may run 10 minutes, so split them, e.g. `build tests`,
 # then `kernels e2e decode-smollm2`, then `decode-8b`, then `prefill-8b`: a warm machine keeps
 # the build between calls, and every stage after `build` needs it. Each stage appends to
 # $OUT/report.md and leaves its log (and JSON / PNG) beside it.
@@ -21,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ASSETS=.gpu_assets/smollm2
-STAGES=(build tests kernels e2e decode-8b prefill-8b decode-smollm2)
+STAGES=(build tests kernels moe e2e decode-8b prefill-8b decode-smollm2 decode-mixtral)
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$ASSETS"
@@ -138,6 +141,12 @@ for stage in "${stages[@]}"; do
       section "time to first token: llama3.1-8b" "$OUT/prefill-8b.log" 17 ;;
     decode-smollm2)
       built decode-smollm2 && decode smollm2 --model "$ASSETS" --load-format random ;;
+    moe)
+      built moe || continue
+      step moe_bench python3 bench/kernels/bench_moe.py --device cuda --json "$OUT/moe.json"
+      section "grouped expert MLP beside transformers" "$OUT/moe_bench.log" 40 ;;
+    decode-mixtral)
+      built decode-mixtral && decode mixtral --model mixtral-8x7b-8l --batch-sizes 1,8,64 ;;
   esac
 done
 cat "$report"
