@@ -27,6 +27,11 @@
                                   const std::optional<at::Tensor>& q_norm_weight,               \
                                   const std::optional<at::Tensor>& k_norm_weight,               \
                                   double norm_eps);                                             \
+  void mla_rotary_and_cache(const at::Tensor& positions, at::Tensor& query,                     \
+                            const at::Tensor& kv_a, const at::Tensor& kv_norm_weight,           \
+                            double norm_eps, int64_t head_size,                                 \
+                            const at::Tensor& cos_sin_cache, bool is_neox,                      \
+                            at::Tensor& latent_cache, const at::Tensor& slot_mapping);          \
   void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,         \
                  const at::Tensor& value_cache, const at::Tensor& cu_seqlens_q,                 \
                  const at::Tensor& seq_lens_k, const at::Tensor& block_tables,                  \

@@ -41,6 +41,15 @@ TORCH_LIBRARY(fastgen, m) {
         "int head_size, Tensor cos_sin_cache, bool is_neox, Tensor! key_cache, "
         "Tensor! value_cache, Tensor slot_mapping, Tensor? q_norm_weight=None, "
         "Tensor? k_norm_weight=None, float norm_eps=1e-6) -> ()");
+  // DeepSeek's multi-head latent attention, its per-token cache write: the last R = rot_dim
+  // dims of each query head are rotated in place, and token t's row of the latent cache becomes
+  // [rms_norm(kv_a[t, :L]) * kv_norm_weight | kv_a[t, L:] rotated] (negative slot: skipped); kv_a
+  // is only read. positions: [T] int64; query: [T, H * head_size]; kv_a: [T, L + R];
+  // kv_norm_weight: [L]; cos_sin_cache: [P, R] float32; latent_cache: [N, S, L + R];
+  // slot_mapping: [T] int64
+  m.def("mla_rotary_and_cache(Tensor positions, Tensor! query, Tensor kv_a, "
+        "Tensor kv_norm_weight, float norm_eps, int head_size, Tensor cos_sin_cache, "
+        "bool is_neox, Tensor! latent_cache, Tensor slot_mapping) -> ()");
   // Causal attention of packed variable-length queries over a paged KV cache: prefill, chunked
   // prefill and decode in one op. Sequence b's queries are rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
   // and are the last q_len of its seq_lens_k[b] cached keys, so query i sits at position
@@ -96,6 +105,7 @@ TORCH_LIBRARY(fastgen, m) {
   m.impl("rotary_embedding", &ns::rotary_embedding);                      \
   m.impl("reshape_and_cache", &ns::reshape_and_cache);                    \
   m.impl("rotary_embedding_and_cache", &ns::rotary_embedding_and_cache);  \
+  m.impl("mla_rotary_and_cache", &ns::mla_rotary_and_cache);              \
   m.impl("attention", &ns::attention);                                    \
   m.impl("moe_route", &ns::moe_route);                                    \
   m.impl("moe_align", &ns::moe_align);                                    \

@@ -156,6 +156,53 @@ void check_rotary_embedding_and_cache_args(const at::Tensor& positions, const at
   }
 }
 
+void check_mla_rotary_and_cache_args(const at::Tensor& positions, const at::Tensor& query,
+                                     const at::Tensor& kv_a, const at::Tensor& kv_norm_weight,
+                                     int64_t head_size, const at::Tensor& cos_sin_cache,
+                                     const at::Tensor& latent_cache,
+                                     const at::Tensor& slot_mapping) {
+  constexpr const char* op = "mla_rotary_and_cache";
+  FASTGEN_CHECK_DIM(op, positions, 1);
+  FASTGEN_CHECK_DIM(op, query, 2);
+  FASTGEN_CHECK_DIM(op, kv_a, 2);
+  FASTGEN_CHECK_DIM(op, kv_norm_weight, 1);
+  FASTGEN_CHECK_DIM(op, cos_sin_cache, 2);
+  FASTGEN_CHECK_DIM(op, latent_cache, 3);
+  FASTGEN_CHECK_DIM(op, slot_mapping, 1);
+  FASTGEN_CHECK_DTYPE(op, positions, at::ScalarType::Long);
+  FASTGEN_CHECK_DTYPE(op, slot_mapping, at::ScalarType::Long);
+  FASTGEN_CHECK_DTYPE(op, cos_sin_cache, at::ScalarType::Float);
+  FASTGEN_CHECK_SAME_DTYPE(op, kv_a, query);
+  FASTGEN_CHECK_SAME_DTYPE(op, kv_norm_weight, query);
+  FASTGEN_CHECK_SAME_DTYPE(op, latent_cache, query);
+  for (const at::Tensor* t : {&positions, &kv_a, &kv_norm_weight, &cos_sin_cache, &latent_cache,
+                              &slot_mapping}) {
+    TORCH_CHECK(t->device() == query.device(), op, ": every tensor must be on ", query.device(),
+                ", got one on ", t->device());
+  }
+  FASTGEN_CHECK_CONTIGUOUS(op, positions);
+  FASTGEN_CHECK_CONTIGUOUS(op, slot_mapping);
+  FASTGEN_CHECK_CONTIGUOUS(op, cos_sin_cache);
+  FASTGEN_CHECK_CONTIGUOUS(op, kv_norm_weight);
+  FASTGEN_CHECK_CONTIGUOUS(op, latent_cache);
+  TORCH_CHECK(query.stride(1) == 1 && kv_a.stride(1) == 1, op,
+              ": query and kv_a rows must be contiguous, got strides ", query.strides(), " and ",
+              kv_a.strides());
+  const int64_t tokens = positions.size(0);
+  TORCH_CHECK(query.size(0) == tokens && kv_a.size(0) == tokens && slot_mapping.size(0) == tokens,
+              op, ": query ", query.sizes(), ", kv_a ", kv_a.sizes(), " and slot_mapping ",
+              slot_mapping.sizes(), " must have ", tokens, " rows (one per position)");
+  TORCH_CHECK(head_size > 0 && query.size(1) % head_size == 0, op, ": head_size ", head_size,
+              " must divide the query width ", query.size(1));
+  const int64_t rot_dim = cos_sin_cache.size(1), row = latent_cache.size(2);
+  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= head_size, op, ": cos_sin_cache width ", rot_dim,
+              " must be even and <= head_size ", head_size);
+  TORCH_CHECK(kv_a.size(1) == row && row > rot_dim, op, ": kv_a width ", kv_a.size(1),
+              " must equal the latent cache row ", row, " (latent + ", rot_dim, " rotary dims)");
+  TORCH_CHECK(kv_norm_weight.size(0) == row - rot_dim, op, ": kv_norm_weight must be [",
+              row - rot_dim, "], got ", kv_norm_weight.sizes());
+}
+
 void check_attention_args(const at::Tensor& out, const at::Tensor& query,
                           const at::Tensor& key_cache, const at::Tensor& value_cache,
                           const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,

@@ -58,6 +58,15 @@ void check_rotary_embedding_and_cache_args(const at::Tensor& positions, const at
                                            const std::optional<at::Tensor>& q_norm_weight,
                                            const std::optional<at::Tensor>& k_norm_weight);
 
+// mla_rotary_and_cache: positions [T] int64, query [T, H * head_size] and kv_a [T, L + R] with
+// contiguous rows, cos_sin_cache [P, R] float32 (R even, <= head_size), latent_cache [N, S, L + R]
+// contiguous, kv_norm_weight [L], slot_mapping [T] int64; one dtype and device.
+void check_mla_rotary_and_cache_args(const at::Tensor& positions, const at::Tensor& query,
+                                     const at::Tensor& kv_a, const at::Tensor& kv_norm_weight,
+                                     int64_t head_size, const at::Tensor& cos_sin_cache,
+                                     const at::Tensor& latent_cache,
+                                     const at::Tensor& slot_mapping);
+
 // attention: query and out [T, Hq, D] (query rows may be strided), caches [N, S, Hkv, D]
 // contiguous with Hkv dividing Hq, int32 metadata cu_seqlens_q [B + 1], seq_lens_k [B] and
 // block_tables [B, max_blocks], a sequence for any query token, sliding_window and chunk_size

@@ -155,6 +155,47 @@ FASTGEN_INSTANTIATE(c10::Half)
 FASTGEN_INSTANTIATE(c10::BFloat16)
 #undef FASTGEN_INSTANTIATE
 
+template <typename T>
+void mla_rotary_and_cache_launch(const int64_t* positions, T* query, const T* kv_a,
+                                 const T* kv_norm_weight, float norm_eps,
+                                 const float* cos_sin_cache, T* latent_cache,
+                                 const int64_t* slot_mapping, int64_t num_tokens,
+                                 int64_t num_heads, int64_t head_size, int64_t latent_size,
+                                 int64_t rot_dim, int64_t query_stride, int64_t kv_a_stride,
+                                 bool is_neox) {
+  const int64_t half = rot_dim / 2, row = latent_size + rot_dim;
+  const int64_t per_token = std::max<int64_t>(num_heads * rot_dim + 3 * row, 1);
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / per_token);
+  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
+    at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* cos = cos_sin_cache + positions[t] * rot_dim;
+        const float* sin = cos + half;
+        // The rotary part is the last rot_dim of each query head (DeepSeek's layout).
+        rotate_heads<T, IS_NEOX>(query + t * query_stride + head_size - rot_dim, cos, sin,
+                                 num_heads, head_size, half);
+        const int64_t slot = slot_mapping[t];
+        if (slot < 0) continue;  // padding
+        // [latent | k_pe] copied to its slot, then normalised and rotated there.
+        T* out = latent_cache + slot * row;
+        std::memcpy(out, kv_a + t * kv_a_stride, row * sizeof(T));
+        norm_row::normalize(out, kv_norm_weight, norm_eps, latent_size);
+        rotate_heads<T, IS_NEOX>(out + latent_size, cos, sin, 1, rot_dim, half);
+      }
+    });
+  });
+}
+
+#define FASTGEN_INSTANTIATE(T)                                                                  \
+  template void mla_rotary_and_cache_launch<T>(const int64_t*, T*, const T*, const T*, float,  \
+                                               const float*, T*, const int64_t*, int64_t,      \
+                                               int64_t, int64_t, int64_t, int64_t, int64_t,    \
+                                               int64_t, bool);
+FASTGEN_INSTANTIATE(float)
+FASTGEN_INSTANTIATE(c10::Half)
+FASTGEN_INSTANTIATE(c10::BFloat16)
+#undef FASTGEN_INSTANTIATE
+
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                       int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox) {
   constexpr const char* op = "rotary_embedding";
@@ -198,6 +239,26 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,
         static_cast<float>(norm_eps), num_tokens, query.size(1) / head_size,
         key.size(1) / head_size, head_size, rot_dim, query.stride(0), key.stride(0),
         value.stride(0), is_neox);
+  });
+}
+
+void mla_rotary_and_cache(const at::Tensor& positions, at::Tensor& query, const at::Tensor& kv_a,
+                          const at::Tensor& kv_norm_weight, double norm_eps, int64_t head_size,
+                          const at::Tensor& cos_sin_cache, bool is_neox,
+                          at::Tensor& latent_cache, const at::Tensor& slot_mapping) {
+  constexpr const char* op = "mla_rotary_and_cache";
+  check_mla_rotary_and_cache_args(positions, query, kv_a, kv_norm_weight, head_size,
+                                  cos_sin_cache, latent_cache, slot_mapping);
+  check_position_values(op, positions, cos_sin_cache.size(0));
+  check_slot_values(op, slot_mapping, latent_cache.size(0) * latent_cache.size(1));
+  const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
+  FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
+    mla_rotary_and_cache_launch<scalar_t>(
+        positions.data_ptr<int64_t>(), query.data_ptr<scalar_t>(), kv_a.data_ptr<scalar_t>(),
+        kv_norm_weight.data_ptr<scalar_t>(), static_cast<float>(norm_eps),
+        cos_sin_cache.data_ptr<float>(), latent_cache.data_ptr<scalar_t>(),
+        slot_mapping.data_ptr<int64_t>(), num_tokens, query.size(1) / head_size, head_size,
+        latent_cache.size(2) - rot_dim, rot_dim, query.stride(0), kv_a.stride(0), is_neox);
   });
 }
 

@@ -1,6 +1,6 @@
 // Paged causal attention on the GPU: the op's adapter, attention_launch (the kernel choice, torch-
 // free, shared with the C++ benchmark), and the plain kernel for the batches the two fast kernels
-// do not take (float32, head size 256, misaligned views; see attention.h). Decode-only batches go
+// do not take (float32, head size 256, MLA's 576, misaligned views; see attention.h). Decode-only batches go
 // to the split-KV kernel in decode_attention.cu, other bf16 / fp16 batches to the tensor-core
 // kernel in prefill_attention.cu.
 // The plain kernel: one thread block per (query token, query head), kWarps warps: each warp takes
@@ -159,6 +159,7 @@ cudaError_t with_head_dim(int64_t head_dim, F&& f) {
     case 64: return f(std::integral_constant<int, 64>{});
     case 128: return f(std::integral_constant<int, 128>{});
     case 256: return f(std::integral_constant<int, 256>{});
+    case kLatentHeadDim: return f(std::integral_constant<int, kLatentHeadDim>{});
   }
   return cudaErrorInvalidValue;
 }
@@ -189,8 +190,9 @@ cudaError_t plain_attention_launch(T* out, const T* query, const T* key_cache, c
       T*, const T*, const T*, const T*, const int32_t*, const int32_t*, const int32_t*, int64_t, \
       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, std::optional<int64_t>,       \
       std::optional<int64_t>, cudaStream_t);
-#define FASTGEN_INSTANTIATE_HEAD_DIMS(T) \
-  FASTGEN_INSTANTIATE(T, 64) FASTGEN_INSTANTIATE(T, 128) FASTGEN_INSTANTIATE(T, 256)
+#define FASTGEN_INSTANTIATE_HEAD_DIMS(T)                                        \
+  FASTGEN_INSTANTIATE(T, 64) FASTGEN_INSTANTIATE(T, 128) FASTGEN_INSTANTIATE(T, 256) \
+  FASTGEN_INSTANTIATE(T, kLatentHeadDim)
 FASTGEN_INSTANTIATE_HEAD_DIMS(float)
 FASTGEN_INSTANTIATE_HEAD_DIMS(__half)
 FASTGEN_INSTANTIATE_HEAD_DIMS(__nv_bfloat16)
@@ -207,7 +209,7 @@ const char* attention_kernel_name(AttentionKernel kernel) {
 }
 
 bool attention_head_dim_supported(int64_t head_dim) {
-  return head_dim == 64 || head_dim == 128 || head_dim == 256;
+  return head_dim == 64 || head_dim == 128 || head_dim == 256 || head_dim == kLatentHeadDim;
 }
 
 cudaError_t attention_launch(void* out, const void* query, const void* key_cache,
@@ -227,7 +229,8 @@ cudaError_t attention_launch(void* out, const void* query, const void* key_cache
   // The choice (attention.h): the two fast kernels read rows with 16-byte loads.
   const bool aligned = (query_stride * element_size(dtype)) % 16 == 0 && aligned16(query) &&
                        aligned16(key_cache) && aligned16(value_cache);
-  const bool fast = aligned && !plain_kernels_only();
+  // MLA's latent rows (576) have no fast kernel yet: the plain one takes them.
+  const bool fast = aligned && !plain_kernels_only() && head_dim != kLatentHeadDim;
   AttentionKernel kernel = AttentionKernel::kPlain;
   if (fast && max_seqlen_q == 1 && num_seqs <= 65535) {
     kernel = AttentionKernel::kDecode;
@@ -250,21 +253,23 @@ cudaError_t attention_launch(void* out, const void* query, const void* key_cache
       const auto* q = static_cast<const T*>(query);
       const auto* k = static_cast<const T*>(key_cache);
       const auto* v = static_cast<const T*>(value_cache);
-      if (kernel == AttentionKernel::kDecode) {
-        int num_sms = 0;
-        if (const cudaError_t error = device_attribute<cudaDevAttrMultiProcessorCount>(device, &num_sms);
-            error != cudaSuccess) {
-          return error;
+      if constexpr (HEAD_DIM != kLatentHeadDim) {  // no fast kernel for MLA rows yet
+        if (kernel == AttentionKernel::kDecode) {
+          int num_sms = 0;
+          if (const cudaError_t error = device_attribute<cudaDevAttrMultiProcessorCount>(device, &num_sms);
+              error != cudaSuccess) {
+            return error;
+          }
+          const int num_splits = decode_attention_num_splits<T, HEAD_DIM>(
+              num_seqs, num_heads, num_kv_heads, max_seqlen_k, num_sms);
+          const int64_t floats = decode_attention_workspace_floats(num_seqs, num_heads, HEAD_DIM, num_splits);
+          return decode_attention_launch<T, HEAD_DIM>(
+              o, q, k, v, cu_seqlens_q, seq_lens_k, block_tables, floats > 0 ? workspace(floats) : nullptr,
+              num_seqs, num_heads, num_kv_heads, block_size, max_blocks_per_seq, query_stride, scale,
+              sliding_window, chunk_size, num_splits, stream);
         }
-        const int num_splits = decode_attention_num_splits<T, HEAD_DIM>(
-            num_seqs, num_heads, num_kv_heads, max_seqlen_k, num_sms);
-        const int64_t floats = decode_attention_workspace_floats(num_seqs, num_heads, HEAD_DIM, num_splits);
-        return decode_attention_launch<T, HEAD_DIM>(
-            o, q, k, v, cu_seqlens_q, seq_lens_k, block_tables, floats > 0 ? workspace(floats) : nullptr,
-            num_seqs, num_heads, num_kv_heads, block_size, max_blocks_per_seq, query_stride, scale,
-            sliding_window, chunk_size, num_splits, stream);
       }
-      if constexpr (!std::is_same_v<T, float> && HEAD_DIM != 256) {
+      if constexpr (!std::is_same_v<T, float> && HEAD_DIM != 256 && HEAD_DIM != kLatentHeadDim) {
         if (kernel == AttentionKernel::kTensorCore) {
           return prefill_attention_launch<T, HEAD_DIM>(
               o, q, k, v, cu_seqlens_q, seq_lens_k, block_tables, num_seqs, num_heads, num_kv_heads,
@@ -292,7 +297,7 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
                        sliding_window, chunk_size);
   const DType dtype = float_dtype(query.scalar_type(), op);
   TORCH_CHECK(attention_head_dim_supported(query.size(2)), op, ": unsupported head size ",
-              query.size(2), " (supported: 64, 128, 256)");
+              query.size(2), " (supported: 64, 128, 256, and 576 for MLA)");
   TORCH_CHECK(query.size(1) <= 65535, op, ": at most 65535 query heads, got ", query.size(1));
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor workspace;  // the decode kernel's split partials, when it splits

@@ -24,7 +24,11 @@ enum class AttentionKernel {
 };
 const char* attention_kernel_name(AttentionKernel kernel);  // "decode", "tensor cores", "plain"
 
-// Whether attention_launch has kernels for a head size (64, 128 or 256).
+// DeepSeek MLA's absorbed attention: one latent cache row (kv_lora_rank 512 + rope 64) as the
+// key and the value of one KV head.
+inline constexpr int kLatentHeadDim = 576;
+
+// Whether attention_launch has kernels for a head size (64, 128, 256 or kLatentHeadDim).
 bool attention_head_dim_supported(int64_t head_dim);
 
 // Attention for a batch through the kernel it should take, on the current device:
@@ -62,7 +66,7 @@ cudaError_t attention_launch(void* out,                    // [num_tokens, num_h
 // ---- the kernels' launchers (T is float, __half or __nv_bfloat16; pointers and shapes are
 // attention_launch's, typed) -----------------------------------------------------------------
 
-// The plain kernel, any batch (attention.cu). HEAD_DIM is 64, 128 or 256.
+// The plain kernel, any batch (attention.cu). HEAD_DIM is 64, 128, 256 or kLatentHeadDim.
 template <typename T, int HEAD_DIM>
 cudaError_t plain_attention_launch(T* out, const T* query, const T* key_cache, const T* value_cache,
                                    const int32_t* cu_seqlens_q, const int32_t* seq_lens_k,

@@ -187,6 +187,55 @@ rotary_norm_cache_kernel(const int64_t* __restrict__ positions,    // [num_token
   for (int64_t e = threadIdx.x; e < row; e += blockDim.x) value_cache[slot * row + e] = v_row[e];
 }
 
+// DeepSeek's MLA cache write: one block per token. The block rotates the last rot_dim of each
+// query head in place (one pair per thread and step), then, unless the slot is padding, reduces
+// the latent's sum of squares and writes the normalised latent and the rotated k_pe into the
+// token's cache row. One element at a time: the row is 576 wide and read once.
+template <typename T, bool IS_NEOX>
+__global__ void __launch_bounds__(kThreads)
+mla_rotary_cache_kernel(const int64_t* __restrict__ positions,    // [num_tokens]
+                        T* __restrict__ query,                    // [num_tokens, num_heads * head_size]
+                        const T* __restrict__ kv_a,               // [num_tokens, latent_size + rot_dim]
+                        const T* __restrict__ kv_norm_weight,     // [latent_size]
+                        float norm_eps,
+                        const float* __restrict__ cos_sin_cache,  // [max_position, rot_dim]
+                        T* __restrict__ latent_cache,             // [num_slots, latent_size + rot_dim]
+                        const int64_t* __restrict__ slot_mapping, // [num_tokens]
+                        int num_heads, int head_size, int latent_size, int rot_dim,
+                        int64_t query_stride, int64_t kv_a_stride) {
+  const int64_t t = blockIdx.x;
+  const int half = rot_dim / 2;
+  const float* cos = cos_sin_cache + positions[t] * rot_dim;
+  const float* sin = cos + half;
+  const auto rotate_pair = [&](const T* src, T* dst, int p) {
+    const int ia = IS_NEOX ? p : 2 * p, ib = IS_NEOX ? p + half : 2 * p + 1;
+    const float a = to_float(src[ia]), b = to_float(src[ib]), c = cos[p], s = sin[p];
+    dst[ia] = from_float<T>(a * c - b * s);
+    dst[ib] = from_float<T>(b * c + a * s);
+  };
+  T* q_row = query + t * query_stride + (head_size - rot_dim);
+  for (int item = threadIdx.x; item < num_heads * half; item += blockDim.x) {
+    T* head = q_row + static_cast<int64_t>(item / half) * head_size;
+    rotate_pair(head, head, item % half);
+  }
+  const int64_t slot = slot_mapping[t];
+  if (slot < 0) return;  // the same for the whole block
+  const T* src = kv_a + t * kv_a_stride;
+  T* out = latent_cache + slot * (latent_size + rot_dim);
+  float sum_sq = 0.f;
+  for (int i = threadIdx.x; i < latent_size; i += blockDim.x) {
+    const float x = to_float(src[i]);
+    sum_sq += x * x;
+  }
+  const float inv_rms = rsqrtf(block_sum(sum_sq) / static_cast<float>(latent_size) + norm_eps);
+  for (int i = threadIdx.x; i < latent_size; i += blockDim.x) {
+    out[i] = from_float<T>(to_float(src[i]) * inv_rms * to_float(kv_norm_weight[i]));
+  }
+  for (int p = threadIdx.x; p < half; p += blockDim.x) {
+    rotate_pair(src + latent_size, out + latent_size, p);
+  }
+}
+
 template <typename T, int N, bool IS_NEOX, bool CACHE>
 void launch(const int64_t* positions, T* query, T* key, const T* value,
             const float* cos_sin_cache, T* key_cache, T* value_cache,
@@ -272,6 +321,25 @@ cudaError_t rotary_embedding_and_cache_launch(
                            stream);
 }
 
+template <typename T>
+cudaError_t mla_rotary_and_cache_launch(const int64_t* positions, T* query, const T* kv_a,
+                                        const T* kv_norm_weight, float norm_eps,
+                                        const float* cos_sin_cache, T* latent_cache,
+                                        const int64_t* slot_mapping, int64_t num_tokens,
+                                        int64_t num_heads, int64_t head_size,
+                                        int64_t latent_size, int64_t rot_dim,
+                                        int64_t query_stride, int64_t kv_a_stride, bool is_neox,
+                                        cudaStream_t stream) {
+  if (num_tokens == 0) return cudaSuccess;
+  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
+    mla_rotary_cache_kernel<T, IS_NEOX><<<static_cast<unsigned>(num_tokens), kThreads, 0, stream>>>(
+        positions, query, kv_a, kv_norm_weight, norm_eps, cos_sin_cache, latent_cache,
+        slot_mapping, static_cast<int>(num_heads), static_cast<int>(head_size),
+        static_cast<int>(latent_size), static_cast<int>(rot_dim), query_stride, kv_a_stride);
+  });
+  return cudaGetLastError();
+}
+
 #define FASTGEN_INSTANTIATE(T)                                                                 \
   template cudaError_t rotary_embedding_launch<T>(const int64_t*, T*, T*, const float*,       \
                                                   int64_t, int64_t, int64_t, int64_t, int64_t, \
@@ -279,7 +347,10 @@ cudaError_t rotary_embedding_and_cache_launch(
   template cudaError_t rotary_embedding_and_cache_launch<T>(                                  \
       const int64_t*, T*, const T*, const T*, const float*, T*, T*, const int64_t*, const T*,  \
       const T*, float, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
-      bool, cudaStream_t);
+      bool, cudaStream_t);                                                                     \
+  template cudaError_t mla_rotary_and_cache_launch<T>(                                        \
+      const int64_t*, T*, const T*, const T*, float, const float*, T*, const int64_t*, int64_t, \
+      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, cudaStream_t);
 FASTGEN_INSTANTIATE(float)
 FASTGEN_INSTANTIATE(__half)
 FASTGEN_INSTANTIATE(__nv_bfloat16)
@@ -327,6 +398,28 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query,
         weight_ptr(q_norm_weight), weight_ptr(k_norm_weight), static_cast<float>(norm_eps),
         num_tokens, query.size(1) / head_size, key.size(1) / head_size, head_size, rot_dim,
         query.stride(0), key.stride(0), value.stride(0), is_neox,
+        c10::cuda::getCurrentCUDAStream()));
+  });
+}
+
+void mla_rotary_and_cache(const at::Tensor& positions, at::Tensor& query, const at::Tensor& kv_a,
+                          const at::Tensor& kv_norm_weight, double norm_eps, int64_t head_size,
+                          const at::Tensor& cos_sin_cache, bool is_neox,
+                          at::Tensor& latent_cache, const at::Tensor& slot_mapping) {
+  constexpr const char* op = "mla_rotary_and_cache";
+  check_mla_rotary_and_cache_args(positions, query, kv_a, kv_norm_weight, head_size,
+                                  cos_sin_cache, latent_cache, slot_mapping);
+  const int64_t num_tokens = positions.size(0), rot_dim = cos_sin_cache.size(1);
+  const c10::cuda::CUDAGuard guard(query.device());
+  FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
+    using T = cuda_type_t<scalar_t>;
+    C10_CUDA_CHECK(mla_rotary_and_cache_launch<T>(
+        positions.data_ptr<int64_t>(), reinterpret_cast<T*>(query.data_ptr()),
+        reinterpret_cast<const T*>(kv_a.data_ptr()),
+        reinterpret_cast<const T*>(kv_norm_weight.data_ptr()), static_cast<float>(norm_eps),
+        cos_sin_cache.data_ptr<float>(), reinterpret_cast<T*>(latent_cache.data_ptr()),
+        slot_mapping.data_ptr<int64_t>(), num_tokens, query.size(1) / head_size, head_size,
+        latent_cache.size(2) - rot_dim, rot_dim, query.stride(0), kv_a.stride(0), is_neox,
         c10::cuda::getCurrentCUDAStream()));
   });
 }

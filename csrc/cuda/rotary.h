@@ -43,4 +43,21 @@ cudaError_t rotary_embedding_and_cache_launch(
     int64_t rot_dim, int64_t query_stride, int64_t key_stride, int64_t value_stride,
     bool is_neox, cudaStream_t stream);
 
+// DeepSeek's MLA: rotates the last rot_dim of each query head in place, and writes each token's
+// cache row [RMSNorm(kv_a[:latent_size]) * kv_norm_weight | rotated kv_a[latent_size:]] into its
+// slot of the latent cache (a negative slot is skipped).
+template <typename T>
+cudaError_t mla_rotary_and_cache_launch(
+    const int64_t* positions,     // [num_tokens]
+    T* query,                     // [num_tokens, num_heads * head_size], rows query_stride apart
+    const T* kv_a,                // [num_tokens, latent_size + rot_dim], rows kv_a_stride apart
+    const T* kv_norm_weight,      // [latent_size]
+    float norm_eps,
+    const float* cos_sin_cache,   // [max_position, rot_dim]
+    T* latent_cache,              // [N, S, latent_size + rot_dim]
+    const int64_t* slot_mapping,  // [num_tokens]
+    int64_t num_tokens, int64_t num_heads, int64_t head_size, int64_t latent_size,
+    int64_t rot_dim, int64_t query_stride, int64_t kv_a_stride, bool is_neox,
+    cudaStream_t stream);
+
 }  // namespace fastgen::cuda

@@ -45,30 +45,42 @@ def make_llm(path, **kwargs) -> LLM:
     return LLM(str(path), dtype="float32", device="cpu", **kwargs)
 
 
-def test_chunked_prefill_prefix_caching_and_preemption_match_whole_prompts(moe_dir):
+def check_engine_paths_match_whole_prompts(model_dir, bytes_per_token: int) -> None:
+    """Chunked prefill (with prefix-cache hits on a repeat) and preemption with recompute give
+    the greedy tokens of whole prompts run one step each. bytes_per_token: the model's KV cache
+    per token in float32, to size a cache that forces preemption."""
     shared = prompts(1, seed=5)[0] * 2  # a long shared prefix: whole blocks of it get cached
     batch = prompts(6) + prompts(3, seed=1, prefix=shared)
-    whole = tokens(make_llm(moe_dir, max_num_batched_tokens=4096, enable_prefix_caching=False),
+    whole = tokens(make_llm(model_dir, max_num_batched_tokens=4096, enable_prefix_caching=False),
                    batch)
 
-    chunked = make_llm(moe_dir, max_num_batched_tokens=7, block_size=4)
+    chunked = make_llm(model_dir, max_num_batched_tokens=7, block_size=4)
+    assert chunked.engine.kv_cache_bytes_per_token == bytes_per_token
     assert tokens(chunked, batch) == whole
     assert tokens(chunked, batch) == whole  # again, now mostly from the prefix cache
     assert chunked.engine.stats.prefix_cache_hit_tokens > 0
 
     # room for about 40 blocks of 4 tokens, where the batch needs ~80: the newest are preempted
-    small = make_llm(moe_dir, block_size=4, cpu_kv_cache_gib=40 * 4 * BYTES_PER_TOKEN / 2**30)
+    small = make_llm(model_dir, block_size=4, cpu_kv_cache_gib=40 * 4 * bytes_per_token / 2**30)
     assert tokens(small, batch) == whole
     assert small.engine.scheduler.num_preemptions > 0
 
 
-def test_static_decode_buffers_match_the_eager_path(moe_dir):
+def check_static_decode_buffers_match_the_eager_path(model_dir) -> None:
     batch = prompts(5, seed=2)
-    expected = tokens(make_llm(moe_dir, block_size=BLOCK_SIZE, max_num_seqs=16), batch)
-    llm = make_llm(moe_dir, block_size=BLOCK_SIZE, max_num_seqs=16)
+    expected = tokens(make_llm(model_dir, block_size=BLOCK_SIZE, max_num_seqs=16), batch)
+    llm = make_llm(model_dir, block_size=BLOCK_SIZE, max_num_seqs=16)
     sizes = with_static_buffers(llm.engine)  # every step checked against an eager forward
     assert tokens(llm, batch) == expected
     assert 5 in sizes
+
+
+def test_chunked_prefill_prefix_caching_and_preemption_match_whole_prompts(moe_dir):
+    check_engine_paths_match_whole_prompts(moe_dir, BYTES_PER_TOKEN)
+
+
+def test_static_decode_buffers_match_the_eager_path(moe_dir):
+    check_static_decode_buffers_match_the_eager_path(moe_dir)
 
 
 def test_bfloat16_matches_transformers_up_to_a_near_tie(moe_dir):

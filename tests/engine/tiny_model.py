@@ -52,9 +52,35 @@ def save_tiny_llama(path: Path, seed: int = 0) -> Path:
                          tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
                          initializer_range=0.25)
+    return _save(LlamaForCausalLM, config, tokenizer, path, seed)
+
+
+def _save(model_class, config, tokenizer, path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = model_class(config).to(torch.float32).eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_tiny_deepseek_v2_lite(path: Path, seed: int = 0) -> Path:
+    """A DeepSeek-V2-Lite-shaped folder (MLA without q LoRA, yarn, a dense first layer, then
+    greedy top-k experts with two shared ones) with the same tokenizer and chat template."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = DeepseekV2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
+        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0, max_position_embeddings=640,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                         "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1},
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.25)
+    return _save(DeepseekV2ForCausalLM, config, tokenizer, path, seed)

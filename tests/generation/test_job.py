@@ -122,3 +122,22 @@ def test_enforce_eager_reaches_the_engine(tmp_path, capsys, monkeypatch):
             "rollout.enforce_eager=true"]
     assert llm_arguments(monkeypatch, main, argv)["enforce_eager"] is True
     assert "stopped before loading the model" in capsys.readouterr().err
+
+
+def test_a_deepseek_v2_lite_folder_runs_the_verl_job_unchanged(tmp_path, capsys):
+    """verl's DeepSeek-V2-Lite math example with model.path pointing at a V2-Lite-shaped folder:
+    the same keys, every row answered (n samples each), columns kept."""
+    from tests.engine.tiny_model import save_tiny_deepseek_v2_lite
+
+    model = save_tiny_deepseek_v2_lite(tmp_path / "tiny-deepseek-v2-lite")
+    table = gsm8k_table(5)
+    data = write_parquet(table, tmp_path / "in.parquet")
+    out = tmp_path / "gen.parquet"
+    status, err = run_job(capsys, *job_args(model, data, out, **{
+        "data.n_samples": 2, "rollout.temperature": 1.0, "rollout.top_k": 50,
+        "rollout.top_p": 0.7}))
+    assert status == 0, err
+    result = pq.read_table(out)
+    assert result.drop_columns(["responses"]).equals(table)
+    assert all(len(r) == 2 for r in result.column("responses").to_pylist())
+    assert "5 rows (0 resumed from parts), 10 samples" in err

@@ -81,9 +81,10 @@ DECODE_STEPS = 5
 DEFAULT_PROMPT_LENGTHS = [13, 1, 29, 40]
 
 
-def save_tiny_model(hf_config, folder) -> None:
+def save_tiny_model(hf_config, folder, prepare=None) -> None:
     """A random checkpoint with every parameter (biases and norm weights too) drawn away from its
-    init value, saved as safetensors with a small word-level tokenizer."""
+    init value, saved as safetensors with a small word-level tokenizer. prepare(model), when
+    given, may change the model (e.g. its buffers) before it is saved."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -97,6 +98,8 @@ def save_tiny_model(hf_config, folder) -> None:
                 param.uniform_(0.5, 1.5)
             else:
                 param.normal_(0.0, 0.1 if "embed" in name or "lm_head" in name else 0.05)
+        if prepare is not None:
+            prepare(model)
     model.save_pretrained(folder)
     vocab = {f"w{i}": i for i in range(VOCAB)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
@@ -117,11 +120,13 @@ def hf_greedy(hf_model, prompt: list[int], steps: int) -> tuple[list[int], torch
 
 
 def assert_matches_hugging_face(hf_config, folder, device: str = "cpu",
-                                lengths: list[int] = DEFAULT_PROMPT_LENGTHS) -> None:
+                                lengths: list[int] = DEFAULT_PROMPT_LENGTHS,
+                                prepare=None) -> None:
     """fastgen's model of a tiny random checkpoint against transformers' on the same folder:
     logits of a packed prefill of prompts of these lengths and of batched decode steps fed with
-    HF's greedy tokens within the float32 logit tolerance, and the same greedy tokens."""
-    save_tiny_model(hf_config, folder)
+    HF's greedy tokens within the float32 logit tolerance, and the same greedy tokens. prepare:
+    as save_tiny_model's."""
+    save_tiny_model(hf_config, folder, prepare)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                     attn_implementation="eager").eval()
     loaded = load_model(EngineConfig(model=str(folder), dtype="float32", device=device))

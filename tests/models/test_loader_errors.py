@@ -42,7 +42,8 @@ def test_unreachable_hub_fails_fast():
     assert time.monotonic() - start < 30
 
 
-@pytest.mark.parametrize("preset", ["mixtral", "qwen2.5", "qwen3", "qwen3-moe", "llama4-scout"])
+@pytest.mark.parametrize("preset", ["mixtral", "qwen2.5", "qwen3", "qwen3-moe", "llama4-scout",
+                                    "deepseek-v2-lite"])
 def test_presets_name_their_checkpoint_when_the_hub_is_unreachable(preset):
     with pytest.raises(ModelLoadError, match=f"could not download {PRESETS[preset]} from"):
         load(preset)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ from fastgen.engine.model_runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
 from fastgen.engine.sequence import Sequence
 from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput, RequestOutputKind
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,6 +134,11 @@ class LLMEngine:
                                         max_blocks_needed=config.max_num_seqs * blocks_per_seq)
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
                                           config.cache.enable_prefix_caching)
+        runner = self.model_runner
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %d bytes per token (%.2f GiB)",
+                    runner.num_blocks, block_size, self.kv_cache_capacity_tokens,
+                    runner.bytes_per_token,
+                    self.kv_cache_capacity_tokens * runner.bytes_per_token / 2**30)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
         self.stats = EngineStats()
@@ -159,6 +167,16 @@ class LLMEngine:
     @property
     def kv_cache_usage(self) -> float:
         return self.block_manager.usage
+
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        """What one cached token costs over every layer (MLA's latent rows: a fraction of K + V)."""
+        return self.model_runner.bytes_per_token
+
+    @property
+    def kv_cache_capacity_tokens(self) -> int:
+        """Tokens the KV cache holds, over all sequences."""
+        return self.model_runner.num_blocks * self.block_size
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """ValueError when such a request could never run (what add_request would refuse)."""

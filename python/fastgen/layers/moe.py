@@ -51,7 +51,10 @@ class FusedMoE(nn.Module):
     w13: [E, 2I, H]; w2: [E, H, I]"""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 routing: MoERouting, tp: TensorParallelGroup = SINGLE_RANK):
+                 routing: MoERouting, tp: TensorParallelGroup = SINGLE_RANK,
+                 correction_bias: bool = False):
+        """correction_bias: a loaded per-expert bias e_score_correction_bias [E] (float32,
+        whatever the model's dtype) added to the scores for selection only (DeepSeek-V3)."""
         super().__init__()
         if intermediate_size % tp.size:
             raise ValueError(f"expert intermediate size ({intermediate_size}) does not split over "
@@ -65,6 +68,11 @@ class FusedMoE(nn.Module):
                                     [(shard, e) for e in range(num_experts) for shard in (0, 1)])
         self.w2 = weight_parameter((num_experts, hidden_size, inter), self._load_w2,
                                    [(None, e) for e in range(num_experts)])
+        if correction_bias:
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)  # [E]
+        else:
+            self.register_parameter("e_score_correction_bias", None)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; router_logits: [T, E] -> [T, H] (summed over the tensor-parallel group)"""
@@ -76,9 +84,8 @@ class FusedMoE(nn.Module):
         return self.tp.all_reduce(out)
 
     def correction_bias(self) -> torch.Tensor | None:
-        """A per-expert bias [E] float32 added to the scores for selection only (DeepSeek-V3's
-        e_score_correction_bias); None here, set by the models that have one."""
-        return None
+        """The per-expert selection bias [E] float32 (DeepSeek-V3), or None."""
+        return self.e_score_correction_bias
 
     # Loading: per expert (shard 0 gate / 1 up of w13, w2 whole), or every expert at once.
 
@@ -133,10 +140,12 @@ class SparseMoEBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int,
                  routing: MoERouting, shared_intermediate_size: int | None = None,
-                 shared_expert_gate: bool = False, tp: TensorParallelGroup = SINGLE_RANK):
+                 shared_expert_gate: bool = False, tp: TensorParallelGroup = SINGLE_RANK,
+                 correction_bias: bool = False):
         super().__init__()
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, tp=tp)
-        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, routing, tp)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, routing, tp,
+                                correction_bias)
         self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, tp=tp)
                               if shared_intermediate_size else None)
         self.shared_expert_gate = (ReplicatedLinear(hidden_size, 1, bias=False, tp=tp)

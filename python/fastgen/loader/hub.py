@@ -38,6 +38,7 @@ PRESETS: dict[str, str] = {
     "qwen3": "Qwen/Qwen3-8B",
     "qwen3-moe": "Qwen/Qwen3-30B-A3B-Instruct-2507",
     "llama4-scout": "meta-llama/Llama-4-Scout-17B-16E-Instruct",
+    "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite-Chat",
 }
 
 # The default model's source: a wheel on PyPI holding the GGUF, pinned by content.

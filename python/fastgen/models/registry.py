@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastgen.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from fastgen.models.llama import LlamaForCausalLM
 from fastgen.models.llama4 import Llama4ForCausalLM
 from fastgen.models.mixtral import MixtralForCausalLM
@@ -14,6 +15,8 @@ from fastgen.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "Llama4ForCausalLM": Llama4ForCausalLM,
     "Llama4ForConditionalGeneration": Llama4ForCausalLM,  # the text model; vision is skipped
     "MixtralForCausalLM": MixtralForCausalLM,

@@ -71,6 +71,20 @@ def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key
                                             slot_mapping, q_norm_weight, k_norm_weight, norm_eps)
 
 
+def mla_rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, kv_a: torch.Tensor,
+                         kv_norm_weight: torch.Tensor, norm_eps: float, head_size: int,
+                         cos_sin_cache: torch.Tensor, is_neox: bool, latent_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> None:
+    """DeepSeek MLA's rotary and cache write in one pass: the last R dims of each query head are
+    rotated in place, and token t's latent-cache row becomes [rms_norm(kv_a[t, :L]) *
+    kv_norm_weight | kv_a[t, L:] rotated] (negative slots are skipped; kv_a is only read).
+    positions: [T] int64; query: [T, H * head_size]; kv_a: [T, L + R]; kv_norm_weight: [L];
+    cos_sin_cache: [P, R] float32; latent_cache: [N, S, L + R]; slot_mapping: [T] int64"""
+    _ops.mla_rotary_and_cache.default(positions, query, kv_a, kv_norm_weight, norm_eps,
+                                      head_size, cos_sin_cache, is_neox, latent_cache,
+                                      slot_mapping)
+
+
 def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
               cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor, block_tables: torch.Tensor,
               max_seqlen_q: int, max_seqlen_k: int, scale: float,

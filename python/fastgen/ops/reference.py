@@ -93,6 +93,28 @@ def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key
     return q
 
 
+def mla_rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, kv_a: torch.Tensor,
+                         kv_norm_weight: torch.Tensor, norm_eps: float, head_size: int,
+                         cos_sin_cache: torch.Tensor, is_neox: bool, latent_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The last R dims of each query head rotated (float32, returned), and latent_cache's rows
+    at slot_mapping (negative: skipped) set to [rms_norm(kv_a[:, :L]) | rotated kv_a[:, L:]],
+    rounded to the cache's dtype.   query: [T, H * D]; kv_a: [T, L + R];
+    latent_cache: [N, S, L + R] -> rotated query [T, H * D] float32"""
+    tokens, rot = query.shape[0], cos_sin_cache.shape[1]
+    latent = kv_a.shape[1] - rot
+    heads = query.float().view(tokens, -1, head_size)
+    q_pe = heads[..., head_size - rot:].reshape(tokens, -1)
+    k_pe = kv_a[:, latent:].float()
+    q_pe, k_pe = rotary_embedding(positions, q_pe, k_pe, rot, cos_sin_cache, is_neox)
+    q = torch.cat((heads[..., :head_size - rot], q_pe.view(tokens, -1, rot)), -1)
+    row = torch.cat((rms_norm(kv_a[:, :latent], kv_norm_weight, norm_eps), k_pe), -1)
+    keep = slot_mapping >= 0
+    latent_cache.view(-1, latent_cache.shape[-1])[slot_mapping[keep]] = \
+        row[keep].to(latent_cache.dtype)
+    return q.reshape(tokens, -1)
+
+
 def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
               cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor, block_tables: torch.Tensor,
               scale: float, sliding_window: int | None = None,

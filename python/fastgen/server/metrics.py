@@ -144,6 +144,10 @@ class _EngineCollector:
                      llm_engine.num_running)
         yield _gauge("fastgen:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1)",
                      llm_engine.kv_cache_usage)
+        yield _gauge("fastgen:kv_cache_bytes_per_token", "KV-cache bytes one token takes, "
+                     "over every layer", llm_engine.kv_cache_bytes_per_token)
+        yield _gauge("fastgen:kv_cache_capacity_tokens", "Tokens the KV cache holds, over all "
+                     "sequences", llm_engine.kv_cache_capacity_tokens)
         yield _gauge("fastgen:prefix_cache_hit_rate", "Of the prompt tokens of admitted "
                      "sequences, the fraction found in the prefix cache (since start)",
                      stats.prefix_cache_hit_rate)
