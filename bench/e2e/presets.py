@@ -41,6 +41,24 @@ MIXTRAL_MINI = {
 MIXTRAL_8X7B = {**MIXTRAL_MINI, "hidden_size": 4096, "intermediate_size": 14336,
                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                 "head_dim": 128, "max_position_embeddings": 32768}
+# deepseek-ai/DeepSeek-V2-Lite-Chat's config.json (15.7B parameters, 2.4B active; 31 GB in bf16,
+# more than a 24 GB machine holds), and the same with 4 of its 27 layers (a dense first layer and
+# three MoE ones: 2.3B parameters, 4.6 GB) for a CPU benchmark.
+DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 2,
+    "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1,
+    "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax", "vocab_size": 102400, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 163840, "rope_theta": 10000.0,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 100000,
+    "eos_token_id": 100001, "torch_dtype": "bfloat16",
+}
 SYNTHETIC_MODELS = {  # name -> config.json, run with random weights
     "llama3.1-8b": LLAMA31_8B,
     "mixtral-mini": MIXTRAL_MINI,
@@ -48,6 +66,8 @@ SYNTHETIC_MODELS = {  # name -> config.json, run with random weights
     # Mixtral-8x7B's layers, 8 of its 32 (11.7B parameters, 23 GB in bf16): per-layer speed on a
     # GPU without loading 94 GB of random weights.
     "mixtral-8x7b-8l": {**MIXTRAL_8X7B, "num_hidden_layers": 8},
+    "deepseek-v2-lite": DEEPSEEK_V2_LITE,
+    "deepseek-v2-lite-4l": {**DEEPSEEK_V2_LITE, "num_hidden_layers": 4},
 }
 
 

@@ -37,6 +37,9 @@ class StepCost:
     expert_bytes: int = 0    # every MoE layer's experts, all E of them
     experts: int = 0         # E
     experts_per_token: int = 0  # k
+    # MLA (DeepSeek): a key is one latent row, kv_bytes_per_key = layers * (L + R) * dtype bytes,
+    # flops_per_key = 2 * layers * heads * (2L + R); kv_b_proj's weights stand for the absorbed
+    # W_UK / W_UV products (the same count).
 
     @classmethod
     def of(cls, model: torch.nn.Module, hf_config) -> StepCost:
@@ -53,10 +56,16 @@ class StepCost:
         layers, heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         active_params = expert_params * top_k // num_experts if experts else 0
+        kv_bytes_per_key = 2 * layers * hf_config.num_key_value_heads * head_dim * elem
+        flops_per_key = 4 * layers * heads * head_dim
+        latent = getattr(hf_config, "kv_lora_rank", None)
+        if latent:  # MLA: one [L + R] row per key, read as each head's key (L + R) and value (L)
+            rope = hf_config.qk_rope_head_dim
+            kv_bytes_per_key = layers * (latent + rope) * elem
+            flops_per_key = 2 * layers * heads * (2 * latent + rope)
         return cls(weight_bytes=(total - table) * elem, row_bytes=embedding.shape[1] * elem,
                    matmul_weights=total - vectors - table + active_params,
-                   kv_bytes_per_key=2 * layers * hf_config.num_key_value_heads * head_dim * elem,
-                   flops_per_key=4 * layers * heads * head_dim,
+                   kv_bytes_per_key=kv_bytes_per_key, flops_per_key=flops_per_key,
                    expert_bytes=expert_params * elem, experts=num_experts,
                    experts_per_token=top_k)
 

@@ -28,3 +28,23 @@ def test_moe_step_cost_counts_only_the_experts_read():
     assert cost.matmul_weights == dense + layers * k * per_expert
     assert cost.bytes(1, 0) == pytest.approx(cost.weight_bytes + cost.expert_bytes * k / e
                                              + cost.row_bytes)
+
+
+def test_mla_step_cost_counts_latent_rows():
+    """A DeepSeek key is one [kv_lora_rank + rope] row per layer, read by every head."""
+    from transformers import DeepseekV2Config
+
+    from fastgen.models.deepseek import DeepseekV2ForCausalLM
+
+    config = DeepseekV2Config(hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                              q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+                              qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                              num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                              vocab_size=100, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(config)
+    cost = StepCost.of(model, config)
+    assert cost.kv_bytes_per_key == 3 * (32 + 8) * 4
+    assert cost.flops_per_key == 2 * 3 * 4 * (2 * 32 + 8)
+    assert (cost.experts, cost.experts_per_token) == (8, 2)
