@@ -10,7 +10,8 @@
 # token at 2k, 8k and 32k tokens, fastgen chunked and in one step, and HF: 0.74 PFLOP a 32k
 # prefill, ~2 s at 400 TFLOP/s, so ~2 min with loading; cut at $PREFILL_TIMEOUT_S, default 360 s),
 # decode-smollm2 (1-2 min), moe (the grouped expert MLP beside transformers' expert loops and
-# grouped_mm on Mixtral-, Qwen3-MoE- and Scout-shaped layers, ~1-2 min), decode-mixtral (8 of
+# grouped_mm on Mixtral-, Qwen3-MoE- and Scout-shaped layers, and MLA attention absorbed vs
+# expanded, ~2-3 min), decode-mixtral (8 of
 # Mixtral-8x7B's layers, 23 GB of random bf16 weights, fastgen and HF at batch 1, 8 and 64: 2-4
 # min, cut at $DECODE_TIMEOUT_S). A device call may run 10 minutes, so split them, e.g. `build tests`,
 # then `kernels e2e decode-smollm2`, then `decode-8b`, then `prefill-8b`: a warm machine keeps
@@ -144,7 +145,9 @@ for stage in "${stages[@]}"; do
     moe)
       built moe || continue
       step moe_bench python3 bench/kernels/bench_moe.py --device cuda --json "$OUT/moe.json"
-      section "grouped expert MLP beside transformers" "$OUT/moe_bench.log" 40 ;;
+      section "grouped expert MLP beside transformers" "$OUT/moe_bench.log" 40
+      step mla_bench python3 bench/kernels/bench_mla.py --device cuda --json "$OUT/mla.json"
+      section "MLA attention: absorbed, expanded, expanded cache" "$OUT/mla_bench.log" 20 ;;
     decode-mixtral)
       built decode-mixtral && decode mixtral --model mixtral-8x7b-8l --batch-sizes 1,8,64 ;;
   esac
