@@ -1,13 +1,15 @@
 """The engine's paths on a DeepSeek-V2-Lite-shaped model, whose attention layers keep a latent
 cache (one kv_lora_rank + rope row per token): chunked prefill mixed with decode, prefix caching,
 preemption with recompute, and the CUDA-graph static buffers (run eagerly on CPU) all give the
-greedy tokens of whole prompts run one step each."""
+greedy tokens of whole prompts run one step each; bf16 agrees with transformers' bf16 up to a
+measured near tie."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.engine.test_moe_engine import (check_engine_paths_match_whole_prompts,
+from tests.engine.test_moe_engine import (check_bfloat16_matches_transformers_up_to_a_near_tie,
+                                          check_engine_paths_match_whole_prompts,
                                           check_static_decode_buffers_match_the_eager_path)
 from tests.models.harness import save_tiny_model
 from tests.models.test_deepseek import CASES
@@ -29,3 +31,8 @@ def test_chunked_prefill_prefix_caching_and_preemption_match_whole_prompts(mla_d
 
 def test_static_decode_buffers_match_the_eager_path(mla_dir):
     check_static_decode_buffers_match_the_eager_path(mla_dir)
+
+
+def test_bfloat16_matches_transformers_up_to_a_near_tie(mla_dir):
+    """bf16 through the latent cache (and the float32 router) against transformers' bf16."""
+    check_bfloat16_matches_transformers_up_to_a_near_tie(mla_dir)

@@ -84,13 +84,18 @@ def test_static_decode_buffers_match_the_eager_path(moe_dir):
 
 
 def test_bfloat16_matches_transformers_up_to_a_near_tie(moe_dir):
+    check_bfloat16_matches_transformers_up_to_a_near_tie(moe_dir)
+
+
+def check_bfloat16_matches_transformers_up_to_a_near_tie(model_dir) -> None:
     """As the default model's bf16 test: tokens agree up to a first divergence, and there the
     float32 model's scores of the two choices are closer than twice HF bf16's own logit error."""
     batch = prompts(4, seed=3)
-    ours = tokens(LLM(str(moe_dir), dtype="bfloat16", device="cpu", cpu_kv_cache_gib=0.01), batch)
-    hf16 = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.bfloat16,
+    ours = tokens(LLM(str(model_dir), dtype="bfloat16", device="cpu", cpu_kv_cache_gib=0.01),
+                  batch)
+    hf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
                                                 experts_implementation="eager").eval()
-    hf32 = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for prompt, mine in zip(batch, ours):
         with torch.inference_mode():
             out = hf16.generate(torch.tensor([prompt]), max_new_tokens=len(mine), do_sample=False,

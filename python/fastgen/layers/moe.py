@@ -141,9 +141,14 @@ class SparseMoEBlock(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int,
                  routing: MoERouting, shared_intermediate_size: int | None = None,
                  shared_expert_gate: bool = False, tp: TensorParallelGroup = SINGLE_RANK,
-                 correction_bias: bool = False):
+                 correction_bias: bool = False, router_fp32: bool = False):
+        """router_fp32: the router's weight kept, and its logits computed, in float32 whatever
+        the model's dtype (DeepSeek's, as transformers keeps it)."""
         super().__init__()
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, tp=tp)
+        self.router_fp32 = router_fp32
+        if router_fp32:
+            self.gate.float()
         self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, routing, tp,
                                 correction_bias)
         self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, tp=tp)
@@ -155,7 +160,8 @@ class SparseMoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]"""
-        out = self.experts(x, self.gate(x))  # router logits [T, E]
+        logits = self.gate(x.float() if self.router_fp32 else x)  # router logits [T, E]
+        out = self.experts(x, logits)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -18,6 +18,7 @@ What differs from the Llama decoder (transformers' modeling_deepseek_v2 / _v3 ar
   norm_topk_prob false). V3 routes by sigmoid, selecting with e_score_correction_bias added
   (selection only) among the topk_group of n_group groups ranked by their two best scores
   ("noaux_tc"), renormalised when norm_topk_prob, times routed_scaling_factor.
+- The router's weight and logits are float32 in every dtype, as transformers keeps them.
 - V3's multi-token-prediction layer (model.layers.{num_hidden_layers}, as DeepSeek ships it) is
   not used for generation; its tensors are skipped with one info line.
 
@@ -156,7 +157,7 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
             mlp = SparseMoEBlock(
                 config.hidden_size, config.n_routed_experts, config.moe_intermediate_size,
                 routing, config.moe_intermediate_size * config.n_shared_experts, tp=context.tp,
-                correction_bias=routing.scoring == "sigmoid")
+                correction_bias=routing.scoring == "sigmoid", router_fp32=True)
         return DecoderLayer(config, attention, mlp)
 
 
