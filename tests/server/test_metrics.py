@@ -96,6 +96,9 @@ def test_gauges_show_a_request_in_flight_then_idle(start_server):
         time.sleep(0.05)
     assert idle["fastgen:num_seqs_running"] == 0
     assert idle["fastgen:requests_total{endpoint=completions,finished_reason=abort}"] == 1
+    engine = slow.engine.engine
+    assert idle["fastgen:kv_cache_bytes_per_token"] == engine.kv_cache_bytes_per_token > 0
+    assert idle["fastgen:kv_cache_capacity_tokens"] == engine.kv_cache_capacity_tokens > 0
 
 
 def test_prefix_cache_hits_are_counted(server):
