@@ -26,6 +26,9 @@ namespace {
 
 static_assert(kLanes == 16, "the bf16 kernels are written for 16-lane AVX-512 vectors");
 
+constexpr int64_t kKeysAtOnce = 4;  // keys whose scores are summed side by side
+static_assert(kLanes % kKeysAtOnce == 0);
+
 // Index vectors for one fold level: inputs a, b each hold `sources` partial sums in segments of
 // 16 / sources lanes; the output holds a's then b's sources in segments half as long, the low
 // (high) index picking each segment's first (second) half.
@@ -106,15 +109,24 @@ void attend_split(const Problem<c10::BFloat16>& pb, const DecodeSplit& split, Sc
         const bf16* q = pb.query_row(token, h);
         for (int64_t jb = 0; jb < kKeyTile; jb += kLanes) {
           __m512 partial[kLanes];
-          for (int64_t j = 0; j < kLanes; ++j) {
-            __m512 sum = _mm512_setzero_ps();
-            if (jb + j < num_keys) {
-              for (int64_t d = 0; d < dim; d += 2 * kLanes) {
-                sum = _mm512_dpbf16_ps(sum, vec::as_bf16_pairs(_mm512_loadu_si512(q + d)),
-                                       vec::as_bf16_pairs(_mm512_loadu_si512(key_rows[jb + j] + d)));
+          // kKeysAtOnce keys per pass over d: independent FMA chains (one chain is bound by the
+          // dot-product latency, which a 576-wide MLA row makes 18 deep) sharing each query load.
+          // Each key's sum still runs over d in order, so the scores are unchanged.
+          for (int64_t j = 0; j < kLanes; j += kKeysAtOnce) {
+            __m512 sum[kKeysAtOnce];
+            const bf16* rows[kKeysAtOnce];
+            for (int64_t i = 0; i < kKeysAtOnce; ++i) {
+              sum[i] = _mm512_setzero_ps();
+              // a key past the tile's end reads a valid row (the first) and is masked below
+              rows[i] = key_rows[jb + j + i < num_keys ? jb + j + i : 0];
+            }
+            for (int64_t d = 0; d < dim; d += 2 * kLanes) {
+              const __m512bh qv = vec::as_bf16_pairs(_mm512_loadu_si512(q + d));
+              for (int64_t i = 0; i < kKeysAtOnce; ++i) {
+                sum[i] = _mm512_dpbf16_ps(sum[i], qv, vec::as_bf16_pairs(_mm512_loadu_si512(rows[i] + d)));
               }
             }
-            partial[j] = sum;
+            for (int64_t i = 0; i < kKeysAtOnce; ++i) partial[j + i] = sum[i];
           }
           const vec::Mask in_tile = vec::iota(static_cast<int32_t>(jb)) < vec::set1_int(static_cast<int32_t>(num_keys));
           const vec::Vec v = vec::Vec{sum_lanes_16(partial)} * log2_scale;
@@ -134,6 +146,9 @@ void attend_split(const Problem<c10::BFloat16>& pb, const DecodeSplit& split, Sc
 
         float* acc = s.acc.data() + h * dim;
         int64_t d = 0;
+        for (; d + 8 * kLanes <= dim; d += 8 * kLanes) {  // 8 independent chains where they fit
+          add_value_pairs<8>(acc + d, alpha, prob_pairs, s.values.data() + d, num_pairs, dim);
+        }
         for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
           add_value_pairs<4>(acc + d, alpha, prob_pairs, s.values.data() + d, num_pairs, dim);
         }
