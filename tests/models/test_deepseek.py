@@ -8,6 +8,8 @@ batched decode logits and greedy tokens (tests/models/harness.py)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from fastgen import LLM
@@ -62,3 +64,24 @@ def test_latent_cache_bytes_per_token(tmp_path):
     assert all(isinstance(spec, LatentAttentionSpec) for spec in specs)
     assert llm.engine.kv_cache_bytes_per_token == config.num_hidden_layers * (32 + 8) * 2
     assert llm.engine.kv_cache_capacity_tokens * llm.engine.kv_cache_bytes_per_token <= 0.01 * 2**30
+
+
+def test_v3_multi_token_prediction_layer_is_skipped(tmp_path, caplog):
+    """DeepSeek-V3 checkpoints carry their MTP module as layer num_hidden_layers: loaded past
+    with one info line, not refused as unexpected tensors."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    config = copy.deepcopy(CASES["v3"])
+    config.num_nextn_predict_layers = 1
+    save_tiny_model(config, tmp_path, randomize_correction_bias)
+    weights = load_file(tmp_path / "model.safetensors")
+    extra = {name.replace("model.layers.2.", "model.layers.3."): t.clone()
+             for name, t in weights.items() if name.startswith("model.layers.2.")}
+    extra["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file({**weights, **extra}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO):
+        llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gib=0.01)
+    assert len(llm.engine.model_runner.kv_cache_specs) == config.num_hidden_layers
+    assert any("model.layers.3" in record.getMessage() for record in caplog.records)
