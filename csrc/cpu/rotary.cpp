@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -78,6 +79,24 @@ inline void normalize_heads(T* x, const T* weight, float epsilon, int64_t num_he
   }
 }
 
+// Runs body(t, cos, sin, neox) for every token t, split over torch's thread pool only where each
+// task gets kMinElementsPerTask of work (elements_per_token each): cos and sin are the halves of
+// the token's cos_sin_cache row, neox a std::bool_constant of the pair layout.
+template <typename Body>
+void for_each_token(const int64_t* positions, const float* cos_sin_cache, int64_t rot_dim,
+                    int64_t num_tokens, int64_t elements_per_token, bool is_neox, Body&& body) {
+  const int64_t grain =
+      std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(elements_per_token, 1));
+  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
+    at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* cos = cos_sin_cache + positions[t] * rot_dim;
+        body(t, cos, cos + rot_dim / 2, std::bool_constant<IS_NEOX>{});
+      }
+    });
+  });
+}
+
 }  // namespace
 
 template <typename T>
@@ -86,17 +105,12 @@ void rotary_embedding_launch(const int64_t* positions, T* query, T* key,
                              int64_t num_kv_heads, int64_t head_size, int64_t rot_dim,
                              int64_t query_stride, int64_t key_stride, bool is_neox) {
   const int64_t half = rot_dim / 2;
-  const int64_t per_token = std::max<int64_t>((num_heads + num_kv_heads) * rot_dim, 1);
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / per_token);
-  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
-    at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const float* cos = cos_sin_cache + positions[t] * rot_dim;
-        const float* sin = cos + half;
-        rotate_heads<T, IS_NEOX>(query + t * query_stride, cos, sin, num_heads, head_size, half);
-        rotate_heads<T, IS_NEOX>(key + t * key_stride, cos, sin, num_kv_heads, head_size, half);
-      }
-    });
+  const int64_t per_token = (num_heads + num_kv_heads) * rot_dim;
+  for_each_token(positions, cos_sin_cache, rot_dim, num_tokens, per_token, is_neox,
+                 [&](int64_t t, const float* cos, const float* sin, auto neox) {
+    constexpr bool IS_NEOX = decltype(neox)::value;
+    rotate_heads<T, IS_NEOX>(query + t * query_stride, cos, sin, num_heads, head_size, half);
+    rotate_heads<T, IS_NEOX>(key + t * key_stride, cos, sin, num_kv_heads, head_size, half);
   });
 }
 
@@ -120,28 +134,23 @@ void rotary_embedding_and_cache_launch(const int64_t* positions, T* query, const
                                        int64_t value_stride, bool is_neox) {
   const int64_t half = rot_dim / 2, row = num_kv_heads * head_size;
   const bool qk_norm = q_norm_weight != nullptr;
-  const int64_t per_token = std::max<int64_t>(
-      (num_heads + num_kv_heads) * (qk_norm ? 2 * head_size : rot_dim) + 2 * row, 1);
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / per_token);
-  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
-    at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const float* cos = cos_sin_cache + positions[t] * rot_dim;
-        const float* sin = cos + half;
-        T* q = query + t * query_stride;
-        if (qk_norm) normalize_heads(q, q_norm_weight, norm_eps, num_heads, head_size);
-        rotate_heads<T, IS_NEOX>(q, cos, sin, num_heads, head_size, half);
-        const int64_t slot = slot_mapping[t];
-        if (slot < 0) continue;  // padding
-        // The key row is copied to its slot and normalised and rotated there: the cache row is
-        // the only copy.
-        T* k_out = key_cache + slot * row;
-        std::memcpy(k_out, key + t * key_stride, row * sizeof(T));
-        if (qk_norm) normalize_heads(k_out, k_norm_weight, norm_eps, num_kv_heads, head_size);
-        rotate_heads<T, IS_NEOX>(k_out, cos, sin, num_kv_heads, head_size, half);
-        std::memcpy(value_cache + slot * row, value + t * value_stride, row * sizeof(T));
-      }
-    });
+  const int64_t per_token =
+      (num_heads + num_kv_heads) * (qk_norm ? 2 * head_size : rot_dim) + 2 * row;
+  for_each_token(positions, cos_sin_cache, rot_dim, num_tokens, per_token, is_neox,
+                 [&](int64_t t, const float* cos, const float* sin, auto neox) {
+    constexpr bool IS_NEOX = decltype(neox)::value;
+    T* q = query + t * query_stride;
+    if (qk_norm) normalize_heads(q, q_norm_weight, norm_eps, num_heads, head_size);
+    rotate_heads<T, IS_NEOX>(q, cos, sin, num_heads, head_size, half);
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) return;  // padding
+    // The key row is copied to its slot and normalised and rotated there: the cache row is the
+    // only copy.
+    T* k_out = key_cache + slot * row;
+    std::memcpy(k_out, key + t * key_stride, row * sizeof(T));
+    if (qk_norm) normalize_heads(k_out, k_norm_weight, norm_eps, num_kv_heads, head_size);
+    rotate_heads<T, IS_NEOX>(k_out, cos, sin, num_kv_heads, head_size, half);
+    std::memcpy(value_cache + slot * row, value + t * value_stride, row * sizeof(T));
   });
 }
 
@@ -164,25 +173,19 @@ void mla_rotary_and_cache_launch(const int64_t* positions, T* query, const T* kv
                                  int64_t rot_dim, int64_t query_stride, int64_t kv_a_stride,
                                  bool is_neox) {
   const int64_t half = rot_dim / 2, row = latent_size + rot_dim;
-  const int64_t per_token = std::max<int64_t>(num_heads * rot_dim + 3 * row, 1);
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / per_token);
-  FASTGEN_DISPATCH_BOOL(is_neox, IS_NEOX, [&] {
-    at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const float* cos = cos_sin_cache + positions[t] * rot_dim;
-        const float* sin = cos + half;
-        // The rotary part is the last rot_dim of each query head (DeepSeek's layout).
-        rotate_heads<T, IS_NEOX>(query + t * query_stride + head_size - rot_dim, cos, sin,
-                                 num_heads, head_size, half);
-        const int64_t slot = slot_mapping[t];
-        if (slot < 0) continue;  // padding
-        // [latent | k_pe] copied to its slot, then normalised and rotated there.
-        T* out = latent_cache + slot * row;
-        std::memcpy(out, kv_a + t * kv_a_stride, row * sizeof(T));
-        norm_row::normalize(out, kv_norm_weight, norm_eps, latent_size);
-        rotate_heads<T, IS_NEOX>(out + latent_size, cos, sin, 1, rot_dim, half);
-      }
-    });
+  for_each_token(positions, cos_sin_cache, rot_dim, num_tokens, num_heads * rot_dim + 3 * row,
+                 is_neox, [&](int64_t t, const float* cos, const float* sin, auto neox) {
+    constexpr bool IS_NEOX = decltype(neox)::value;
+    // The rotary part is the last rot_dim of each query head (DeepSeek's layout).
+    rotate_heads<T, IS_NEOX>(query + t * query_stride + head_size - rot_dim, cos, sin, num_heads,
+                             head_size, half);
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) return;  // padding
+    // [latent | k_pe] copied to its slot, then normalised and rotated there.
+    T* out = latent_cache + slot * row;
+    std::memcpy(out, kv_a + t * kv_a_stride, row * sizeof(T));
+    norm_row::normalize(out, kv_norm_weight, norm_eps, latent_size);
+    rotate_heads<T, IS_NEOX>(out + latent_size, cos, sin, 1, rot_dim, half);
   });
 }
 

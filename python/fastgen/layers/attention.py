@@ -180,10 +180,8 @@ class Attention(AttentionLayer):
                                            rope.is_neox, key_cache, value_cache, meta.slot_mapping,
                                            q_norm_weight, k_norm_weight, norm_eps)
         else:
-            if q_norm_weight is not None:  # no fused kernel without a rotation: two norm calls
-                d = self.head_size
-                q = ops.rms_norm(q.reshape(-1, d), q_norm_weight, norm_eps).view(tokens, -1)
-                k = ops.rms_norm(k.reshape(-1, d), k_norm_weight, norm_eps).view(tokens, -1)
+            if q_norm_weight is not None:  # the norm lives in the rotary kernel
+                raise ValueError("a q/k norm needs the layer's rotary embedding")
             ops.reshape_and_cache(k.view(tokens, self.num_kv_heads, self.head_size),
                                   v.view(tokens, self.num_kv_heads, self.head_size),
                                   key_cache, value_cache, meta.slot_mapping)

@@ -28,32 +28,23 @@ L kv_lora_rank.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from fastgen.layers.attention import ForwardBatch
-from fastgen.layers.linear import (
-    ColumnParallelLinear,
-    ReplicatedLinear,
-    RowParallelLinear,
-)
+from fastgen.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from fastgen.layers.mla import LatentAttention
 from fastgen.layers.mlp import GatedMLP
 from fastgen.layers.moe import MoERouting, SparseMoEBlock
 from fastgen.layers.norm import RMSNorm
-from fastgen.layers.rotary import rope_params_from_config
+from fastgen.layers.rotary import rope_params_from_config, yarn_mscale
 from fastgen.loader.weights import WeightMapping, WeightRule
 from fastgen.models.base import ModelContext
 from fastgen.models.llama import DecoderLayer, LlamaForCausalLM
 from fastgen.models.qwen_moe import QWEN_EXPERT_RULES
 
-LATENT_NORM_EPS = 1e-6  # q_a_layernorm's and kv_a_layernorm's (transformers' default, not the config's)
-
-
-def yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+# q_a_layernorm's and kv_a_layernorm's epsilon: transformers' default, not the config's
+LATENT_NORM_EPS = 1e-6
 
 
 def softmax_scale(config) -> float:
@@ -140,7 +131,8 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
     def routing(self, config) -> MoERouting:
         groups = config.n_group if config.topk_method == "group_limited_greedy" else None
         return MoERouting(config.num_experts_per_tok, "softmax",
-                          renormalize=config.num_experts_per_tok > 1 and bool(config.norm_topk_prob),
+                          renormalize=(config.num_experts_per_tok > 1
+                                       and bool(config.norm_topk_prob)),
                           num_groups=groups, topk_groups=config.topk_group if groups else None,
                           scale=float(config.routed_scaling_factor))
 
