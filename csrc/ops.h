@@ -37,6 +37,10 @@
                  const at::Tensor& seq_lens_k, const at::Tensor& block_tables,                  \
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,                      \
                  std::optional<int64_t> sliding_window, std::optional<int64_t> chunk_size);    \
+  void mla_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& latent_cache,   \
+                     const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,               \
+                     const at::Tensor& block_tables, int64_t max_seqlen_q, int64_t max_seqlen_k, \
+                     double scale);                                                              \
   void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& router_logits, \
                  std::string_view scoring, bool renormalize, std::optional<int64_t> num_groups,  \
                  std::optional<int64_t> topk_groups, std::string_view group_scoring,            \

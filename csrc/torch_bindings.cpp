@@ -60,6 +60,13 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
         "Tensor cu_seqlens_q, Tensor seq_lens_k, Tensor block_tables, int max_seqlen_q, "
         "int max_seqlen_k, float scale, int? sliding_window, int? chunk_size) -> ()");
+  // DeepSeek MLA's absorbed attention over the latent cache: `attention` with one KV head whose
+  // rows of L + R elements are the keys and whose first L elements are the values (the query's
+  // heads carry W_UK already; see python/fastgen/layers/mla.py), causal as `attention` is.
+  // out: [T, H, L]; query: [T, H, L + R]; latent_cache: [N, S, L + R]; metadata as `attention`'s
+  m.def("mla_attention(Tensor! out, Tensor query, Tensor latent_cache, Tensor cu_seqlens_q, "
+        "Tensor seq_lens_k, Tensor block_tables, int max_seqlen_q, int max_seqlen_k, "
+        "float scale) -> ()");
   // out = input @ weight^T + bias, accumulated in float32. CPU only (on GPUs F.linear is cuBLAS).
   // input: [T, I]; weight: [O, I] (nn.Linear's layout); bias: [O]; out: [T, O], of input's dtype
   // or float32 (e.g. fp32 logits from a bf16 LM head, rounded once).
@@ -107,6 +114,7 @@ TORCH_LIBRARY(fastgen, m) {
   m.impl("rotary_embedding_and_cache", &ns::rotary_embedding_and_cache);  \
   m.impl("mla_rotary_and_cache", &ns::mla_rotary_and_cache);              \
   m.impl("attention", &ns::attention);                                    \
+  m.impl("mla_attention", &ns::mla_attention);                            \
   m.impl("moe_route", &ns::moe_route);                                    \
   m.impl("moe_align", &ns::moe_align);                                    \
   m.impl("fused_moe", &ns::fused_moe);

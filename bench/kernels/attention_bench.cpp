@@ -64,7 +64,7 @@ struct CpuAttention {
                                        const int32_t* seq_k, const int32_t* tables, const AttentionProblem& p,
                                        const ModelShape& m) const {
     cpu::attention_launch<T>(out, q, kc, vc, cu_q, seq_k, tables, p.batch, m.heads, m.kv_heads, m.head_dim,
-                             p.kBlockSize, p.blocks_per_seq(), m.q_width(), scale_of(m), std::nullopt,
+                             m.head_dim, p.kBlockSize, p.blocks_per_seq(), m.q_width(), scale_of(m), std::nullopt,
                              std::nullopt);
     return std::nullopt;
   }

@@ -1,8 +1,9 @@
 """DeepSeek MLA attention, V2-Lite's head shapes (16 heads, kv_lora_rank 512, rope 64, nope 128,
 v 128; bf16), three ways, timed in the same run:
 
-- absorbed (fastgen's path): W_UK folded into the query, fastgen's attention op over the latent
-  cache rows [c_kv | k_pe] (576 values a token, multi-query: one KV head), W_UV after;
+- absorbed (fastgen's path): W_UK folded into the query, fastgen's mla_attention op over the
+  latent cache rows [c_kv | k_pe] (576 values a token as the keys, their first 512 as the values,
+  one KV head for all 16 query heads), W_UV after;
 - expanded: per-head keys [W_UK c | k_pe] and values W_UV c rebuilt from the same latent cache
   with kv_b_proj for the whole context, then torch's scaled_dot_product_attention (qk 192 / v 128);
 - standard attention on an expanded cache: SDPA over keys and values already stored per head (what
@@ -67,10 +68,9 @@ class Case:
         q = self.q
         q_lat = torch.bmm(q[..., :NOPE].transpose(0, 1), self.w_uk)  # [H, T, L]
         query = torch.cat((q_lat.transpose(0, 1), q[..., NOPE:]), dim=-1)  # [T, H, L + R]
-        rows = self.cache.unsqueeze(2)
-        out = ops.attention(query, rows, rows, self.cu, self.lens, self.tables, self.q_len,
-                            self.context, SCALE)
-        return torch.bmm(out[..., :LATENT].transpose(0, 1), self.w_uv_t).transpose(0, 1)
+        out = ops.mla_attention(query, self.cache, LATENT, self.cu, self.lens, self.tables,
+                                self.q_len, self.context, SCALE)  # [T, H, L]
+        return torch.bmm(out.transpose(0, 1), self.w_uv_t).transpose(0, 1)
 
     def expand(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys [B, H, K, P + R] and values [B, H, K, V] from the latent rows."""
@@ -135,11 +135,11 @@ def run(args) -> dict:
         with torch.inference_mode():
             check("absorbed MLA prefill", case.absorbed(), case.expanded())
             # FLOPs of each form's own work: absorbed, the q / o projections through W_UK, W_UV
-            # and attention at 576 / 576 per pair; expanded, kv_b_proj over the context and
+            # and attention at 576 / 512 per pair; expanded, kv_b_proj over the context and
             # attention at 192 / 128 per pair (causal halves).
             proj = 2 * length * HEADS * LATENT * (NOPE + V_DIM)
             forms = {"absorbed (fastgen)": (case.absorbed,
-                                            proj + 2 * pairs * HEADS * 2 * (LATENT + ROPE)),
+                                            proj + 2 * pairs * HEADS * (2 * LATENT + ROPE)),
                      "expanded from latent": (case.expanded,
                                               proj + 2 * pairs * HEADS * (NOPE + ROPE + V_DIM))}
             for name, (fn, flops) in forms.items():

@@ -203,18 +203,19 @@ void check_mla_rotary_and_cache_args(const at::Tensor& positions, const at::Tens
               row - rot_dim, "], got ", kv_norm_weight.sizes());
 }
 
-void check_attention_args(const at::Tensor& out, const at::Tensor& query,
-                          const at::Tensor& key_cache, const at::Tensor& value_cache,
-                          const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
-                          const at::Tensor& block_tables, std::optional<int64_t> sliding_window,
-                          std::optional<int64_t> chunk_size) {
-  constexpr const char* op = "attention";
+namespace {
+
+// What attention and mla_attention share: query [T, Hq, D] with contiguous rows, caches
+// [N, S, Hkv, D] of query's dtype and device, the metadata's shapes and dtypes.
+void check_paged_attention_inputs(const char* op, const at::Tensor& query,
+                                  const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
+                                  const at::Tensor& block_tables) {
   FASTGEN_CHECK_DIM(op, query, 3);
   FASTGEN_CHECK_DIM(op, key_cache, 4);
   FASTGEN_CHECK_DIM(op, cu_seqlens_q, 1);
   FASTGEN_CHECK_DIM(op, seq_lens_k, 1);
   FASTGEN_CHECK_DIM(op, block_tables, 2);
-  FASTGEN_CHECK_CONTIGUOUS(op, out);
   FASTGEN_CHECK_CONTIGUOUS(op, key_cache);
   FASTGEN_CHECK_CONTIGUOUS(op, value_cache);
   FASTGEN_CHECK_CONTIGUOUS(op, cu_seqlens_q);
@@ -223,16 +224,13 @@ void check_attention_args(const at::Tensor& out, const at::Tensor& query,
   FASTGEN_CHECK_DTYPE(op, cu_seqlens_q, at::kInt);
   FASTGEN_CHECK_DTYPE(op, seq_lens_k, at::kInt);
   FASTGEN_CHECK_DTYPE(op, block_tables, at::kInt);
-  FASTGEN_CHECK_SAME_DTYPE(op, out, query);
   FASTGEN_CHECK_SAME_DTYPE(op, key_cache, query);
   FASTGEN_CHECK_SAME_DTYPE(op, value_cache, query);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &out, &key_cache, &value_cache, &cu_seqlens_q, &seq_lens_k, &block_tables}) {
+           &key_cache, &value_cache, &cu_seqlens_q, &seq_lens_k, &block_tables}) {
     TORCH_CHECK(t->device() == query.device(), op, ": every tensor must be on ", query.device(),
                 " (the device of query), got one on ", t->device());
   }
-  TORCH_CHECK(out.sizes() == query.sizes(), op, ": out shape ", out.sizes(), " != query shape ",
-              query.sizes());
   TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), op,
               ": each query row's [Hq, D] must be contiguous (only stride(0) may differ), got strides ",
               query.strides());
@@ -250,12 +248,50 @@ void check_attention_args(const at::Tensor& out, const at::Tensor& query,
               cu_seqlens_q.sizes());
   TORCH_CHECK(block_tables.size(0) == num_seqs, op, ": block_tables must have ", num_seqs,
               " rows (one per sequence), got shape ", block_tables.sizes());
+  TORCH_CHECK(query.size(0) == 0 || num_seqs >= 1, op, ": ", query.size(0),
+              " query tokens but no sequences");
+}
+
+void check_attention_out(const char* op, const at::Tensor& out, const at::Tensor& query,
+                         int64_t value_dim) {
+  FASTGEN_CHECK_CONTIGUOUS(op, out);
+  FASTGEN_CHECK_SAME_DTYPE(op, out, query);
+  TORCH_CHECK(out.device() == query.device(), op, ": every tensor must be on ", query.device(),
+              " (the device of query), got one on ", out.device());
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == query.size(0) && out.size(1) == query.size(1) &&
+                  out.size(2) == value_dim,
+              op, ": out must be [", query.size(0), ", ", query.size(1), ", ", value_dim,
+              "], got ", out.sizes());
+}
+
+}  // namespace
+
+void check_attention_args(const at::Tensor& out, const at::Tensor& query,
+                          const at::Tensor& key_cache, const at::Tensor& value_cache,
+                          const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
+                          const at::Tensor& block_tables, std::optional<int64_t> sliding_window,
+                          std::optional<int64_t> chunk_size) {
+  constexpr const char* op = "attention";
+  check_paged_attention_inputs(op, query, key_cache, value_cache, cu_seqlens_q, seq_lens_k,
+                               block_tables);
+  check_attention_out(op, out, query, query.size(2));
   TORCH_CHECK(!sliding_window || *sliding_window >= 1, op, ": sliding_window must be >= 1, got ",
               sliding_window.value_or(0));
   TORCH_CHECK(!chunk_size || *chunk_size >= 1, op, ": chunk_size must be >= 1, got ",
               chunk_size.value_or(0));
-  TORCH_CHECK(query.size(0) == 0 || num_seqs >= 1, op, ": ", query.size(0),
-              " query tokens but no sequences");
+}
+
+void check_mla_attention_args(const at::Tensor& out, const at::Tensor& query,
+                              const at::Tensor& latent_cache, const at::Tensor& cu_seqlens_q,
+                              const at::Tensor& seq_lens_k, const at::Tensor& block_tables) {
+  constexpr const char* op = "mla_attention";
+  FASTGEN_CHECK_DIM(op, latent_cache, 3);
+  FASTGEN_CHECK_DIM(op, out, 3);
+  const at::Tensor rows = latent_cache.unsqueeze(2);  // one KV head
+  check_paged_attention_inputs(op, query, rows, rows, cu_seqlens_q, seq_lens_k, block_tables);
+  TORCH_CHECK(out.size(2) >= 1 && out.size(2) < query.size(2), op, ": out's last dim (the latent "
+              "size L) must be in [1, ", query.size(2), ") (a row is L + R wide), got ", out.size(2));
+  check_attention_out(op, out, query, out.size(2));
 }
 
 void check_linear_args(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
@@ -436,8 +472,7 @@ void check_position_values(const char* op, const at::Tensor& positions, int64_t 
 void check_attention_metadata_values(const at::Tensor& query, const at::Tensor& key_cache,
                                      const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
                                      const at::Tensor& block_tables, int64_t max_seqlen_q,
-                                     int64_t max_seqlen_k) {
-  constexpr const char* op = "attention";
+                                     int64_t max_seqlen_k, const char* op) {
   const int64_t num_seqs = seq_lens_k.size(0), num_blocks = key_cache.size(0);
   const int64_t block_size = key_cache.size(1), max_blocks = block_tables.size(1);
   const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();

@@ -77,6 +77,12 @@ void check_attention_args(const at::Tensor& out, const at::Tensor& query,
                           const at::Tensor& block_tables, std::optional<int64_t> sliding_window,
                           std::optional<int64_t> chunk_size);
 
+// mla_attention: attention's checks with latent_cache [N, S, L + R] as its one KV head's keys and
+// values, and out [T, H, L] (1 <= L < L + R) contiguous, of query's dtype and device.
+void check_mla_attention_args(const at::Tensor& out, const at::Tensor& query,
+                              const at::Tensor& latent_cache, const at::Tensor& cu_seqlens_q,
+                              const at::Tensor& seq_lens_k, const at::Tensor& block_tables);
+
 // linear (CPU only): input [M, K] with contiguous rows, weight [N, K] contiguous and of input's
 // dtype, out [M, N] contiguous in input's dtype or float32, bias [N] contiguous in input's dtype
 // when given. (No device check: with no CUDA kernel, only CPU tensors reach it.)
@@ -121,10 +127,11 @@ void check_position_values(const char* op, const at::Tensor& positions, int64_t 
 
 // attention's metadata: cu_seqlens_q runs from 0 to the number of query tokens and never
 // decreases; each sequence has q_len <= k_len <= block_tables width x block size, within
-// max_seqlen_q / max_seqlen_k; the block ids of its pages are cache blocks.
+// max_seqlen_q / max_seqlen_k; the block ids of its pages are cache blocks. op names the op in
+// the errors.
 void check_attention_metadata_values(const at::Tensor& query, const at::Tensor& key_cache,
                                      const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
                                      const at::Tensor& block_tables, int64_t max_seqlen_q,
-                                     int64_t max_seqlen_k);
+                                     int64_t max_seqlen_k, const char* op = "attention");
 
 }  // namespace fastgen

@@ -8,6 +8,7 @@
 // elements each, coalesced) and reduced with shuffles, and each warp keeps a float32 online
 // softmax; the warps' partial results are merged through shared memory at the end. Blocks find
 // their sequence by binary search over cu_seqlens_q, so the grid depends only on the token count.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <string_view>
@@ -313,6 +314,46 @@ void attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_c
         return workspace.data_ptr<float>();
       },
       c10::cuda::getCurrentCUDAStream()));
+}
+
+void mla_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& latent_cache,
+                   const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens_k,
+                   const at::Tensor& block_tables, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                   double scale) {
+  constexpr const char* op = "mla_attention";
+  check_mla_attention_args(out, query, latent_cache, cu_seqlens_q, seq_lens_k, block_tables);
+  TORCH_CHECK(query.size(2) == kLatentHeadDim && out.size(2) == 512, op,
+              ": the CUDA kernels take latent rows of ", kLatentHeadDim,
+              " (kv_lora_rank 512 + rope 64), got ", query.size(2), " with L = ", out.size(2));
+  const c10::cuda::CUDAGuard guard(query.device());
+  const bool aligned = query.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(latent_cache.data_ptr()) % 16 == 0;
+  if (max_seqlen_q == 1 && aligned && std::getenv("FASTGEN_ATTENTION_KERNELS") == nullptr) {
+    // Decode steps: the MLA kernel (mla_decode.cu), all heads over one read of each row.
+    int num_sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, query.get_device()));
+    const int splits = mla_decode_num_splits(seq_lens_k.size(0), query.size(1), max_seqlen_k, num_sms);
+    const int64_t floats = mla_decode_workspace_floats(seq_lens_k.size(0), query.size(1), splits);
+    // From torch's caching allocator (the graph's pool while a CUDA graph captures).
+    const at::Tensor workspace = at::empty({std::max<int64_t>(floats, 1)}, query.options().dtype(at::kFloat));
+    FASTGEN_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
+      using T = cuda_type_t<scalar_t>;
+      C10_CUDA_CHECK(mla_decode_launch<T>(
+          reinterpret_cast<T*>(out.data_ptr<scalar_t>()), reinterpret_cast<const T*>(query.data_ptr<scalar_t>()),
+          reinterpret_cast<const T*>(latent_cache.data_ptr<scalar_t>()), cu_seqlens_q.data_ptr<int32_t>(),
+          seq_lens_k.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(), workspace.data_ptr<float>(),
+          seq_lens_k.size(0), query.size(1), latent_cache.size(1), block_tables.size(1), query.stride(0),
+          static_cast<float>(scale), splits, c10::cuda::getCurrentCUDAStream()));
+    });
+    return;
+  }
+  // Prefill and mixed batches: the plain kernel's 576-wide MLA instance over the rows as keys and
+  // values, then the first L of each output row (no tensor-core MLA prefill kernel yet).
+  at::Tensor full = at::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  const at::Tensor rows = latent_cache.unsqueeze(2);
+  attention(full, query, rows, rows, cu_seqlens_q, seq_lens_k, block_tables, max_seqlen_q,
+            max_seqlen_k, scale, std::nullopt, std::nullopt);
+  out.copy_(full.narrow(2, 0, out.size(2)));
 }
 
 }  // namespace fastgen::cuda

@@ -114,4 +114,22 @@ cudaError_t prefill_attention_launch(T* out, const T* query, const T* key_cache,
                                      std::optional<int64_t> sliding_window,
                                      std::optional<int64_t> chunk_size, cudaStream_t stream);
 
+// MLA's absorbed decode (mla_decode.cu): every sequence has at most one query, the last of its
+// k_len cached rows; all heads attend over the latent rows of kLatentHeadDim (the keys), whose
+// first 512 elements are the values; out rows are 512 wide. Split-KV like decode_attention_launch,
+// with num_splits from mla_decode_num_splits and workspace of mla_decode_workspace_floats(...)
+// floats (none for one split). query rows and the cache must be 16-byte aligned.
+int mla_decode_num_splits(int64_t num_seqs, int64_t num_heads, int64_t max_seqlen_k, int num_sms);
+int64_t mla_decode_workspace_floats(int64_t num_seqs, int64_t num_heads, int num_splits);
+template <typename T>
+cudaError_t mla_decode_launch(T* out,                       // [num_tokens, num_heads, 512]
+                              const T* query,               // [num_tokens, num_heads, 576]
+                              const T* latent_cache,        // [num_blocks, block_size, 576]
+                              const int32_t* cu_seqlens_q,  // [num_seqs + 1]
+                              const int32_t* seq_lens_k,    // [num_seqs]
+                              const int32_t* block_tables,  // [num_seqs, max_blocks_per_seq]
+                              float* workspace, int64_t num_seqs, int64_t num_heads,
+                              int64_t block_size, int64_t max_blocks_per_seq, int64_t query_stride,
+                              float scale, int num_splits, cudaStream_t stream);
+
 }  // namespace fastgen::cuda

@@ -90,6 +90,94 @@ def test_mla_rotary_and_cache_checks():
                            torch.tensor([3, -1])))
 
 
+def make_latent_batch(q_lens, k_lens, heads, latent, rope, dtype, device, block_size=16,
+                      query_pad=0, seed=0):
+    """Random queries [T, H, L + R] (rows query_pad wider when given: strided) and a latent cache
+    holding k_lens[b] rows for sequence b in shuffled blocks. Returns mla_attention's arguments."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [-(-k // block_size) for k in k_lens]
+    num_blocks = sum(per_seq) + 2
+    pool = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(k_lens), max(per_seq) + 1, dtype=torch.int32)
+    for b, n in enumerate(per_seq):
+        tables[b, :n] = torch.tensor(pool[:n], dtype=torch.int32)
+        pool = pool[n:]
+    width = heads * (latent + rope)
+    q_full = torch.randn(sum(q_lens), width + query_pad, generator=g)
+    return dict(
+        query=q_full.to(dtype).to(device)[:, :width].view(-1, heads, latent + rope),
+        latent_cache=torch.randn(num_blocks, block_size, latent + rope, generator=g)
+        .to(dtype).to(device),
+        latent_size=latent,
+        cu_seqlens_q=torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(device),
+        seq_lens_k=torch.tensor(k_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device), max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
+        scale=(latent + rope) ** -0.5)
+
+
+def check_mla_attention(batch):
+    out = torch.full((batch["query"].shape[0], batch["query"].shape[1], batch["latent_size"]),
+                     float("nan"), dtype=batch["query"].dtype, device=batch["query"].device)
+    ops.mla_attention(**batch, out=out)
+    expected = reference.mla_attention(
+        *(batch[k].cpu() if isinstance(batch[k], torch.Tensor) else batch[k]
+          for k in ("query", "latent_cache", "latent_size", "cu_seqlens_q", "seq_lens_k",
+                    "block_tables")), batch["scale"])
+    assert_close(out.cpu(), expected, batch["query"].dtype)
+
+
+# (q_lens, k_lens): decode steps, prefills, a chunk after a cached prefix, and all mixed in one
+# call; long contexts take several decode splits (merged).
+MLA_CASES = {
+    "decode": ([1, 1, 1, 1], [1, 31, 33, 200]),
+    "decode_long": ([1, 1], [3000, 1100]),
+    "prefill": ([9, 40], [9, 40]),
+    "mixed": ([1, 7, 1, 20], [50, 30, 3, 20]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MLA_CASES)
+@pytest.mark.parametrize("heads", [16, 5, 2, 1])
+def test_mla_attention(device, dtype, case, heads):
+    """V2-Lite's rows (512 + 64) with head counts that fill 4-head tiles, leave a remainder, or
+    are below one tile (tensor parallelism divides the heads)."""
+    q_lens, k_lens = MLA_CASES[case]
+    check_mla_attention(make_latent_batch(q_lens, k_lens, heads, 512, 64, dtype, device,
+                                          query_pad=64 if heads == 5 else 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("latent,rope", [(32, 32), (48, 16), (40, 24), (33, 7)])
+def test_mla_attention_odd_sizes(dtype, latent, rope):
+    """Row and value widths off the SIMD widths (the bf16 kernels take multiples of 32 or 16;
+    the others every size). CPU only: the CUDA kernels take V2/V3's 576-wide rows."""
+    for case in MLA_CASES.values():
+        check_mla_attention(make_latent_batch(*case, 3, latent, rope, dtype, "cpu", block_size=5))
+
+
+def test_mla_attention_checks():
+    batch = make_latent_batch([1, 3], [4, 3], 2, 32, 8, torch.float32, "cpu")
+
+    def call(**changed):
+        ops.mla_attention(**{**batch, **changed})
+
+    with pytest.raises(RuntimeError, match=r"mla_attention: out's last dim \(the latent size L\) "
+                                           r"must be in \[1, 40\)"):
+        call(latent_size=40)
+    with pytest.raises(RuntimeError, match="mla_attention: key_cache head size 39 != query head "
+                                           "size 40"):
+        call(latent_cache=batch["latent_cache"][..., :39].contiguous())
+    with pytest.raises(RuntimeError, match=r"mla_attention: sequence 0 has 1 queries and 40 keys"):
+        call(seq_lens_k=torch.tensor([40, 3], dtype=torch.int32), max_seqlen_k=40)
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        call(latent_cache=batch["latent_cache"].to(torch.bfloat16))
+    out = torch.empty(4, 2, 32)
+    torch.library.opcheck(torch.ops.fastgen.mla_attention.default,
+                          (out, batch["query"], batch["latent_cache"], batch["cu_seqlens_q"],
+                           batch["seq_lens_k"], batch["block_tables"], 3, 4, 0.1))
+
+
 def expanded_attention(q, cache_rows, w_uk, w_uv_t, scale, q_len):
     """The textbook form, in float64: each head's keys [W_UK c | k_pe] and values W_UV c rebuilt
     from the cached rows, causal softmax attention.   q: [Tq, H, P + R] (rotated);

@@ -30,13 +30,14 @@ namespace {
 constexpr float kLn2 = 0.6931471805599453f;
 
 struct Scratch {
-  explicit Scratch(int64_t num_heads, int64_t head_dim)
-      : queries(num_heads * head_dim), keys(kKeyTile * head_dim), values(kKeyTile * head_dim),
-        scores(kKeyTile), acc(num_heads * head_dim), row_max(num_heads), row_sum(num_heads) {}
-  std::vector<float> queries;       // [num_heads, head_dim]: queries * scale * log2(e)
-  std::vector<float> keys, values;  // [kKeyTile, head_dim]: one KV head's rows of the tile
-  std::vector<float> scores;        // [kKeyTile]
-  std::vector<float> acc;           // [num_heads, head_dim]: unnormalised output
+  explicit Scratch(int64_t num_heads, int64_t head_dim, int64_t value_dim)
+      : queries(num_heads * head_dim), keys(kKeyTile * head_dim), values(kKeyTile * value_dim),
+        scores(kKeyTile), acc(num_heads * value_dim), row_max(num_heads), row_sum(num_heads) {}
+  std::vector<float> queries;  // [num_heads, head_dim]: queries * scale * log2(e)
+  std::vector<float> keys;     // [kKeyTile, head_dim]: one KV head's key rows of the tile
+  std::vector<float> values;   // [kKeyTile, value_dim]: and its value rows
+  std::vector<float> scores;   // [kKeyTile]
+  std::vector<float> acc;      // [num_heads, value_dim]: unnormalised output
   std::vector<float> row_max, row_sum;  // [num_heads], log2 domain
 };
 
@@ -77,14 +78,14 @@ inline void add_weighted_rows(float* __restrict__ acc, float alpha, const float*
 template <typename T>
 void attend_split(const Problem<T>& pb, const DecodeSplit& split, Scratch& s, SplitStates states) {
   const int64_t heads = pb.num_heads, kv_heads = pb.num_kv_heads, dim = pb.head_dim;
-  const int64_t group = pb.group(), token = pb.cu_seqlens_q[split.seq];
+  const int64_t vdim = pb.value_dim, group = pb.group(), token = pb.cu_seqlens_q[split.seq];
   for (int64_t h = 0; h < heads; ++h) {
     to_float(s.queries.data() + h * dim, pb.query_row(token, h), dim);
     for (int64_t d = 0; d < dim; ++d) s.queries[h * dim + d] *= pb.scale * kLog2e;
   }
   std::fill_n(s.row_max.begin(), heads, kNegInf);
   std::fill_n(s.row_sum.begin(), heads, 0.f);
-  std::fill_n(s.acc.begin(), heads * dim, 0.f);
+  std::fill_n(s.acc.begin(), heads * vdim, 0.f);
 
   const int32_t* block_table = pb.block_table(split.seq);
   int64_t slots[kKeyTile];
@@ -95,7 +96,7 @@ void attend_split(const Problem<T>& pb, const DecodeSplit& split, Scratch& s, Sp
       for (int64_t j = 0; j < num_keys; ++j) {
         const int64_t row = pb.cache_row(slots[j], kv_head);
         to_float(s.keys.data() + j * dim, pb.key_cache + row, dim);
-        to_float(s.values.data() + j * dim, pb.value_cache + row, dim);
+        to_float(s.values.data() + j * vdim, pb.value_cache + row, vdim);
       }
       for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
         const float* q = s.queries.data() + h * dim;
@@ -118,7 +119,7 @@ void attend_split(const Problem<T>& pb, const DecodeSplit& split, Scratch& s, Sp
         for (; j < num_keys; ++j) tail_sum += scores[j] = std::exp2(scores[j] - new_max);
         s.row_sum[h] = s.row_sum[h] * alpha + vec::reduce_add(sum) + tail_sum;
         s.row_max[h] = new_max;
-        add_weighted_rows(s.acc.data() + h * dim, alpha, scores, s.values.data(), num_keys, dim);
+        add_weighted_rows(s.acc.data() + h * vdim, alpha, scores, s.values.data(), num_keys, vdim);
       }
     }
   }
@@ -130,7 +131,7 @@ void attend_split(const Problem<T>& pb, const DecodeSplit& split, Scratch& s, Sp
 // 2^(its max - the overall max), added, then divided.
 template <typename T>
 void merge_sequence(const Problem<T>& pb, const DecodePlan::Merge& m, SplitStates states) {
-  const int64_t dim = pb.head_dim;
+  const int64_t dim = pb.value_dim;
   const int64_t token = pb.cu_seqlens_q[m.seq];
   std::vector<float> acc(dim);
   for (int64_t h = 0; h < pb.num_heads; ++h) {
@@ -154,7 +155,7 @@ void merge_sequence(const Problem<T>& pb, const DecodePlan::Merge& m, SplitState
 template <typename T>
 void decode(const Problem<T>& problem, const DecodePlan& plan, SplitStates states) {
   for_each_task(
-      static_cast<int64_t>(plan.splits.size()), [&] { return Scratch(problem.num_heads, problem.head_dim); },
+      static_cast<int64_t>(plan.splits.size()), [&] { return Scratch(problem.num_heads, problem.head_dim, problem.value_dim); },
       [&](int64_t task, Scratch& s) { attend_split(problem, plan.splits[task], s, states); });
 }
 

@@ -25,15 +25,15 @@ namespace {
 
 // One worker's buffers, sized for the largest item and reused across its items.
 struct Scratch {
-  explicit Scratch(int64_t max_rows, int64_t head_dim)
+  explicit Scratch(int64_t max_rows, int64_t head_dim, int64_t value_dim)
       : queries_t(head_dim * max_rows), scores(kKeyTile * max_rows), keys(kKeyTile * head_dim),
-        values(kKeyTile * head_dim), acc(max_rows * head_dim), row_max(max_rows),
+        values(kKeyTile * value_dim), acc(max_rows * value_dim), row_max(max_rows),
         row_sum(max_rows), alpha(max_rows), first_key(max_rows), last_key(max_rows) {}
   std::vector<float> queries_t;  // [head_dim, rows]: queries * scale * log2(e), transposed
   std::vector<float> scores;     // [kKeyTile, rows]: log2-domain scores, then probabilities
   std::vector<float> keys;       // [kKeyTile, head_dim]
-  std::vector<float> values;     // [kKeyTile, head_dim]
-  std::vector<float> acc;        // [rows, head_dim]: unnormalised output
+  std::vector<float> values;     // [kKeyTile, value_dim]
+  std::vector<float> acc;        // [rows, value_dim]: unnormalised output
   std::vector<float> row_max, row_sum, alpha;  // [rows]
   std::vector<int32_t> first_key, last_key;    // [rows]: visible keys, inclusive
 };
@@ -105,7 +105,7 @@ inline void add_weighted_values(float* acc, float alpha, const float* weights,
 
 template <typename T>
 void attend_item(const Problem<T>& pb, const WorkItem& item, int64_t kv_head, Scratch& s) {
-  const int64_t dim = pb.head_dim;
+  const int64_t dim = pb.head_dim, vdim = pb.value_dim;
   const ItemRows rows = item_rows(pb, item, kv_head, s.first_key.data(), s.last_key.data());
   const int64_t padded = rows.padded;
   float* queries_t = s.queries_t.data();
@@ -119,7 +119,7 @@ void attend_item(const Problem<T>& pb, const WorkItem& item, int64_t kv_head, Sc
   }
   std::fill_n(s.row_max.begin(), padded, kNegInf);
   std::fill_n(s.row_sum.begin(), padded, 0.f);
-  std::fill_n(s.acc.begin(), rows.count * dim, 0.f);
+  std::fill_n(s.acc.begin(), rows.count * vdim, 0.f);
 
   const int64_t keys_begin = s.first_key[0], keys_end = s.last_key[rows.count - 1] + 1;
   const int32_t* block_table = pb.block_table(item.seq);
@@ -130,7 +130,7 @@ void attend_item(const Problem<T>& pb, const WorkItem& item, int64_t kv_head, Sc
     for (int64_t j = 0; j < num_keys; ++j) {
       const int64_t row = pb.cache_row(pb.slot(block_table, j0 + j), kv_head);
       to_float(s.keys.data() + j * dim, pb.key_cache + row, dim);
-      to_float(s.values.data() + j * dim, pb.value_cache + row, dim);
+      to_float(s.values.data() + j * vdim, pb.value_cache + row, vdim);
     }
     prefetch_head_rows(pb, block_table, j0 + kKeyTile, std::min(j0 + 2 * kKeyTile, keys_end), kv_head);
 
@@ -167,8 +167,8 @@ void attend_item(const Problem<T>& pb, const WorkItem& item, int64_t kv_head, Sc
       const int64_t jb = std::max<int64_t>(first_key[r], j0) - j0;
       const int64_t je = std::max(jb, std::min<int64_t>(last_key[r] + 1, j0 + num_keys) - j0);
       if (jb == je && alpha[r] == 1.f) continue;
-      add_weighted_values(s.acc.data() + r * dim, alpha[r], scores + jb * padded + r, padded,
-                          s.values.data() + jb * dim, je - jb, dim);
+      add_weighted_values(s.acc.data() + r * vdim, alpha[r], scores + jb * padded + r, padded,
+                          s.values.data() + jb * vdim, je - jb, vdim);
     }
   }
 
@@ -176,8 +176,8 @@ void attend_item(const Problem<T>& pb, const WorkItem& item, int64_t kv_head, Sc
     // row_sum >= the weight of the query's own position, exp2(0) scaled: never 0.
     const float inv_sum = 1.f / s.row_sum[r];
     T* o = pb.out_row(rows.token(r), rows.head(r));
-    const float* acc = s.acc.data() + r * dim;
-    for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] * inv_sum);
+    const float* acc = s.acc.data() + r * vdim;
+    for (int64_t d = 0; d < vdim; ++d) o[d] = static_cast<T>(acc[d] * inv_sum);
   }
 }
 
@@ -188,7 +188,7 @@ void prefill(const Problem<T>& problem, const PrefillPlan& plan) {
   const int64_t kv_heads = problem.num_kv_heads;
   for_each_task(
       static_cast<int64_t>(plan.items.size()) * kv_heads,
-      [&] { return Scratch(plan.max_rows, problem.head_dim); },
+      [&] { return Scratch(plan.max_rows, problem.head_dim, problem.value_dim); },
       [&](int64_t task, Scratch& s) { attend_item(problem, plan.items[task / kv_heads], task % kv_heads, s); });
 }
 

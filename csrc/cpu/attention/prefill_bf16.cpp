@@ -31,17 +31,17 @@ namespace {
 static_assert(kLanes == 16, "the bf16 kernels are written for 16-lane AVX-512 vectors");
 
 struct Scratch {
-  explicit Scratch(int64_t max_rows, int64_t head_dim)
+  explicit Scratch(int64_t max_rows, int64_t head_dim, int64_t value_dim)
       : queries(head_dim / 2 * max_rows), keys(kKeyTile * head_dim / 2),
-        values(kPairsPerTile * head_dim), scores(kKeyTile * max_rows),
-        probs(kPairsPerTile * max_rows), acc(head_dim * max_rows), row_max(max_rows),
+        values(kPairsPerTile * value_dim), scores(kKeyTile * max_rows),
+        probs(kPairsPerTile * max_rows), acc(value_dim * max_rows), row_max(max_rows),
         row_sum(max_rows), alpha(max_rows), first_key(max_rows), last_key(max_rows) {}
   std::vector<uint32_t> queries;  // [head_dim / 2, rows]: bf16 pairs (q[r, 2i], q[r, 2i + 1])
   std::vector<uint32_t> keys;     // [kKeyTile, head_dim / 2]: the tile's key rows, zero past it
-  std::vector<uint32_t> values;   // [kKeyTile / 2, head_dim]: bf16 pairs (v[2i, d], v[2i + 1, d])
+  std::vector<uint32_t> values;   // [kKeyTile / 2, value_dim]: bf16 pairs (v[2i, d], v[2i + 1, d])
   std::vector<float> scores;      // [kKeyTile, rows]: log2-domain scores
   std::vector<uint32_t> probs;    // [kKeyTile / 2, rows]: bf16 pairs (p[r, 2i], p[r, 2i + 1])
-  std::vector<float> acc;         // [head_dim, rows]: unnormalised output, transposed
+  std::vector<float> acc;         // [value_dim, rows]: unnormalised output, transposed
   std::vector<float> row_max, row_sum, alpha;  // [rows]
   std::vector<int32_t> first_key, last_key;    // [rows]: visible keys, inclusive
 };
@@ -92,7 +92,7 @@ inline void add_values(float* __restrict__ acc, const float* __restrict__ alpha,
 constexpr int kTileKeys = 8, kTileDims = 8;
 
 void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t kv_head, Scratch& s) {
-  const int64_t dim = pb.head_dim, half_dim = dim / 2;
+  const int64_t dim = pb.head_dim, half_dim = dim / 2, vdim = pb.value_dim;
   const ItemRows rows = item_rows(pb, item, kv_head, s.first_key.data(), s.last_key.data());
   const int64_t padded = rows.padded;
   uint32_t* queries = s.queries.data();
@@ -105,7 +105,7 @@ void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t
   }
   std::fill_n(s.row_max.begin(), padded, kNegInf);
   std::fill_n(s.row_sum.begin(), padded, 0.f);
-  std::fill_n(s.acc.begin(), dim * padded, 0.f);
+  std::fill_n(s.acc.begin(), vdim * padded, 0.f);
 
   const int64_t keys_begin = s.first_key[0], keys_end = s.last_key[rows.count - 1] + 1;
   // Every row sees keys [latest_first, earliest_last]; tiles inside need no mask.
@@ -126,7 +126,7 @@ void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t
     prefetch_head_rows(pb, block_table, j0 + kKeyTile, std::min(j0 + 2 * kKeyTile, keys_end), kv_head);
     const int64_t scored_keys = round_up(num_keys, kTileKeys);
     std::fill(s.keys.begin() + num_keys * half_dim, s.keys.begin() + scored_keys * half_dim, 0u);
-    pack_value_pairs(s.values.data(), value_rows, num_keys, dim);
+    pack_value_pairs(s.values.data(), value_rows, num_keys, vdim);
 
     float* scores = s.scores.data();
     const uint32_t* keys = s.keys.data();
@@ -174,13 +174,13 @@ void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t
     const uint32_t* values = s.values.data();
     const float* alpha = s.alpha.data();
     for (r0 = 0; r0 + 2 * kLanes <= padded; r0 += 2 * kLanes) {
-      for (int64_t d = 0; d < dim; d += kTileDims) {
-        add_values<2, kTileDims>(acc + d * padded + r0, alpha + r0, probs + r0, values + d, num_pairs, padded, dim);
+      for (int64_t d = 0; d < vdim; d += kTileDims) {
+        add_values<2, kTileDims>(acc + d * padded + r0, alpha + r0, probs + r0, values + d, num_pairs, padded, vdim);
       }
     }
     if (r0 < padded) {
-      for (int64_t d = 0; d < dim; d += kTileDims) {
-        add_values<1, kTileDims>(acc + d * padded + r0, alpha + r0, probs + r0, values + d, num_pairs, padded, dim);
+      for (int64_t d = 0; d < vdim; d += kTileDims) {
+        add_values<1, kTileDims>(acc + d * padded + r0, alpha + r0, probs + r0, values + d, num_pairs, padded, vdim);
       }
     }
   }
@@ -189,7 +189,7 @@ void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t
     const float inv_sum = 1.f / s.row_sum[r];
     c10::BFloat16* o = pb.out_row(rows.token(r), rows.head(r));
     const float* acc = s.acc.data() + r;
-    for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<c10::BFloat16>(acc[d * padded] * inv_sum);
+    for (int64_t d = 0; d < vdim; ++d) o[d] = static_cast<c10::BFloat16>(acc[d * padded] * inv_sum);
   }
 }
 
@@ -199,7 +199,7 @@ void prefill_bf16(const Problem<c10::BFloat16>& problem, const PrefillPlan& plan
   const int64_t kv_heads = problem.num_kv_heads;
   for_each_task(
       static_cast<int64_t>(plan.items.size()) * kv_heads,
-      [&] { return Scratch(plan.max_rows, problem.head_dim); },
+      [&] { return Scratch(plan.max_rows, problem.head_dim, problem.value_dim); },
       [&](int64_t task, Scratch& s) { attend_item(problem, plan.items[task / kv_heads], task % kv_heads, s); });
 }
 

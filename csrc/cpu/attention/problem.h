@@ -34,6 +34,9 @@ struct Batch {
   const int32_t* seq_lens_k;    // [num_seqs]
   const int32_t* block_tables;  // [num_seqs, max_blocks_per_seq]
   int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks_per_seq;
+  // The values are the first value_dim <= head_dim elements of each value row (head_dim for
+  // standard attention; MLA's latent rows are keys of L + R and values of their first L).
+  int64_t value_dim;
   int64_t window, chunk;  // kUnbounded when not given (core/attention_mask.h)
 
   int64_t q_len(int64_t seq) const { return cu_seqlens_q[seq + 1] - cu_seqlens_q[seq]; }
@@ -51,7 +54,7 @@ struct Batch {
 // The whole call's inputs, so a kernel's per-task function takes one argument for them.
 template <typename T>
 struct Problem : Batch {
-  T* out;                // [num_tokens, num_heads, head_dim]
+  T* out;                // [num_tokens, num_heads, value_dim]
   const T* query;        // [num_tokens, num_heads, head_dim], rows query_stride apart
   const T* key_cache;    // [num_blocks, block_size, num_kv_heads, head_dim]
   const T* value_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
@@ -59,7 +62,7 @@ struct Problem : Batch {
   float scale;
 
   const T* query_row(int64_t token, int64_t head) const { return query + token * query_stride + head * head_dim; }
-  T* out_row(int64_t token, int64_t head) const { return out + (token * num_heads + head) * head_dim; }
+  T* out_row(int64_t token, int64_t head) const { return out + (token * num_heads + head) * value_dim; }
 };
 
 // ---- prefill ---------------------------------------------------------------------------------
@@ -83,32 +86,34 @@ PrefillPlan plan_prefill(const Batch& batch);
 
 template <typename T>
 void prefill(const Problem<T>& problem, const PrefillPlan& plan);  // prefill.cpp
-// kHasBf16Pairs builds only, head_dim a multiple of kLanes.
+// kHasBf16Pairs builds only, head_dim and value_dim multiples of kLanes.
 void prefill_bf16(const Problem<c10::BFloat16>& problem, const PrefillPlan& plan);
-inline bool prefill_bf16_takes(int64_t head_dim) { return head_dim % kLanes == 0; }
+inline bool prefill_bf16_takes(const Batch& batch) {
+  return batch.head_dim % kLanes == 0 && batch.value_dim % kLanes == 0;
+}
 
 // ---- decode ----------------------------------------------------------------------------------
 
 // The state a decode split leaves for its merge when its sequence has several splits, per head:
 // its running max and sum (log2 domain) and its unnormalised output, as one row of floats
-// [max, sum, acc[head_dim]].
+// [max, sum, acc[value_dim]].
 struct SplitState {
   float* row;
   float& max() const { return row[0]; }
   float& sum() const { return row[1]; }
   float* acc() const { return row + 2; }
-  static int64_t floats(int64_t head_dim) { return 2 + head_dim; }
+  static int64_t floats(int64_t value_dim) { return 2 + value_dim; }
 };
 
 // Every split's state, [num_partials, num_heads] rows; a sequence's partials are consecutive.
 struct SplitStates {
-  float* data;  // [num_partials, num_heads, SplitState::floats(head_dim)]
-  int64_t num_heads, head_dim;
-  static int64_t floats(int64_t num_partials, int64_t num_heads, int64_t head_dim) {
-    return num_partials * num_heads * SplitState::floats(head_dim);
+  float* data;  // [num_partials, num_heads, SplitState::floats(value_dim)]
+  int64_t num_heads, value_dim;
+  static int64_t floats(int64_t num_partials, int64_t num_heads, int64_t value_dim) {
+    return num_partials * num_heads * SplitState::floats(value_dim);
   }
   SplitState at(int64_t partial, int64_t head) const {
-    return {data + (partial * num_heads + head) * SplitState::floats(head_dim)};
+    return {data + (partial * num_heads + head) * SplitState::floats(value_dim)};
   }
 };
 
@@ -135,9 +140,11 @@ DecodePlan plan_decode(const Batch& batch);
 
 template <typename T>
 void decode(const Problem<T>& problem, const DecodePlan& plan, SplitStates states);  // decode.cpp
-// kHasBf16Pairs builds only, head_dim a multiple of 2 * kLanes.
+// kHasBf16Pairs builds only, head_dim and value_dim multiples of 2 * kLanes.
 void decode_bf16(const Problem<c10::BFloat16>& problem, const DecodePlan& plan, SplitStates states);
-inline bool decode_bf16_takes(int64_t head_dim) { return head_dim % (2 * kLanes) == 0; }
+inline bool decode_bf16_takes(const Batch& batch) {
+  return batch.head_dim % (2 * kLanes) == 0 && batch.value_dim % (2 * kLanes) == 0;
+}
 
 // out for every sequence with several splits, from their states (decode.cpp).
 template <typename T>

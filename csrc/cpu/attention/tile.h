@@ -46,15 +46,15 @@ inline void to_float(float* __restrict__ out, const T* __restrict__ in, int64_t 
 template <typename T>
 [[gnu::always_inline]] inline void prefetch_head_rows(const Problem<T>& pb, const int32_t* block_table,
                                                       int64_t begin, int64_t end, int64_t kv_head) {
-  const int64_t bytes = pb.head_dim * static_cast<int64_t>(sizeof(T));
+  const int64_t key_bytes = pb.head_dim * static_cast<int64_t>(sizeof(T));
+  const int64_t value_bytes = pb.value_dim * static_cast<int64_t>(sizeof(T));
   for (int64_t j = begin; j < end; ++j) {
     const int64_t row = pb.cache_row(pb.slot(block_table, j), kv_head);
     const char* k = reinterpret_cast<const char*>(pb.key_cache + row);
     const char* v = reinterpret_cast<const char*>(pb.value_cache + row);
-    for (int64_t byte = 0; byte < bytes; byte += 64) {
-      __builtin_prefetch(k + byte);
-      __builtin_prefetch(v + byte);
-    }
+    for (int64_t byte = 0; byte < key_bytes; byte += 64) __builtin_prefetch(k + byte);
+    if (v == k) continue;  // MLA: the values are the keys' rows
+    for (int64_t byte = 0; byte < value_bytes; byte += 64) __builtin_prefetch(v + byte);
   }
 }
 
@@ -122,11 +122,11 @@ inline void online_softmax_update(float* row_max, float* row_sum, float* alpha, 
 // ---- decode ----------------------------------------------------------------------------------
 
 // A split's end: out = acc / sum when it is the whole sequence, else its state for the merge.
-// acc: [num_heads, head_dim]; row_max, row_sum: [num_heads].
+// acc: [num_heads, value_dim]; row_max, row_sum: [num_heads].
 template <typename T>
 void finish_decode_split(const Problem<T>& pb, const DecodeSplit& split, const float* acc,
                          const float* row_max, const float* row_sum, SplitStates states) {
-  const int64_t heads = pb.num_heads, dim = pb.head_dim;
+  const int64_t heads = pb.num_heads, dim = pb.value_dim;
   if (split.partial) {
     for (int64_t h = 0; h < heads; ++h) {
       const SplitState state = states.at(*split.partial, h);

@@ -8,9 +8,10 @@ take H * (P + R + V) * 2 (10,240 for V2-Lite's 16 heads). The heads' keys and va
 and attention never builds them: the key up-projection is absorbed into the query,
     q_h . k_h = (W_UK[h]^T q_nope_h) . c_kv + q_pe_h . k_pe = [q_lat_h | q_pe_h] . cache row,
 which makes every head a query of one multi-query attention with head size L + R over the cache
-rows, whose value is the row's first L entries; W_UV then maps each head's L-wide result to its
-V outputs. The same absorbed form serves prefill and decode (one fastgen attention op; its value
-width is the row's, so the last R outputs are computed and dropped).
+rows, whose value is the row's first L entries (the mla_attention op); W_UV then maps each head's
+L-wide result to its V outputs. The same absorbed form serves prefill and decode: on a CPU it is
+faster than expanding per-head keys and values at every prefill length measured
+(bench/kernels/bench_mla.py).
 
 Shape letters: T tokens, H heads (per rank), P qk_nope_head_dim, R qk_rope_head_dim,
 V v_head_dim, L kv_lora_rank.
@@ -62,8 +63,8 @@ class LatentAttention(AttentionLayer):
         q = q.view(tokens, heads, self.nope_dim + self.rope_dim)
         q_lat = torch.bmm(q[..., :self.nope_dim].transpose(0, 1), w_uk)  # [H, T, L]
         query = torch.cat((q_lat.transpose(0, 1), q[..., self.nope_dim:]), dim=-1)  # [T, H, L + R]
-        rows = cache.unsqueeze(2)  # [N, S, 1, L + R]: one KV head; keys and values are the rows
-        out = ops.attention(query, rows, rows, meta.cu_seqlens_q, meta.seq_lens_k,
-                            meta.block_tables, meta.max_seqlen_q, meta.max_seqlen_k, self.scale)
-        o = torch.bmm(out[..., :latent].transpose(0, 1), w_uv_t)  # [H, T, V]
+        out = ops.mla_attention(query, cache, latent, meta.cu_seqlens_q, meta.seq_lens_k,
+                                meta.block_tables, meta.max_seqlen_q, meta.max_seqlen_k,
+                                self.scale)  # [T, H, L]
+        o = torch.bmm(out.transpose(0, 1), w_uv_t)  # [H, T, V]
         return o.transpose(0, 1).reshape(tokens, heads * self.v_head_dim)

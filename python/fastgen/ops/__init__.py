@@ -101,6 +101,22 @@ def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     return out
 
 
+def mla_attention(query: torch.Tensor, latent_cache: torch.Tensor, latent_size: int,
+                  cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor,
+                  block_tables: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                  scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek MLA's absorbed attention (see the mla_attention schema): causal paged attention of
+    H query heads over one KV head whose latent-cache rows [c_kv | k_pe] (L + R wide) are the keys
+    and whose first L = latent_size elements are the values. query: [T, H, L + R];
+    latent_cache: [N, S, L + R]; metadata as attention's; out (written when given): [T, H, L]
+    -> [T, H, L]"""
+    if out is None:
+        out = query.new_empty(query.shape[0], query.shape[1], latent_size)
+    _ops.mla_attention.default(out, query, latent_cache, cu_seqlens_q, seq_lens_k, block_tables,
+                               max_seqlen_q, max_seqlen_k, scale)
+    return out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x @ weight^T + bias, accumulated in float32 (CPU only; on GPUs use F.linear).
@@ -164,3 +180,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         out = torch.empty_like(x)
     _ops.fused_moe.default(out, x, w13, w2, topk_weights, topk_ids, weight_on_input)
     return out
+

@@ -122,11 +122,12 @@ def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     """Paged causal attention, one sequence at a time with an explicit mask, in float32.
     Query i of a sequence with q_len queries and k_len keys sits at p = k_len - q_len + i and sees
     key j when j <= p, p - j < sliding_window, and j // chunk_size == p // chunk_size.
-    query: [T, Hq, D]; caches: [N, S, Hkv, D]; cu_seqlens_q: [B + 1]; seq_lens_k: [B];
-    block_tables: [B, M] -> [T, Hq, D] float32"""
+    query: [T, Hq, D]; key_cache: [N, S, Hkv, D]; value_cache: [N, S, Hkv, Dv];
+    cu_seqlens_q: [B + 1]; seq_lens_k: [B]; block_tables: [B, M] -> [T, Hq, Dv] float32"""
     block_size = key_cache.shape[1]
     num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
-    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    out = torch.empty(*query.shape[:2], value_cache.shape[-1], dtype=torch.float32,
+                      device=query.device)
     for b in range(seq_lens_k.numel()):
         q_start, q_end = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
         k_len, q_len = int(seq_lens_k[b]), q_end - q_start
@@ -149,6 +150,17 @@ def attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         scores = scores.masked_fill(~allowed[None], float("-inf"))
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     return out
+
+
+def mla_attention(query: torch.Tensor, latent_cache: torch.Tensor, latent_size: int,
+                  cu_seqlens_q: torch.Tensor, seq_lens_k: torch.Tensor,
+                  block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """attention with the latent rows as the one KV head's keys and their first latent_size
+    elements as its values, in float32. query: [T, H, L + R]; latent_cache: [N, S, L + R]
+    -> [T, H, L] float32"""
+    rows = latent_cache.unsqueeze(2)
+    return attention(query, rows, rows[..., :latent_size], cu_seqlens_q, seq_lens_k,
+                     block_tables, scale)
 
 
 def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
