@@ -9,6 +9,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/shm_comm.h"
 #include "ops.h"
 
 TORCH_LIBRARY(fastgen, m) {
@@ -103,6 +104,20 @@ TORCH_LIBRARY(fastgen, m) {
   // float32; topk_ids: [T, k] int32
   m.def("fused_moe(Tensor! out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "
         "Tensor topk_ids, bool weight_on_input) -> ()");
+
+  // Tensor-parallel collectives between the processes of one host, through shared memory (CPU;
+  // csrc/cpu/shm_comm.h). shm_group_init is collective over the group's world_size processes:
+  // rank 0 creates the segment `name`, every rank maps it; it returns the group's handle. Each
+  // collective is called by every rank in the same order with tensors of the same shape: x is
+  // summed in place in float32, in rank order (bitwise the same on every rank); out [R * numel]
+  // gets rank r's x at r * numel. A peer that exited, or that does not arrive within timeout_s,
+  // is an error on every rank waiting for it.
+  m.def("shm_group_init(str name, int world_size, int rank, int buffer_bytes, float timeout_s) -> int",
+        &fastgen::cpu::shm_group_init);
+  m.def("shm_group_destroy(int group) -> ()", &fastgen::cpu::shm_group_destroy);
+  m.def("shm_barrier(int group) -> ()", &fastgen::cpu::shm_barrier);
+  m.def("shm_all_reduce(Tensor! x, int group) -> ()");
+  m.def("shm_all_gather(Tensor! out, Tensor x, int group) -> ()");
 }
 
 #define FASTGEN_IMPL_OPS(m, ns)                              \
@@ -123,6 +138,8 @@ TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
   FASTGEN_IMPL_OPS(m, fastgen::cpu)
   // CPU-only ops (no CUDA kernel: see ops.h).
   m.impl("linear", &fastgen::cpu::linear);
+  m.impl("shm_all_reduce", &fastgen::cpu::shm_all_reduce);
+  m.impl("shm_all_gather", &fastgen::cpu::shm_all_gather);
 }
 
 #ifdef FASTGEN_WITH_CUDA

@@ -41,6 +41,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "`plain` sends every CUDA attention batch to the plain kernel (not the split-KV decode "
            "or tensor-core prefill one), for bisecting a wrong result; read once per process",
            "the C++ extension, `csrc/cuda/attention.cu` (run time)"),
+    EnvVar("FASTGEN_TP_TIMEOUT_S", "`300`",
+           "how long a tensor-parallel rank waits for a peer in a collective before it fails "
+           "with an error naming the peer (a peer whose process exited is reported at once)",
+           "`fastgen.distributed` (run time)"),
+    EnvVar("FASTGEN_CPU_COLLECTIVES", "`shm` between the ranks of one host",
+           "`gloo` sends CPU tensor-parallel collectives through torch.distributed's gloo even "
+           "on one host (for comparison; ranks on several hosts always use gloo)",
+           "`fastgen.distributed` (run time)"),
     EnvVar("RANK", "`0`", "this process's global rank under torchrun",
            "`fastgen.generation.distributed` (run time)"),
     EnvVar("WORLD_SIZE", "`1`", "the number of processes under torchrun",
@@ -110,6 +118,19 @@ def torchrun_world_size() -> int:
 def torchrun_local_rank() -> int:
     """$LOCAL_RANK, default 0: this process's rank on its node."""
     return int(_get("LOCAL_RANK") or "0")
+
+
+def tp_timeout_s() -> float:
+    """$FASTGEN_TP_TIMEOUT_S, default 300: a collective's wait for a peer, seconds."""
+    return float(_get("FASTGEN_TP_TIMEOUT_S") or "300")
+
+
+def cpu_collectives() -> str:
+    """$FASTGEN_CPU_COLLECTIVES, default "shm"; "gloo" forces torch.distributed's gloo."""
+    value = _get("FASTGEN_CPU_COLLECTIVES") or "shm"
+    if value not in ("shm", "gloo"):
+        raise ValueError(f"FASTGEN_CPU_COLLECTIVES must be shm or gloo, got {value!r}")
+    return value
 
 
 def disable_progress_bars() -> None:

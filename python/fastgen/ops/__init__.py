@@ -181,3 +181,32 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _ops.fused_moe.default(out, x, w13, w2, topk_weights, topk_ids, weight_on_input)
     return out
 
+
+# ---- tensor-parallel collectives between the processes of one host (shared memory, CPU) -------
+
+def shm_group_init(name: str, world_size: int, rank: int, buffer_bytes: int,
+                   timeout_s: float) -> int:
+    """Joins (rank 0: creates) the shared-memory group `name` of world_size processes; collective.
+    Returns its handle for the calls below."""
+    return _ops.shm_group_init.default(name, world_size, rank, buffer_bytes, timeout_s)
+
+
+def shm_all_reduce(x: torch.Tensor, group: int) -> None:
+    """x summed over the group's ranks in place, in float32 in rank order (the same bits on every
+    rank).   x: contiguous float32 / float16 / bfloat16"""
+    _ops.shm_all_reduce.default(x, group)
+
+
+def shm_all_gather(out: torch.Tensor, x: torch.Tensor, group: int) -> None:
+    """out[r] = rank r's x.   x: contiguous; out: [R, *x.shape] contiguous, x's dtype"""
+    _ops.shm_all_gather.default(out, x, group)
+
+
+def shm_barrier(group: int) -> None:
+    """Returns once every rank of the group has called it."""
+    _ops.shm_barrier.default(group)
+
+
+def shm_group_destroy(group: int) -> None:
+    """Unmaps this process's view of the group."""
+    _ops.shm_group_destroy.default(group)
