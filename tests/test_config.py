@@ -2,7 +2,7 @@
 by a flag of add_cli_args (found by giving each flag a non-default value and watching which field
 changes, so a field added without a flag fails here), every default is the dataclass's, a bad
 value is a one-line error naming the flag (command line) or the field (Python), and
-ParallelConfig accepts only 1 x 1."""
+ParallelConfig accepts any tensor-parallel size but one data-parallel replica."""
 
 import dataclasses
 
@@ -56,7 +56,7 @@ def changed_fields(argv: list[str]) -> set[tuple[str, ...]]:
 
 
 def test_every_field_has_a_flag_that_sets_it():
-    parallel = {("parallel", f.name) for f in dataclasses.fields(ParallelConfig)}
+    refusable = {("parallel", "data_parallel_size")}  # only 1 runs in one engine
     reached, refused = set(), set()
     for action in engine_actions(engine_parser()):
         if action.nargs == 0 and action.const == action.default:
@@ -64,14 +64,14 @@ def test_every_field_has_a_flag_that_sets_it():
         argv = other_value(action)
         try:
             changed = changed_fields(argv)
-        except ValueError as e:  # the parallel sizes: only 1 runs
+        except ValueError as e:  # the data-parallel size: only 1 runs
             assert "is not supported yet" in str(e), argv
             refused.add(("parallel", action.dest))
             continue
         assert len(changed) == 1, (argv, changed)  # one flag, one field
         reached |= changed
-    assert reached == set(leaf_fields()) - parallel
-    assert refused == parallel
+    assert reached == set(leaf_fields()) - refusable
+    assert refused == refusable
 
 
 def test_defaults_are_the_dataclasses():
@@ -92,8 +92,7 @@ def test_defaults_are_the_dataclasses():
     (["--block-size", "0"], "--block-size must be at least 1, got 0"),
     (["--cpu-kv-cache-gib", "0"], "--cpu-kv-cache-gib must be > 0, got 0.0"),
     (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be in (0, 1], got 1.5"),
-    (["-tp", "2"],
-     "--tensor-parallel-size must be 1 (tensor parallelism is not supported yet), got 2"),
+    (["-tp", "0"], "--tensor-parallel-size must be at least 1, got 0"),
     (["--data-parallel-size", "4"],
      "--data-parallel-size must be 1 (data parallelism is not supported yet), got 4"),
 ])
@@ -118,11 +117,12 @@ def test_the_python_api_checks_the_same_values_naming_the_field():
         EngineConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match=r"^gpu_memory_utilization must be in \(0, 1\], got 2$"):
         CacheConfig(gpu_memory_utilization=2)
-    with pytest.raises(ValueError, match="tensor parallelism is not supported yet"):
-        ParallelConfig(tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="tensor parallelism is not supported yet"):
-        EngineConfig.from_fields(tensor_parallel_size=8)
+    with pytest.raises(ValueError, match=r"^tensor_parallel_size must be at least 1, got 0$"):
+        ParallelConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="data parallelism is not supported yet"):
+        EngineConfig.from_fields(data_parallel_size=8)
     assert ParallelConfig() == ParallelConfig(tensor_parallel_size=1, data_parallel_size=1)
+    assert EngineConfig.from_fields(tensor_parallel_size=8).parallel.tensor_parallel_size == 8
 
 
 def test_flat_settings_go_to_the_config_that_declares_them():
@@ -141,7 +141,9 @@ def test_llm_takes_parallel_sizes_and_refuses_others_before_loading(tmp_path):
     from fastgen import LLM
 
     missing = str(tmp_path / "no-model")  # never read: each call fails before loading
-    with pytest.raises(ValueError, match="tensor_parallel_size must be 1 .*not supported yet"):
-        LLM(missing, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="data_parallel_size must be 1 .*not supported yet"):
+        LLM(missing, data_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1, got 0"):
+        LLM(missing, tensor_parallel_size=0)
     with pytest.raises(TypeError, match="LLM\\(\\) got unknown arguments: tp"):
         LLM(missing, tp=2)

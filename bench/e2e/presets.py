@@ -59,8 +59,15 @@ DEEPSEEK_V2_LITE = {
     "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 100000,
     "eos_token_id": 100001, "torch_dtype": "bfloat16",
 }
+# meta-llama/Llama-3.2-1B-Instruct's shape (1.24B parameters, tied embeddings): a model a 2-core
+# CPU runs at a few tokens a second, for tensor parallelism on the CPU.
+LLAMA32_1B = {**LLAMA31_8B, "hidden_size": 2048, "intermediate_size": 8192,
+              "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "head_dim": 64, "rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": 32.0},
+              "tie_word_embeddings": True}
 SYNTHETIC_MODELS = {  # name -> config.json, run with random weights
     "llama3.1-8b": LLAMA31_8B,
+    "llama3.2-1b": LLAMA32_1B,
     "mixtral-mini": MIXTRAL_MINI,
     "mixtral-8x7b": MIXTRAL_8X7B,
     # Mixtral-8x7B's layers, 8 of its 32 (11.7B parameters, 23 GB in bf16): per-layer speed on a

@@ -217,12 +217,15 @@ class CacheConfig:
 @dataclass
 class ParallelConfig:
     """The process layout: tensor_parallel_size ranks shard one model replica, and
-    data_parallel_size replicas serve requests of their own. Only 1 x 1 runs today; the layout is
-    read from this one place already, so adding tensor parallelism changes no entry point."""
+    data_parallel_size replicas serve requests of their own (only 1 for the engine and servers;
+    fastgen-generate runs replicas as torchrun processes)."""
 
     tensor_parallel_size: int = setting(
-        1, "processes sharding one model replica (only 1 for now)", alias="-tp",
-        check=only_one("tensor parallelism"))
+        1, "processes sharding one model replica: rank 0 starts the others on this host (under "
+        "torchrun, the job's processes are the ranks)", alias="-tp", check=at_least(1))
+    enable_expert_parallel: bool = setting(
+        False, "MoE layers place whole experts on the tensor-parallel ranks (E / tp each) "
+        "instead of splitting every expert's intermediate dimension")
     data_parallel_size: int = setting(
         1, "model replicas serving requests of their own (only 1 for now; fastgen-generate "
         "splits its rows across torchrun processes instead)", check=only_one("data parallelism"))

@@ -41,6 +41,9 @@ class TensorParallelGroup:
     size: int = 1
     process_group: Any = None
     shm_group: int | None = None
+    # How MoE layers use the ranks: whole experts placed on each (expert parallelism) instead of
+    # every expert's intermediate dimension split (fastgen.layers.moe).
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -49,14 +52,14 @@ class TensorParallelGroup:
             raise ValueError(f"a tensor-parallel group of {self.size} ranks needs its process group")
 
     @classmethod
-    def create(cls, process_group: Any) -> TensorParallelGroup:
+    def create(cls, process_group: Any, expert_parallel: bool = False) -> TensorParallelGroup:
         """The group of process_group's ranks (collective: every rank calls it), with the
         shared-memory backend when they all run on this host."""
         import torch.distributed as dist
 
         rank, size = dist.get_rank(process_group), dist.get_world_size(process_group)
         if size == 1:
-            return cls(rank, size, process_group)
+            return cls(rank, size, process_group, expert_parallel=expert_parallel)
         hosts: list[Any] = [None] * size
         dist.all_gather_object(hosts, socket.gethostname(), group=process_group)
         shm_group = None
@@ -65,7 +68,7 @@ class TensorParallelGroup:
             dist.broadcast_object_list(box, src=dist.get_global_rank(process_group, 0),
                                        group=process_group)
             shm_group = ops.shm_group_init(box[0], size, rank, SHM_BUFFER_BYTES, envs.tp_timeout_s())
-        return cls(rank, size, process_group, shm_group)
+        return cls(rank, size, process_group, shm_group, expert_parallel)
 
     @property
     def is_first_rank(self) -> bool:

@@ -45,10 +45,10 @@ def test_engine_flags_reach_the_engine(monkeypatch, capsys, main, argv):
 
 @pytest.mark.parametrize("main, prog, argv", [(run.main, "fastgen-run", ["--prompt", "hi"]),
                                               (serve.main, "fastgen-serve", [])])
-def test_tensor_parallelism_is_refused_in_one_line(capsys, main, prog, argv):
-    assert main(["--model", "m", *argv, "-tp", "2"]) == 2
-    assert capsys.readouterr().err == (f"{prog}: error: --tensor-parallel-size must be 1 (tensor "
-                                       f"parallelism is not supported yet), got 2\n")
+def test_a_tensor_parallel_size_below_one_is_refused_in_one_line(capsys, main, prog, argv):
+    assert main(["--model", "m", *argv, "-tp", "0"]) == 2
+    assert capsys.readouterr().err == (f"{prog}: error: --tensor-parallel-size must be at least 1, "
+                                       f"got 0\n")
 
 
 def readme_section(heading: str) -> str:

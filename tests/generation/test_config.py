@@ -93,11 +93,18 @@ def test_bad_yaml_is_one_line(tmp_path):
         parse(["--config", str(tmp_path / "missing.yaml"), *REQUIRED])
 
 
-def test_layout_shards_rows_contiguously_and_refuses_tensor_parallelism(monkeypatch):
+def test_layout_shards_rows_contiguously_by_data_parallel_group(monkeypatch):
     shards = [Layout(rank=r, world_size=3).shard(10) for r in range(3)]
     assert [list(s) for s in shards] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     layout = Layout(rank=5, world_size=8, tp_size=2)
     assert (layout.dp_size, layout.dp_rank, layout.tp_rank) == (4, 2, 1)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="tensor parallelism is not supported yet"):
-        layout_from_env(2)
+    assert layout.shard(10) == Layout(rank=4, world_size=8, tp_size=2).shard(10) == range(6, 8)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert layout_from_env(2) == Layout(rank=3, world_size=4, tp_size=2)
+    with pytest.raises(ConfigError, match="world size 4 is not a multiple of "
+                                          "rollout.tensor_model_parallel_size=3"):
+        layout_from_env(3)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert layout_from_env(2) == Layout()  # one process: its engine starts its workers itself

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -51,8 +52,10 @@ def test_two_processes_on_one_machine(job, tmp_path):
     assert run.stderr.count(f"{ROWS} rows (0 resumed from parts)") == 1  # rank 0 alone reports
 
 
-def test_two_nodes_on_loopback(job, tmp_path):
-    model, data, single = job
+def run_two_nodes(model, data, tmp_path, extra_env=None, **keys) -> Path:
+    """The job on two torchrun "nodes" of one process each, meeting at a c10d rendezvous on
+    loopback, each in its own folder (so the parts of one are not on the other's file system).
+    Returns the one output file, written by whichever node holds rank 0."""
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = []
     for rank in range(2):
@@ -62,15 +65,53 @@ def test_two_nodes_on_loopback(job, tmp_path):
             [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "fastgen-test",
              "-m", "fastgen.entrypoints.generate",
-             *job_args(model, data, "out.parquet", **KEYS), "--keep-parts"],  # in its folder
-            cwd=folder, stderr=subprocess.PIPE, text=True, env=env()))
+             *job_args(model, data, "out.parquet", **KEYS, **keys), "--keep-parts"],
+            cwd=folder, stderr=subprocess.PIPE, text=True, env={**env(), **(extra_env or {})}))
     errors = [node.communicate(timeout=180)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], errors
     outputs = [tmp_path / f"node{rank}" / "out.parquet" for rank in range(2)]
     written = [path for path in outputs if path.exists()]
-    assert len(written) == 1  # by whichever node holds rank 0
-    assert pq.read_table(written[0]).equals(single)
+    assert len(written) == 1
+    return written[0]
+
+
+def test_two_nodes_on_loopback(job, tmp_path):
+    model, data, single = job
+    assert pq.read_table(run_two_nodes(model, data, tmp_path)).equals(single)
     rows_by_node = [sorted(row for part in (tmp_path / f"node{rank}" / "out.parquet.parts")
                            .glob("rows-*") for row in pq.read_table(part).column("_row").to_pylist())
                     for rank in range(2)]  # each node generated its own shard, and only that
     assert sorted(rows_by_node) == [list(range(0, 6)), list(range(6, ROWS))]
+
+
+def test_tensor_parallel_two_ranks_under_torchrun(job, tmp_path):
+    """TP 2 x DP 1: rank 1 is rank 0's engine's worker; the rows and responses are the single
+    process's (the tiny model's sampled tokens survive the TP rounding)."""
+    model, data, single = job
+    out = tmp_path / "tp.parquet"
+    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
+                          "-m", "fastgen.entrypoints.generate",
+                          *job_args(model, data, out, **KEYS,
+                                    **{"rollout.tensor_model_parallel_size": 2})],
+                         stderr=subprocess.PIPE, text=True, timeout=180, env=env())
+    assert run.returncode == 0, run.stderr
+    assert pq.read_table(out).equals(single)
+
+
+def test_tensor_parallel_from_one_process(job, tmp_path):
+    """No torchrun: the process starts its worker itself."""
+    model, data, single = job
+    out = tmp_path / "tp1.parquet"
+    assert main(job_args(model, data, out, **KEYS,
+                         **{"rollout.tensor_model_parallel_size": 2})) == 0
+    assert pq.read_table(out).equals(single)
+
+
+def test_tensor_parallel_over_two_nodes_on_loopback(job, tmp_path):
+    """TP 2 over two "nodes" of one process each. Both are this host, so
+    FASTGEN_CPU_COLLECTIVES=gloo makes their collectives take the path of ranks on different
+    hosts."""
+    model, data, single = job
+    out = run_two_nodes(model, data, tmp_path, {"FASTGEN_CPU_COLLECTIVES": "gloo"},
+                        **{"rollout.tensor_model_parallel_size": 2})
+    assert pq.read_table(out).equals(single)

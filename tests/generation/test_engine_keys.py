@@ -49,9 +49,9 @@ def test_defaults_and_values_reach_the_engine_config():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["rollout.tensor_model_parallel_size=2"],
-     "rollout.tensor_model_parallel_size must be 1 (tensor parallelism is not supported yet)"),
-    (["--tensor-parallel-size", "4"], "rollout.tensor_model_parallel_size must be 1"),
+    (["rollout.tensor_model_parallel_size=0"],
+     "rollout.tensor_model_parallel_size must be at least 1, got 0"),
+    (["--tensor-parallel-size", "-1"], "rollout.tensor_model_parallel_size must be at least 1"),
     (["rollout.max_num_seqs=0"], "rollout.max_num_seqs must be at least 1, got 0"),
     (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization must be in (0, 1]"),
     (["rollout.dtype=int3"], "rollout.dtype: expected one of bfloat16"),

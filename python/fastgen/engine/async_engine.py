@@ -26,7 +26,9 @@ add_request refuses at once, before anything is queued: ValueError for a request
 never run (the same checks LLMEngine.add_request makes), QueueFullError when
 max_waiting_requests are already queued (a server answers 503 rather than growing without
 bound). If a step raises, the requests in flight get the error (their streams raise it) and are
-dropped; the engine goes on serving new ones.
+dropped; the engine goes on serving new ones, unless the error was a lost tensor-parallel worker
+(WorkerLostError): then the loop ends, `dead` holds an EngineDeadError, and every request after
+gets it (a server answers 503 and exits non-zero).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 
 from fastgen.config import SamplingParams
 from fastgen.engine.engine import LLMEngine
+from fastgen.engine.parallel import WorkerLostError
 from fastgen.outputs import RequestOutput, RequestOutputKind
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 class QueueFullError(RuntimeError):
     """Too many requests are waiting to be admitted; retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped after an error it cannot recover from (a tensor-parallel worker was
+    lost); a server answers 503 and exits."""
 
 
 class RequestStream:
@@ -103,6 +111,7 @@ class AsyncLLMEngine:
         self._streams: dict[int, RequestStream] = {}  # by LLMEngine request id
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.dead: EngineDeadError | None = None  # set when the loop ended on a fatal error
 
     @property
     def tokenizer(self):
@@ -139,6 +148,8 @@ class AsyncLLMEngine:
         """Queues a request; call from the event loop. Raises ValueError when it could never
         run and QueueFullError when too many are waiting. output_kind: as LLMEngine.add_request
         (a server streams DELTA outputs)."""
+        if self.dead is not None:
+            raise self.dead
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         self.engine.check_request(len(prompt_token_ids), params)
@@ -186,6 +197,11 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = engine.step()
+            except WorkerLostError as error:
+                logger.error("%s; failing the requests in flight and stopping", error)
+                self.dead = EngineDeadError(f"the engine stopped: {error}")
+                self._fail_all(self.dead)
+                break
             except Exception as error:  # noqa: BLE001  (a bug or OOM must not kill the server)
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(error)

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 from fastgen import loader
 from fastgen.config import EngineConfig, SamplingParams
+from fastgen.distributed import SINGLE_RANK
+from fastgen.engine import parallel
 from fastgen.engine.block_manager import BlockManager
 from fastgen.engine.detokenizer import IncrementalDetokenizer, text_decoder
 from fastgen.engine.model_input import build_model_input
@@ -123,15 +125,27 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: loader.LoadedModel | None = None):
         """Loads config.model (or takes an already loaded model) and sizes the KV cache."""
         self.config = config
-        self.loaded = loaded if loaded is not None else loader.load_model(config)
+        # Tensor parallelism: this process is rank 0 of the group, which gets every step's input
+        # before its own shard runs it (fastgen.engine.parallel).
+        self.driver: parallel.Driver | None = None
+        tp = SINGLE_RANK
+        if config.parallel.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("a loaded model cannot be sharded over tensor-parallel ranks")
+            tp, workers = parallel.start_group(config)
+            self.driver = parallel.Driver(tp, workers)
+        try:
+            self.loaded = loaded if loaded is not None else loader.load_model(config, tp)
+        except BaseException:
+            if self.driver is not None:
+                self.driver.close()
+            raise
         self.tokenizer = self.loaded.tokenizer
         self._decode = text_decoder(self.tokenizer)  # shared by every request's detokenizer
         self.eos_token_ids = list(self.loaded.eos_token_ids)
         self.max_model_len = self.loaded.max_model_len
         self.block_size = block_size = config.cache.block_size
-        blocks_per_seq = (self.max_model_len + block_size - 1) // block_size
-        self.model_runner = ModelRunner(self.loaded.model, config, self.max_model_len,
-                                        max_blocks_needed=config.max_num_seqs * blocks_per_seq)
+        self.model_runner = ModelRunner(self.loaded.model, config, self.max_model_len, tp)
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
                                           config.cache.enable_prefix_caching)
         runner = self.model_runner
@@ -149,6 +163,11 @@ class LLMEngine:
         self._gone_seq_ids: list[int] = []  # finished or aborted since the last step
         gc.collect()
         gc.freeze()
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (also done at exit); the engine cannot step after."""
+        if self.driver is not None:
+            self.driver.close()
 
     # Load, for metrics and admission control.
 
@@ -249,7 +268,15 @@ class LLMEngine:
         model_input = build_model_input(batch.seqs, batch.num_scheduled, self.block_size,
                                         self._gone_seq_ids)
         self._gone_seq_ids = []
-        output = self.model_runner.execute(model_input)
+        if self.driver is None:
+            output = self.model_runner.execute(model_input)
+        else:
+            try:
+                self.driver.send(model_input)
+                output = self.model_runner.execute(model_input)
+            except Exception as e:  # noqa: BLE001  (whatever failed, the ranks are out of step)
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise parallel.WorkerLostError(f"tensor-parallel step failed: {reason}") from e
         stats.generation_tokens += len(output.sampled_token_ids)
         outputs = []
         for request in self._advance(self.scheduler.update_from_output(batch, model_input,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fastgen.config import EngineConfig
+from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
 from fastgen.engine.cuda_graph import DecodeGraphs
 from fastgen.engine.model_input import ModelInput, ModelOutput, SamplingRows
 from fastgen.engine.sampler import Sampler, to_device, top_logprobs
@@ -35,15 +36,22 @@ _GIB = 1 << 30
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: EngineConfig, max_model_len: int,
-                 max_blocks_needed: int | None = None):
-        """max_blocks_needed caps the cache at what max_num_seqs full-length sequences can use.
-        On CUDA the decode graphs are captured here, after the cache is allocated."""
+                 tp: TensorParallelGroup = SINGLE_RANK):
+        """The cache is capped at what max_num_seqs full-length sequences can use; under tensor
+        parallelism every rank takes the fewest blocks any rank can hold, so their block tables
+        agree. On CUDA the decode graphs are captured here, after the cache is allocated."""
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = config.cache.block_size
         self.kv_cache_specs = kv_cache_specs(model, self.dtype)  # per rank under TP
-        self.num_blocks = self._num_cache_blocks(config, max_blocks_needed)
+        blocks_per_seq = (max_model_len + self.block_size - 1) // self.block_size
+        self.num_blocks = self._num_cache_blocks(config, config.max_num_seqs * blocks_per_seq)
+        if tp.size > 1:
+            fewest = torch.tensor([self.num_blocks])
+            torch.distributed.all_reduce(fewest, torch.distributed.ReduceOp.MIN,
+                                         group=tp.process_group)
+            self.num_blocks = int(fewest)
         self.kv_caches = allocate_kv_caches(self.kv_cache_specs, self.num_blocks,
                                             self.block_size, self.device)
         self.sampler = Sampler(self.device, config.seed)

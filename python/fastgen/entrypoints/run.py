@@ -74,9 +74,17 @@ def _run(parsed: tuple[argparse.Namespace, EngineConfig]) -> int:
 
     from fastgen.config import SamplingParams
 
+    from fastgen.engine import parallel
+
     args, config = parsed
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is available")
+    try:
+        if parallel.is_torchrun_worker(config):  # rank 0 answers; this rank runs its shard
+            parallel.serve_as_worker(config)
+            return 0
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,

@@ -88,11 +88,19 @@ def _serve(parsed: tuple[argparse.Namespace, EngineConfig]) -> int:
     from fastgen.entrypoints.llm import LLM
     from fastgen.server.app import build_app
 
+    from fastgen.engine import parallel
+
     args, config = parsed
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is available")
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if parallel.is_torchrun_worker(config):  # rank 0 serves HTTP; this rank runs its shard
+            parallel.serve_as_worker(config)
+            return 0
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     sock = _listen(args.host, args.port)  # before loading: a busy port fails in a second
     try:
         llm = LLM.from_engine_config(config)
@@ -113,6 +121,9 @@ def _serve(parsed: tuple[argparse.Namespace, EngineConfig]) -> int:
         _run_beside(engine, server, sock)
     finally:
         sock.close()
+    if engine.dead is not None:  # a tensor-parallel worker was lost: nothing left to serve with
+        print(f"{PROG}: error: {engine.dead}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -2,13 +2,14 @@
 and the few collectives the job needs.
 
 world_size = tp * dp. Ranks g * tp .. g * tp + tp - 1 form data-parallel group g, one model
-replica sharded tp ways (tp = rollout.tensor_model_parallel_size; only 1 runs today, tensor
-parallelism comes in a later issue, but rows are already split by DP group, not by rank). Rows
-are split into dp contiguous shards, so a shard depends only on the row count and dp.
+replica sharded tp ways (tp = rollout.tensor_model_parallel_size): the group's first rank runs
+the engine on the group's rows, the others its workers (fastgen.engine.parallel). Rows are split
+into dp contiguous shards, so a shard depends only on the row count and dp. A single process
+(no torchrun) with tp > 1 starts its tp - 1 workers itself.
 
-The model's collectives will use NCCL on CUDA; the job's own messages (errors found on rank 0,
-the finished rows gathered for assembly) always go over a gloo group on the CPU, with a long
-timeout: ranks wait there for the slowest shard, which may take hours.
+The job's own messages (errors found on rank 0, the finished rows gathered for assembly) always
+go over a gloo group on the CPU, with a long timeout: ranks wait there for the slowest shard,
+which may take hours.
 """
 
 from __future__ import annotations
@@ -60,13 +61,11 @@ def layout_from_env(tp_size: int) -> Layout:
     """The layout torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) describes; a single
     process without it. ConfigError for a tp size that cannot run."""
     world_size = envs.torchrun_world_size()
+    # One process is the job's only rank whatever tp is: its engine starts its workers itself.
     layout = Layout(rank=envs.torchrun_rank(), world_size=world_size,
-                    local_rank=envs.torchrun_local_rank(), tp_size=tp_size)
-    if tp_size > 1:
-        raise ConfigError(f"rollout.tensor_model_parallel_size={tp_size}: tensor parallelism is "
-                          f"not supported yet (a later release adds it); use 1 and data "
-                          f"parallelism across processes (torchrun --nproc-per-node)")
-    if world_size % tp_size:
+                    local_rank=envs.torchrun_local_rank(),
+                    tp_size=tp_size if world_size > 1 else 1)
+    if world_size > 1 and world_size % tp_size:
         raise ConfigError(f"the world size {world_size} is not a multiple of "
                           f"rollout.tensor_model_parallel_size={tp_size}")
     return layout

@@ -123,6 +123,16 @@ def _run(config: JobConfig, layout: Layout, group: Group) -> Summary | None:
         say(f"ignored verl keys with no effect in fastgen: {', '.join(config.ignored)}")
     _check_world(config, layout)
 
+    if layout.world_size > 1 and layout.tp_rank != 0:
+        # A tensor-parallel worker of its group's engine: its shard of every step, then its
+        # (empty) part of the gathers below.
+        from fastgen.engine.parallel import serve_as_worker
+
+        serve_as_worker(config.engine_config())
+        group.gather((None, None))
+        group.broadcast(None)
+        return None
+
     from fastgen.entrypoints.llm import LLM
 
     llm = LLM.from_engine_config(config.engine_config())
@@ -131,9 +141,12 @@ def _run(config: JobConfig, layout: Layout, group: Group) -> Summary | None:
     pending = [row for row in shard if row not in done]
     if layout.is_main and done:
         say(f"resuming: {len(done)} rows already in {work.path}, skipped")
-    stats = _generate(llm, config, prompts, pending, work, layout, len(shard) - len(pending))
+    try:
+        stats = _generate(llm, config, prompts, pending, work, layout, len(shard) - len(pending))
+    finally:
+        llm.engine.close()  # the group's workers, if any, go on to the gathers
     payload = _to_ipc(work.read_rows(shard))
-    gathered = group.gather((payload, stats))
+    gathered = [part for part in group.gather((payload, stats)) or [] if part[0] is not None]
     summary = None
     if layout.is_main:
         results = pa.concat_tables([_from_ipc(p) for p, _ in gathered])

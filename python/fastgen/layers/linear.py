@@ -176,11 +176,14 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(LinearBase):
     """Input features split over ranks: rank r keeps columns r*I/tp .. (r+1)*I/tp of W, and the
-    partial products are summed across ranks (the bias is added once, on rank 0)."""
+    partial products are summed across ranks (the bias is added once, on rank 0). With
+    reduce_results False the caller sums them, with other partial sums (an MoE layer's shared
+    expert and routed experts in one all-reduce)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp: TensorParallelGroup = SINGLE_RANK):
+                 tp: TensorParallelGroup = SINGLE_RANK, reduce_results: bool = True):
         super().__init__(_divide(input_size, tp.size, "input size"), output_size, bias, tp)
+        self.reduce_results = reduce_results
 
     def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
         if param.dim() == 2:  # the bias is whole on every rank
@@ -191,4 +194,4 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, I_local] -> [T, O]"""
         y = linear(x, self.weight, self.bias if self.tp.is_first_rank else None)
-        return self.tp.all_reduce(y)
+        return self.tp.all_reduce(y) if self.reduce_results else y

@@ -17,14 +17,17 @@ class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)).   gate_up_proj: [2I, H]; down_proj: [H, I]"""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
-                 tp: TensorParallelGroup = SINGLE_RANK, hidden_act: str = "silu"):
+                 tp: TensorParallelGroup = SINGLE_RANK, hidden_act: str = "silu",
+                 reduce_results: bool = True):
+        """reduce_results False: the output is this rank's partial sum (RowParallelLinear's)."""
         super().__init__()
         if hidden_act != "silu":
             raise ValueError(f"the gated MLP supports hidden_act 'silu', the config has "
                              f"{hidden_act!r}")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias,
                                                        tp)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp,
+                                           reduce_results)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,12 @@ DeepSeek's experts.{e}.gate_proj / up_proj / down_proj, Llama 4's fused and tran
 experts.gate_up_proj [E, H, 2I] / experts.down_proj [E, I, H] (the model's weight mapping
 transposes those on the way in). Under tensor parallelism each rank keeps its slice of every
 expert's intermediate dimension (I / tp rows of gate and up, columns of down), so one all-reduce
-of the layer's output sums the partial products, as a row-parallel linear does.
+of the layer's output sums the partial products, as a row-parallel linear does. With expert
+parallelism (tp.expert_parallel) each rank keeps E / tp whole experts instead and computes only
+the (token, expert) pairs routed to them; the same one all-reduce sums the ranks' parts. The
+router runs on every rank (it is replicated), so every rank sees every token's choice. A shared
+expert is split by its intermediate dimension either way, and its partial sum joins the routed
+experts' before that single all-reduce.
 
 Routing variants are a MoERouting value (the families differ only there): softmax or sigmoid
 scores, renormalised or not, group-limited selection, a scale, and whether the router weight
@@ -56,17 +61,29 @@ class FusedMoE(nn.Module):
         """correction_bias: a loaded per-expert bias e_score_correction_bias [E] (float32,
         whatever the model's dtype) added to the scores for selection only (DeepSeek-V3)."""
         super().__init__()
-        if intermediate_size % tp.size:
-            raise ValueError(f"expert intermediate size ({intermediate_size}) does not split over "
-                             f"tensor-parallel size {tp.size}")
         if not 1 <= routing.top_k <= num_experts:
             raise ValueError(f"top_k {routing.top_k} must be in 1..{num_experts} (the experts)")
         self.num_experts, self.routing, self.tp = num_experts, routing, tp
-        self.intermediate_size = intermediate_size // tp.size  # per rank
-        inter = self.intermediate_size
-        self.w13 = weight_parameter((num_experts, 2 * inter, hidden_size), self._load_w13,
+        self.expert_parallel = tp.expert_parallel and tp.size > 1
+        if self.expert_parallel:
+            if num_experts % tp.size:
+                raise ValueError(f"experts ({num_experts}) do not split over tensor-parallel "
+                                 f"size {tp.size} (expert parallelism)")
+            self.local_experts = num_experts // tp.size
+            self.intermediate_size = intermediate_size
+            self.split = 1  # ranks sharing one expert's intermediate dimension
+        else:
+            if intermediate_size % tp.size:
+                raise ValueError(f"expert intermediate size ({intermediate_size}) does not split "
+                                 f"over tensor-parallel size {tp.size}")
+            self.local_experts = num_experts
+            self.intermediate_size = intermediate_size // tp.size  # per rank
+            self.split = tp.size
+        self.first_expert = tp.rank * self.local_experts if self.expert_parallel else 0
+        inter, local = self.intermediate_size, self.local_experts
+        self.w13 = weight_parameter((local, 2 * inter, hidden_size), self._load_w13,
                                     [(shard, e) for e in range(num_experts) for shard in (0, 1)])
-        self.w2 = weight_parameter((num_experts, hidden_size, inter), self._load_w2,
+        self.w2 = weight_parameter((local, hidden_size, inter), self._load_w2,
                                    [(None, e) for e in range(num_experts)])
         if correction_bias:
             self.e_score_correction_bias = nn.Parameter(
@@ -74,14 +91,24 @@ class FusedMoE(nn.Module):
         else:
             self.register_parameter("e_score_correction_bias", None)
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """x: [T, H]; router_logits: [T, E] -> [T, H] (summed over the tensor-parallel group)"""
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
+                reduce_results: bool = True) -> torch.Tensor:
+        """x: [T, H]; router_logits: [T, E] -> [T, H], summed over the tensor-parallel group (or
+        this rank's part of that sum, with reduce_results False)"""
         r = self.routing
         weights, ids = ops.moe_route(router_logits.float(), r.top_k, r.scoring, r.renormalize,
                                      r.num_groups, r.topk_groups, r.group_scoring,
                                      self.correction_bias(), r.scale)  # [T, k] each
+        if self.expert_parallel:
+            # The pairs routed to other ranks' experts get weight 0 here (their expert's rank
+            # adds them); their id points at a local expert so the op reads valid weights. Such a
+            # pair still costs its compute on that expert: the op has no pair to skip.
+            local = ids - self.first_expert
+            mine = (local >= 0) & (local < self.local_experts)
+            ids = torch.where(mine, local, 0).to(torch.int32)
+            weights = weights * mine
         out = ops.fused_moe(x, self.w13, self.w2, weights, ids, r.weight_on_input)
-        return self.tp.all_reduce(out)
+        return self.tp.all_reduce(out) if reduce_results else out
 
     def correction_bias(self) -> torch.Tensor | None:
         """The per-expert selection bias [E] float32 (DeepSeek-V3), or None."""
@@ -90,12 +117,23 @@ class FusedMoE(nn.Module):
     # Loading: per expert (shard 0 gate / 1 up of w13, w2 whole), or every expert at once.
 
     def _rank_rows(self, loaded: torch.Tensor, dim: int) -> torch.Tensor:
-        """This rank's slice of an expert's intermediate dimension."""
+        """This rank's slice of an expert's intermediate dimension (all of it under expert
+        parallelism)."""
         inter = self.intermediate_size
-        if loaded.shape[dim] != inter * self.tp.size:
+        if loaded.shape[dim] != inter * self.split:
             raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected "
-                             f"{inter * self.tp.size} along dim {dim}")
-        return loaded.narrow(dim, self.tp.rank * inter, inter)
+                             f"{inter * self.split} along dim {dim}")
+        rank = 0 if self.expert_parallel else self.tp.rank
+        return loaded.narrow(dim, rank * inter, inter)
+
+    def _local_expert(self, expert_id: int) -> int | None:
+        """Where a checkpoint expert sits in this rank's weights; None when another rank has it."""
+        local = expert_id - self.first_expert
+        return local if 0 <= local < self.local_experts else None
+
+    def _local_experts(self, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's experts of a tensor holding all of them along dim 0."""
+        return loaded.narrow(0, self.first_expert, self.local_experts)
 
     def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None,
                   expert_id: int | None = None) -> None:
@@ -103,9 +141,9 @@ class FusedMoE(nn.Module):
         if expert_id is None:  # every expert's [gate | up] at once: [E, 2I_full, H]
             if shard_id is not None or loaded.dim() != 3 or loaded.shape[0] != self.num_experts:
                 raise ValueError(f"fused expert tensor has shape {tuple(loaded.shape)}, expected "
-                                 f"({self.num_experts}, {2 * inter * self.tp.size}, "
+                                 f"({self.num_experts}, {2 * inter * self.split}, "
                                  f"{param.shape[2]})")
-            gate, up = loaded.chunk(2, dim=1)
+            gate, up = self._local_experts(loaded).chunk(2, dim=1)
             for index, part in enumerate((gate, up)):
                 target = param.data.narrow(1, index * inter, inter)
                 part = self._rank_rows(part, 1)
@@ -114,7 +152,10 @@ class FusedMoE(nn.Module):
             return
         if shard_id not in (0, 1):
             raise ValueError(f"expert gate/up shard must be 0 (gate) or 1 (up), got {shard_id!r}")
-        target = param.data[expert_id].narrow(0, shard_id * inter, inter)  # [I, H]
+        expert = self._local_expert(expert_id)
+        if expert is None:
+            return
+        target = param.data[expert].narrow(0, shard_id * inter, inter)  # [I, H]
         part = self._rank_rows(loaded, 0)
         check_shape(target, part)
         target.copy_(part)
@@ -122,13 +163,19 @@ class FusedMoE(nn.Module):
     def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None,
                  expert_id: int | None = None) -> None:
         if expert_id is None:  # every expert's down projection at once: [E, H, I_full]
-            part = self._rank_rows(loaded, 2)
+            if loaded.dim() != 3 or loaded.shape[0] != self.num_experts:
+                raise ValueError(f"fused expert tensor has shape {tuple(loaded.shape)}, expected "
+                                 f"{self.num_experts} experts along dim 0")
+            part = self._rank_rows(self._local_experts(loaded), 2)
             check_shape(param, part)
             param.data.copy_(part)
             return
+        expert = self._local_expert(expert_id)
+        if expert is None:
+            return
         part = self._rank_rows(loaded, 1)  # [H, I]
-        check_shape(param.data[expert_id], part)
-        param.data[expert_id].copy_(part)
+        check_shape(param.data[expert], part)
+        param.data[expert].copy_(part)
 
 
 class SparseMoEBlock(nn.Module):
@@ -151,8 +198,10 @@ class SparseMoEBlock(nn.Module):
             self.gate.float()
         self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, routing, tp,
                                 correction_bias)
-        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, tp=tp)
+        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, tp=tp,
+                                       reduce_results=False)
                               if shared_intermediate_size else None)
+        self.tp = tp
         self.shared_expert_gate = (ReplicatedLinear(hidden_size, 1, bias=False, tp=tp)
                                    if shared_expert_gate else None)
         if self.shared_expert_gate is not None and self.shared_expert is None:
@@ -161,10 +210,10 @@ class SparseMoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]"""
         logits = self.gate(x.float() if self.router_fp32 else x)  # router logits [T, E]
-        out = self.experts(x, logits)
+        out = self.experts(x, logits, reduce_results=False)  # this rank's part
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
+            shared = self.shared_expert(x)  # this rank's part too
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared  # [T, 1] * [T, H]
             out = out + shared
-        return out
+        return self.tp.all_reduce(out)  # one all-reduce for the layer

@@ -10,6 +10,7 @@ loader (weights.py), and bring the tokenizer and the end-of-sequence ids along.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from fastgen.config import EngineConfig, LoadFormat
+from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
 from fastgen.loader.gguf import convert_gguf
 from fastgen.loader.hf import (ModelLoadError, eos_token_ids, iter_safetensors, load_hf_config,
                                load_tokenizer)
@@ -38,9 +40,11 @@ class LoadedModel:
     max_model_len: int
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: EngineConfig, tp: TensorParallelGroup = SINGLE_RANK) -> LoadedModel:
     """Builds config.model on its device in its dtype with its weights (or random weights when
-    config.load_format is RANDOM). Every user-facing failure raises ModelLoadError."""
+    config.load_format is RANDOM), sharded for rank tp.rank of tp.size (each rank reads the
+    checkpoint and keeps its slices; random weights are drawn per shard, so they differ between
+    tensor-parallel sizes). Every user-facing failure raises ModelLoadError."""
     # Imported here: the models import fastgen.loader.weights, which runs this package first.
     from fastgen.models.base import ModelContext
     from fastgen.models.registry import get_model_class
@@ -64,9 +68,12 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
     with _default_dtype(dtype), torch.device(device):
         try:
-            model = model_class(hf_config, ModelContext(max_model_len))
-        except ValueError as e:  # a config the architecture cannot express (e.g. hidden_act)
-            raise ModelLoadError(f"cannot build {model_class.__name__} from {model_dir}: {e}") from None
+            model = model_class(hf_config, ModelContext(max_model_len, tp))
+        except ValueError as e:  # a config the architecture cannot express (e.g. hidden_act),
+            # or a dimension that does not split over the tensor-parallel ranks
+            raise ModelLoadError(f"cannot build {model_class.__name__} from {model_dir}"
+                                 + (f" for tensor-parallel size {tp.size}" if tp.size > 1 else "")
+                                 + f": {e}") from None
     model.requires_grad_(False)
     with torch.no_grad():
         if random_weights:
@@ -119,13 +126,16 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def _init_random(model: nn.Module, seed: int) -> None:
-    """Norm weights one, biases zero, everything else normal(0, 0.02), reproducibly from seed."""
+    """Norm weights one, biases zero, everything else normal(0, 0.02), reproducibly from seed and
+    each parameter's name: a parameter every tensor-parallel rank holds whole (a norm, a
+    replicated projection) is the same on all of them."""
     devices = {p.device for p in model.parameters()}
-    generator = torch.Generator(device=devices.pop() if devices else "cpu").manual_seed(seed)
+    generator = torch.Generator(device=devices.pop() if devices else "cpu")
     for name, param in model.named_parameters():
         if "norm" in name.split(".")[-2]:
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()
         else:
+            generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             param.normal_(0.0, RANDOM_WEIGHT_STD, generator=generator)

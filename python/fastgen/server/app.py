@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastgen.engine.async_engine import AsyncLLMEngine, QueueFullError
+from fastgen.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from fastgen.server.errors import APIError, error_response
 from fastgen.server.metrics import ServerMetrics
 
@@ -65,6 +65,10 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     async def queue_full(_: Request, error: QueueFullError):
         return error_response(503, str(error))
 
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, error: EngineDeadError):
+        return error_response(503, str(error))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError):
         return error_response(400, _describe(error), _param(error))
@@ -80,6 +84,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
     @app.get("/health")
     async def health():
+        if engine.dead is not None:
+            return error_response(503, str(engine.dead))
         return {"status": "ok"}
 
     @app.get("/v1/models")

@@ -1,0 +1,83 @@
+"""fastgen-serve --tensor-parallel-size 2 on loopback: the openai client gets streaming and n > 1
+completions whose greedy tokens are a single process's; killing the worker makes the next request
+a 503 naming it, and the server exit non-zero instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from fastgen import LLM, SamplingParams
+from tests.engine.tiny_model import save_tiny_llama
+from tests.entrypoints.test_serve_cli import wait_for_url
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-tp-serve"))
+
+
+def test_tp2_server_serves_and_fails_cleanly_when_a_worker_dies(tiny_path, tmp_path):
+    want = LLM(str(tiny_path), dtype="float32", device="cpu").generate(
+        "Hello there", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fastgen.entrypoints.serve", "--model", str(tiny_path),
+             "--port", "0", "--served-model-name", "tiny", "--dtype", "float32", "--device",
+             "cpu", "--cpu-kv-cache-gib", "0.01", "--max-num-seqs", "4",
+             "--tensor-parallel-size", "2", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=stderr,
+            env={**os.environ, "FASTGEN_TP_TIMEOUT_S": "20"})
+    try:
+        url = wait_for_url(process, log, timeout=120)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        result = client.completions.create(model="tiny", prompt="Hello there", max_tokens=6,
+                                           temperature=0, n=2, extra_body={"ignore_eos": True})
+        assert [c.text for c in result.choices] == [want, want]
+        streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model="tiny", prompt="Hello there", max_tokens=6, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}))
+        assert streamed == want
+
+        workers = [pid for pid in child_pids(process.pid)
+                   if b"spawn" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        time.sleep(0.5)
+        response = httpx.post(f"{url}/v1/completions", timeout=60,
+                              json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
+        assert response.status_code == 503, response.text
+        assert "tensor-parallel" in response.json()["error"]["message"]
+        assert process.wait(timeout=60) == 1
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            finally:
+                process.kill()
+    text = log.read_text()
+    assert "fastgen-serve: error: the engine stopped: tensor-parallel step failed" in text, text
