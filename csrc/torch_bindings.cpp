@@ -10,6 +10,9 @@
 #include <torch/library.h>
 
 #include "cpu/shm_comm.h"
+#ifdef FASTGEN_WITH_CUDA
+#include "cuda/nccl.h"
+#endif
 #include "ops.h"
 
 TORCH_LIBRARY(fastgen, m) {
@@ -120,6 +123,22 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("shm_all_gather(Tensor! out, Tensor x, int group) -> ()");
 }
 
+#ifdef FASTGEN_WITH_CUDA
+// Tensor-parallel collectives on CUDA through NCCL (csrc/cuda/nccl.h), in CUDA builds only.
+// nccl_init is collective over the group's world_size processes, each on its own current device,
+// with rank 0's nccl_unique_id (uint8 [128], carried by the caller); it returns a handle. The
+// collectives run on the current stream (capturable in a CUDA graph, uniformly on every rank):
+// x summed in place; out [R * numel] gets rank r's x at r * numel.
+TORCH_LIBRARY_FRAGMENT(fastgen, m) {
+  m.def("nccl_version() -> int", &fastgen::cuda::nccl_version);
+  m.def("nccl_unique_id() -> Tensor", &fastgen::cuda::nccl_unique_id);
+  m.def("nccl_init(Tensor unique_id, int world_size, int rank) -> int", &fastgen::cuda::nccl_init);
+  m.def("nccl_destroy(int comm) -> ()", &fastgen::cuda::nccl_destroy);
+  m.def("nccl_all_reduce(Tensor! x, int comm) -> ()");
+  m.def("nccl_all_gather(Tensor! out, Tensor x, int comm) -> ()");
+}
+#endif
+
 #define FASTGEN_IMPL_OPS(m, ns)                              \
   m.impl("rms_norm", &ns::rms_norm);                                      \
   m.impl("fused_add_rms_norm", &ns::fused_add_rms_norm);                  \
@@ -143,7 +162,11 @@ TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
 }
 
 #ifdef FASTGEN_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastgen, CUDA, m) { FASTGEN_IMPL_OPS(m, fastgen::cuda) }
+TORCH_LIBRARY_IMPL(fastgen, CUDA, m) {
+  FASTGEN_IMPL_OPS(m, fastgen::cuda)
+  m.impl("nccl_all_reduce", &fastgen::cuda::nccl_all_reduce);
+  m.impl("nccl_all_gather", &fastgen::cuda::nccl_all_gather);
+}
 #endif
 
 // `import fastgen._C` loads this library (running the registrations above); it has no Python API.

@@ -25,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ASSETS=.gpu_assets/smollm2
-STAGES=(build tests kernels moe e2e decode-8b prefill-8b decode-smollm2 decode-mixtral)
+STAGES=(build tests nccl kernels moe e2e decode-8b prefill-8b decode-smollm2 decode-mixtral)
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$ASSETS"
@@ -109,6 +109,12 @@ for stage in "${stages[@]}"; do
       built tests || continue
       step gpu_tests python3 -m pytest -m gpu -q -rs tests
       section "gpu tests" "$OUT/gpu_tests.log" 5 ;;
+    nccl)
+      built nccl || continue
+      step nccl python3 -c "from fastgen import ops; print('NCCL', ops.nccl_version())"
+      step nccl_tests python3 -m pytest -q -rs tests/parallel/test_nccl.py
+      section "NCCL through the extension (one rank; two on one GPU where NCCL allows)" \
+        "$OUT/nccl_tests.log" 8 ;;
     kernels)
       built kernels || continue
       step kernel_bench build/dev/fastgen_bench_kernels --device cuda

@@ -7,6 +7,8 @@ and calls `all_reduce` / `all_gather` on it. With one rank both are no-ops and n
 exists at all.
 
 Backends, chosen when the group is made (`TensorParallelGroup.create`):
+  - CUDA tensors: NCCL through the extension (csrc/cuda/nccl.cu), on the current stream, so the
+    decode CUDA graphs capture it;
   - CPU tensors, all ranks on one host: fastgen's shared-memory collectives (csrc/cpu/shm_comm.h):
     a copy, a flag and a float32 sum in rank order, so every rank holds bitwise the same result;
     waits bounded by $FASTGEN_TP_TIMEOUT_S, a peer that exited reported at once.
@@ -44,6 +46,7 @@ class TensorParallelGroup:
     # How MoE layers use the ranks: whole experts placed on each (expert parallelism) instead of
     # every expert's intermediate dimension split (fastgen.layers.moe).
     expert_parallel: bool = False
+    nccl_comm: int | None = None  # the NCCL communicator's handle, for CUDA tensors
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -52,23 +55,32 @@ class TensorParallelGroup:
             raise ValueError(f"a tensor-parallel group of {self.size} ranks needs its process group")
 
     @classmethod
-    def create(cls, process_group: Any, expert_parallel: bool = False) -> TensorParallelGroup:
+    def create(cls, process_group: Any, expert_parallel: bool = False,
+               cuda: bool = False) -> TensorParallelGroup:
         """The group of process_group's ranks (collective: every rank calls it), with the
-        shared-memory backend when they all run on this host."""
+        shared-memory backend when they all run on this host, and with cuda an NCCL
+        communicator on each rank's current device."""
         import torch.distributed as dist
 
         rank, size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        src = dist.get_global_rank(process_group, 0)
+        nccl_comm = None
+        if cuda:
+            box = [bytes(ops.nccl_unique_id().tolist()) if rank == 0 else None]
+            dist.broadcast_object_list(box, src=src, group=process_group)
+            unique_id = torch.frombuffer(bytearray(box[0]), dtype=torch.uint8)
+            nccl_comm = ops.nccl_init(unique_id, size, rank)
         if size == 1:
-            return cls(rank, size, process_group, expert_parallel=expert_parallel)
+            return cls(rank, size, process_group, expert_parallel=expert_parallel,
+                       nccl_comm=nccl_comm)
         hosts: list[Any] = [None] * size
         dist.all_gather_object(hosts, socket.gethostname(), group=process_group)
         shm_group = None
         if envs.cpu_collectives() == "shm" and len(set(hosts)) == 1:
             box = [f"fastgen-tp-{uuid.uuid4().hex[:16]}" if rank == 0 else None]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(process_group, 0),
-                                       group=process_group)
+            dist.broadcast_object_list(box, src=src, group=process_group)
             shm_group = ops.shm_group_init(box[0], size, rank, SHM_BUFFER_BYTES, envs.tp_timeout_s())
-        return cls(rank, size, process_group, shm_group, expert_parallel)
+        return cls(rank, size, process_group, shm_group, expert_parallel, nccl_comm)
 
     @property
     def is_first_rank(self) -> bool:
@@ -82,11 +94,16 @@ class TensorParallelGroup:
     def _uses_shm(self, x: torch.Tensor) -> bool:
         return self.shm_group is not None and x.device.type == "cpu"
 
+    def _uses_nccl(self, x: torch.Tensor) -> bool:
+        return self.nccl_comm is not None and x.device.type == "cuda"
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sums x over the group's ranks, in place; returns x.   x: any shape, contiguous"""
         if self.size == 1:
             return x
-        if self._uses_shm(x):
+        if self._uses_nccl(x):
+            ops.nccl_all_reduce(x, self.nccl_comm)
+        elif self._uses_shm(x):
             ops.shm_all_reduce(x, self.shm_group)
         else:
             torch.distributed.all_reduce(x, group=self.process_group)
@@ -97,9 +114,12 @@ class TensorParallelGroup:
         if self.size == 1:
             return x
         x = x.contiguous()
-        if self._uses_shm(x):
+        if self._uses_shm(x) or self._uses_nccl(x):
             out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
-            ops.shm_all_gather(out, x, self.shm_group)
+            if self._uses_nccl(x):
+                ops.nccl_all_gather(out, x, self.nccl_comm)
+            else:
+                ops.shm_all_gather(out, x, self.shm_group)
             d = dim % x.dim()
             return out.movedim(0, d).flatten(d, d + 1)
         parts = [torch.empty_like(x) for _ in range(self.size)]
@@ -116,9 +136,12 @@ class TensorParallelGroup:
             torch.distributed.barrier(group=self.process_group)
 
     def destroy(self) -> None:
-        """Unmaps the shared memory (the process group is its owner's to destroy)."""
+        """Unmaps the shared memory and frees the NCCL communicator (the process group is its
+        owner's to destroy)."""
         if self.shm_group is not None:
             ops.shm_group_destroy(self.shm_group)
+        if self.nccl_comm is not None:
+            ops.nccl_destroy(self.nccl_comm)
 
 
 SINGLE_RANK = TensorParallelGroup()  # immutable: the group of a model that is not sharded

@@ -57,7 +57,19 @@ def init_process_group(rank: int, world_size: int, init_method: str | None) -> N
                                 world_size=world_size, timeout=CONTROL_TIMEOUT)
 
 
-def tensor_parallel_groups(tp_size: int, expert_parallel: bool = False) -> TensorParallelGroup:
+def uses_cuda(config) -> bool:
+    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+
+
+def select_device(config, local_rank: int) -> None:
+    """On CUDA, makes this rank's GPU (local_rank, wrapping around when ranks share GPUs, which
+    NCCL allows only from 2.30 with NCCL_MULTI_RANK_GPU_ENABLE=1) the current device."""
+    if uses_cuda(config) and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+
+
+def tensor_parallel_groups(tp_size: int, expert_parallel: bool = False,
+                           cuda: bool = False) -> TensorParallelGroup:
     """This process's tensor-parallel group, with the world cut into consecutive groups of
     tp_size ranks (data-parallel replicas); collective over the whole world."""
     import torch.distributed as dist
@@ -67,14 +79,14 @@ def tensor_parallel_groups(tp_size: int, expert_parallel: bool = False) -> Tenso
         raise ValueError(f"the world size {world} is not a multiple of tensor_parallel_size "
                          f"{tp_size}")
     if world == tp_size:
-        return TensorParallelGroup.create(dist.group.WORLD, expert_parallel)
+        return TensorParallelGroup.create(dist.group.WORLD, expert_parallel, cuda)
     mine = None
     for first in range(0, world, tp_size):  # every rank makes every group, in the same order
         group = dist.new_group(list(range(first, first + tp_size)), backend="gloo",
                                timeout=CONTROL_TIMEOUT)
         if first <= rank < first + tp_size:
             mine = group
-    return TensorParallelGroup.create(mine, expert_parallel)
+    return TensorParallelGroup.create(mine, expert_parallel, cuda)
 
 
 class WorkerLostError(RuntimeError):
@@ -148,11 +160,12 @@ def _worker_main(config, rank: int, world_size: int, init_method: str) -> None:
     from fastgen.engine.model_runner import ModelRunner
     from fastgen.loader import load_model
 
-    if config.device in ("cpu", "auto") and not torch.cuda.is_available():
+    if not uses_cuda(config):
         torch.set_num_threads(threads_per_rank(world_size))
+    select_device(config, rank)
     init_process_group(rank, world_size, init_method)
     tp = TensorParallelGroup.create(torch.distributed.group.WORLD,
-                                    config.parallel.enable_expert_parallel)
+                                    config.parallel.enable_expert_parallel, uses_cuda(config))
     loaded = load_model(config, tp)
     runner = ModelRunner(loaded.model, config, loaded.max_model_len, tp=tp)
     run_worker(runner, tp)
@@ -169,8 +182,10 @@ def start_group(config) -> tuple[TensorParallelGroup, list[Any]]:
     leads; otherwise a group of workers it starts on this host. Returns it and the workers."""
     tp_size = config.parallel.tensor_parallel_size
     if under_torchrun():
+        select_device(config, envs.torchrun_local_rank())
         init_process_group(envs.torchrun_rank(), envs.torchrun_world_size(), None)
-        tp = tensor_parallel_groups(tp_size, config.parallel.enable_expert_parallel)
+        tp = tensor_parallel_groups(tp_size, config.parallel.enable_expert_parallel,
+                                    uses_cuda(config))
         if not tp.is_first_rank:
             raise RuntimeError("only the first rank of a tensor-parallel group runs the engine; "
                                "the others run fastgen.engine.parallel.serve_as_worker")
@@ -198,9 +213,10 @@ def serve_as_worker(config) -> None:
     from fastgen.engine.model_runner import ModelRunner
     from fastgen.loader import load_model
 
+    select_device(config, envs.torchrun_local_rank())
     init_process_group(envs.torchrun_rank(), envs.torchrun_world_size(), None)
     tp = tensor_parallel_groups(config.parallel.tensor_parallel_size,
-                                config.parallel.enable_expert_parallel)
+                                config.parallel.enable_expert_parallel, uses_cuda(config))
     loaded = load_model(config, tp)
     run_worker(ModelRunner(loaded.model, config, loaded.max_model_len, tp=tp), tp)
 
@@ -218,11 +234,13 @@ def spawn_workers(config) -> tuple[TensorParallelGroup, list[Any]]:
         proc.start()
     logger.info("tensor parallelism: started %d worker processes (pids %s)", len(workers),
                 ", ".join(str(p.pid) for p in workers))
-    if config.device in ("cpu", "auto") and not torch.cuda.is_available():
+    if not uses_cuda(config):
         torch.set_num_threads(threads_per_rank(world))
+    select_device(config, 0)
     init_process_group(0, world, init_method)
     return (TensorParallelGroup.create(torch.distributed.group.WORLD,
-                                       config.parallel.enable_expert_parallel), workers)
+                                       config.parallel.enable_expert_parallel, uses_cuda(config)),
+            workers)
 
 
 def threads_per_rank(tp_size: int) -> int:

@@ -210,3 +210,43 @@ def shm_barrier(group: int) -> None:
 def shm_group_destroy(group: int) -> None:
     """Unmaps this process's view of the group."""
     _ops.shm_group_destroy.default(group)
+
+
+# ---- tensor-parallel collectives on CUDA (NCCL; CUDA builds only) -----------------------------
+
+def _nccl_op(name: str):
+    try:
+        return getattr(_ops, name)
+    except AttributeError:
+        raise RuntimeError("this build of fastgen has no CUDA kernels, so no NCCL collectives "
+                           "(rebuild with torch's CUDA wheel and nvcc on the PATH)") from None
+
+
+def nccl_version() -> int:
+    """The loaded NCCL's version code (e.g. 23007 for 2.30.7)."""
+    return _nccl_op("nccl_version").default()
+
+
+def nccl_unique_id() -> torch.Tensor:
+    """A new communicator's id, made by its rank 0 for the others.   -> uint8 [128] (CPU)"""
+    return _nccl_op("nccl_unique_id").default()
+
+
+def nccl_init(unique_id: torch.Tensor, world_size: int, rank: int) -> int:
+    """This rank's communicator on the current CUDA device; collective. Returns its handle."""
+    return _nccl_op("nccl_init").default(unique_id, world_size, rank)
+
+
+def nccl_destroy(comm: int) -> None:
+    _nccl_op("nccl_destroy").default(comm)
+
+
+def nccl_all_reduce(x: torch.Tensor, comm: int) -> None:
+    """x summed over the communicator's ranks, in place, on the current stream.
+    x: contiguous CUDA float32 / float16 / bfloat16"""
+    _nccl_op("nccl_all_reduce").default(x, comm)
+
+
+def nccl_all_gather(out: torch.Tensor, x: torch.Tensor, comm: int) -> None:
+    """out[r] = rank r's x, on the current stream.   out: [R, *x.shape], x's dtype"""
+    _nccl_op("nccl_all_gather").default(out, x, comm)
