@@ -119,6 +119,10 @@ TORCH_LIBRARY(fastgen, m) {
         &fastgen::cpu::shm_group_init);
   m.def("shm_group_destroy(int group) -> ()", &fastgen::cpu::shm_group_destroy);
   m.def("shm_barrier(int group) -> ()", &fastgen::cpu::shm_barrier);
+  // Rank 0's payload on every rank (the engine's per-step input); patient: no time limit on the
+  // others' wait for rank 0, whose exit is still an error at once.
+  m.def("shm_broadcast_bytes(Tensor payload, int group, bool patient) -> Tensor",
+        &fastgen::cpu::shm_broadcast_bytes);
   m.def("shm_all_reduce(Tensor! x, int group) -> ()");
   m.def("shm_all_gather(Tensor! out, Tensor x, int group) -> ()");
 }

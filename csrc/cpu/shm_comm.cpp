@@ -22,6 +22,7 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -148,6 +149,34 @@ class ShmGroup {
   void barrier() { publish(nullptr, 0); }
   int64_t world_size() const { return world_; }
 
+  // Rank 0's payload on every rank: each chunk's call carries [total bytes (int64) | data].
+  // Ranks other than 0 wait for rank 0 without a time limit when patient (a worker between two
+  // steps of an idle server), still failing at once if its process exits.
+  at::Tensor broadcast_bytes(const at::Tensor& payload, bool patient) {
+    constexpr int64_t kHeader = static_cast<int64_t>(sizeof(int64_t));
+    const int64_t room = buffer_bytes_ - kHeader;
+    std::vector<char> chunk(rank_ == 0 ? static_cast<size_t>(buffer_bytes_) : 0);
+    int64_t total = rank_ == 0 ? payload.numel() : -1;
+    at::Tensor out;
+    for (int64_t begin = 0;; begin += room) {
+      int64_t call;
+      if (rank_ == 0) {
+        const int64_t count = std::min(room, total - begin);
+        std::memcpy(chunk.data(), &total, kHeader);
+        if (count > 0) std::memcpy(chunk.data() + kHeader, static_cast<const char*>(payload.data_ptr()) + begin, count);
+        call = publish(chunk.data(), kHeader + count, patient);
+      } else {
+        call = publish(nullptr, 0, patient);
+        std::memcpy(&total, buffer(0, call), kHeader);
+      }
+      if (!out.defined()) out = at::empty({total}, at::TensorOptions().dtype(at::kByte));
+      const int64_t count = std::min(room, total - begin);
+      if (count > 0) std::memcpy(static_cast<char*>(out.data_ptr()) + begin, buffer(0, call) + kHeader, count);
+      if (begin + room >= total) break;
+    }
+    return out;
+  }
+
  private:
   Header& header() const { return *reinterpret_cast<Header*>(base_); }
   char* slot(int64_t r) const { return base_ + kHeaderBytes + r * slot_bytes_; }
@@ -156,17 +185,18 @@ class ShmGroup {
 
   // Copies bytes of src into this rank's buffer for the next call, stamps it, and waits until
   // every rank has stamped the same call. Returns the call's number.
-  int64_t publish(const void* src, int64_t bytes) {
+  // patient: no time limit on the wait for rank 0 (broadcast_bytes).
+  int64_t publish(const void* src, int64_t bytes, bool patient = false) {
     const int64_t call = ++calls_;
     if (bytes > 0) std::memcpy(buffer(rank_, call), src, bytes);
     std::atomic_ref<int64_t>(stamp(rank_)).store(call, std::memory_order_release);
     for (int64_t r = 0; r < world_; ++r) {
-      if (r != rank_) wait_for(r, call);
+      if (r != rank_) wait_for(r, call, patient && r == 0);
     }
     return call;
   }
 
-  void wait_for(int64_t peer, int64_t call) {
+  void wait_for(int64_t peer, int64_t call, bool patient = false) {
     std::atomic_ref<int64_t> peer_stamp(stamp(peer));
     for (int spin = 0; spin < 4096; ++spin) {
       if (peer_stamp.load(std::memory_order_acquire) >= call) return;
@@ -175,14 +205,18 @@ class ShmGroup {
     const auto start = Clock::now();
     auto next_check = start;
     while (peer_stamp.load(std::memory_order_acquire) < call) {
-      sched_yield();  // the peer may need this core
+      if (patient && Clock::now() - start > std::chrono::milliseconds(20)) {
+        usleep(100);  // idle for a while: stop spinning, keep the latency near 0.1 ms
+      } else {
+        sched_yield();  // the peer may need this core
+      }
       const auto now = Clock::now();
       if (now < next_check) continue;
       next_check = now + std::chrono::milliseconds(50);
       const int64_t pid = header().pids[peer];
       TORCH_CHECK(!process_exited(pid), "tensor-parallel rank ", peer, " (pid ", pid,
                   ") exited; rank ", rank_, " cannot finish the collective");
-      TORCH_CHECK(now - start < timeout_, "tensor-parallel rank ", peer, " (pid ", pid,
+      TORCH_CHECK(patient || now - start < timeout_, "tensor-parallel rank ", peer, " (pid ", pid,
                   ") did not reach collective ", call, " within ",
                   std::chrono::duration<double>(timeout_).count(), " s (rank ", rank_, " waited)");
     }
@@ -273,5 +307,12 @@ void shm_all_gather(at::Tensor& out, const at::Tensor& x, int64_t group) {
 }
 
 void shm_barrier(int64_t group) { group_at(group).barrier(); }
+
+at::Tensor shm_broadcast_bytes(const at::Tensor& payload, int64_t group, bool patient) {
+  TORCH_CHECK(payload.is_cpu() && payload.is_contiguous() && payload.scalar_type() == at::kByte &&
+                  payload.dim() == 1,
+              "shm_broadcast_bytes: payload must be a contiguous uint8 [n] CPU tensor");
+  return group_at(group).broadcast_bytes(payload, patient);
+}
 
 }  // namespace fastgen::cpu

@@ -34,5 +34,8 @@ void shm_all_reduce(at::Tensor& x, int64_t group);
 // out: [world_size * x.numel()] elements of x's dtype, contiguous: rank r's x at r * x.numel().
 void shm_all_gather(at::Tensor& out, const at::Tensor& x, int64_t group);
 void shm_barrier(int64_t group);
+// Rank 0's payload (uint8 [n]; the others pass any, e.g. an empty one) on every rank. patient:
+// the other ranks wait for rank 0 without a time limit (a worker waiting for the next step).
+at::Tensor shm_broadcast_bytes(const at::Tensor& payload, int64_t group, bool patient);
 
 }  // namespace fastgen::cpu

@@ -21,6 +21,7 @@ Shape letters: T tokens, O features, R ranks in the group.
 
 from __future__ import annotations
 
+import pickle
 import socket
 import uuid
 from dataclasses import dataclass
@@ -125,6 +126,24 @@ class TensorParallelGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         torch.distributed.all_gather(parts, x, group=self.process_group)
         return torch.cat(parts, dim=dim)
+
+    def broadcast_object(self, obj: Any = None, patient: bool = False) -> Any:
+        """Rank 0's obj on every rank (pickled; through shared memory when the group has it,
+        else the process group). patient: the other ranks wait for rank 0 without a time limit
+        (a worker waiting for the engine's next step)."""
+        if self.size == 1:
+            return obj
+        if self.shm_group is not None:
+            payload = (torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+                       if self.rank == 0 else torch.empty(0, dtype=torch.uint8))
+            data = ops.shm_broadcast_bytes(payload, self.shm_group, patient)
+            return pickle.loads(data.numpy().tobytes()) if self.rank != 0 else obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.process_group, 0),
+                                   group=self.process_group)
+        return box[0]
 
     def barrier(self) -> None:
         """Returns once every rank of the group has called it."""

@@ -58,6 +58,12 @@ def check_collectives(rank: int, world: int) -> str:
     want = torch.cat([torch.arange(24, dtype=torch.float32).view(2, 3, 4) + r
                       for r in range(world)], dim=1)
     assert torch.equal(got, want)
+    # rank 0's objects: empty, small, and larger than the 8 MiB buffer (chunks); a tensor
+    for obj in (None, {"ids": list(range(100))}, b"x" * (9 << 20), torch.arange(7)):
+        got = group.broadcast_object(obj if rank == 0 else "ignored")
+        assert (torch.equal(got, obj) if isinstance(obj, torch.Tensor) else got == obj)
+        group.all_reduce(torch.ones(3))  # interleaved with the other collectives
+    assert group.broadcast_object("stop" if rank == 0 else None, patient=True) == "stop"
     group.barrier()
     group.destroy()
     return "ok"

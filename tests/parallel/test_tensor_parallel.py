@@ -84,7 +84,8 @@ def test_family_tp2_generates_what_one_process_does(family, tmp_path):
     assert_same_generation(generate(tmp_path, 2), generate(tmp_path, 1))
 
 
-EXPERT_PARALLEL = {**{name: FAMILIES[name] for name in ("mixtral", "qwen2_moe", "deepseek_v3")},
+EXPERT_PARALLEL = {**{name: FAMILIES[name]
+                      for name in ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3")},
                    # Llama 4's weight-on-input routing, with 6 experts for 2 ranks
                    "llama4": replace(FAMILIES["llama4"], num_local_experts=6)}
 

@@ -1,8 +1,9 @@
 """One engine over many processes: tensor parallelism.
 
 Rank 0 of a tensor-parallel group owns the engine: it schedules, samples and detokenizes. Every
-step it sends the step's ModelInput (plain lists, cheap to pickle) to the other ranks over the
-group's gloo process group, then runs its own shard of the forward pass; the workers run theirs on
+step it sends the step's ModelInput (plain lists, cheap to pickle) to the other ranks (through
+the group's shared memory on one host, else its gloo process group), then runs its own shard of
+the forward pass; the workers run theirs on
 the same input, their collectives meeting rank 0's inside the model (fastgen.distributed). All
 ranks compute the same logits bit for bit (the shared-memory all-reduce sums in one order), so a
 worker's own sampling would agree with rank 0's; it is simply not used.
@@ -104,12 +105,8 @@ class Driver:
         atexit.register(self.close)
 
     def send(self, message: Any) -> None:
-        import torch.distributed as dist
-
         self.check_workers()
-        box = [message]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.tp.process_group, 0),
-                                   group=self.tp.process_group)
+        self.tp.broadcast_object(message)
 
     def check_workers(self) -> None:
         """RuntimeError naming a worker rank 0 started that has exited."""
@@ -142,15 +139,11 @@ class Driver:
 
 def run_worker(runner, tp: TensorParallelGroup) -> None:
     """A worker's loop: each input rank 0 sends is run through this rank's shard, until None."""
-    import torch.distributed as dist
-
-    src = dist.get_global_rank(tp.process_group, 0)
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=src, group=tp.process_group)
-        if box[0] is None:
+        model_input = tp.broadcast_object(patient=True)
+        if model_input is None:
             break
-        runner.execute(box[0])
+        runner.execute(model_input)
     tp.destroy()
 
 

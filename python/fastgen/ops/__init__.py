@@ -207,6 +207,12 @@ def shm_barrier(group: int) -> None:
     _ops.shm_barrier.default(group)
 
 
+def shm_broadcast_bytes(payload: torch.Tensor, group: int, patient: bool = False) -> torch.Tensor:
+    """Rank 0's payload on every rank (the others pass any, e.g. an empty tensor); with patient
+    the others wait for rank 0 without a time limit.   payload: uint8 [n] -> uint8 [n]"""
+    return _ops.shm_broadcast_bytes.default(payload, group, patient)
+
+
 def shm_group_destroy(group: int) -> None:
     """Unmaps this process's view of the group."""
     _ops.shm_group_destroy.default(group)
