@@ -29,6 +29,7 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -149,7 +150,19 @@ def run_worker(runner, tp: TensorParallelGroup) -> None:
 
 def _worker_main(config, rank: int, world_size: int, init_method: str) -> None:
     """A spawned worker: joins the group, loads its shard, sizes its cache as rank 0 does, and
-    runs inputs until told to stop. Its errors go to its stderr; rank 0 sees it exit."""
+    runs inputs until told to stop. An error is one line on its stderr and exit code 1 (rank 0,
+    loading the same model, usually reports the same error itself; otherwise it sees the worker
+    exit)."""
+    try:
+        _run_spawned_worker(config, rank, world_size, init_method)
+    except Exception as e:  # noqa: BLE001 - reported in one line, not a traceback per worker
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"fastgen tensor-parallel worker {rank}: error: {reason}", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
+
+
+def _run_spawned_worker(config, rank: int, world_size: int, init_method: str) -> None:
     from fastgen.engine.model_runner import ModelRunner
     from fastgen.loader import load_model
 
