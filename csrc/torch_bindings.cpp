@@ -91,8 +91,10 @@ TORCH_LIBRARY(fastgen, m) {
   // expert's run padded with the value T * k to a multiple of block_size: expert e's run is
   // sorted_ids[expert_offsets[e] : expert_offsets[e + 1]], expert_offsets[E] the padded total
   // (entries past it are T * k too), tile_experts[i] the expert of tile i (sorted_ids[i * block_size :
-  // (i + 1) * block_size]), -1 past the last tile. Ids must be in [0, E): the CPU checks them, the
-  // CUDA kernel skips pairs outside (there is no sync to check them). topk_ids: [T, k] int32;
+  // (i + 1) * block_size]), -1 past the last tile. Ids must be in [0, E), or -1 for a pair with no
+  // expert here (expert parallelism: routed to another rank's), which is left out: the CPU checks
+  // them, the CUDA kernel skips any outside [0, E) (there is no sync to check them). A skipped
+  // pair adds nothing to fused_moe's out. topk_ids: [T, k] int32;
   // sorted_ids: [T * k + E * (block_size - 1)] int32; expert_offsets: [E + 1] int32;
   // tile_experts: [ceil(sorted_ids.size(0) / block_size)] int32
   m.def("moe_align(Tensor! sorted_ids, Tensor! expert_offsets, Tensor! tile_experts, "

@@ -306,7 +306,8 @@ void moe_align_launch(int32_t* sorted_ids, int32_t* expert_offsets, int32_t* til
                       const int32_t* topk_ids, int64_t num_pairs, int64_t num_experts,
                       int64_t block_size) {
   std::vector<int64_t> counts(num_experts, 0);
-  for (int64_t p = 0; p < num_pairs; ++p) ++counts[topk_ids[p]];
+  for (int64_t p = 0; p < num_pairs; ++p)
+    if (topk_ids[p] >= 0) ++counts[topk_ids[p]];  // -1: a pair with no expert here, skipped
   expert_offsets[0] = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t padded = (counts[e] + block_size - 1) / block_size * block_size;
@@ -315,7 +316,8 @@ void moe_align_launch(int32_t* sorted_ids, int32_t* expert_offsets, int32_t* til
   const int64_t padded_pairs = moe_max_padded_pairs(num_pairs, num_experts, block_size);
   std::fill(sorted_ids, sorted_ids + padded_pairs, static_cast<int32_t>(num_pairs));
   std::vector<int64_t> cursor(expert_offsets, expert_offsets + num_experts);
-  for (int64_t p = 0; p < num_pairs; ++p) sorted_ids[cursor[topk_ids[p]]++] = static_cast<int32_t>(p);
+  for (int64_t p = 0; p < num_pairs; ++p)
+    if (topk_ids[p] >= 0) sorted_ids[cursor[topk_ids[p]]++] = static_cast<int32_t>(p);
   const int64_t tiles = moe_max_tiles(num_pairs, num_experts, block_size);
   std::fill(tile_experts, tile_experts + tiles, -1);
   for (int64_t e = 0; e < num_experts; ++e)
@@ -325,18 +327,19 @@ void moe_align_launch(int32_t* sorted_ids, int32_t* expert_offsets, int32_t* til
 
 template <typename T>
 void fused_moe_stream_launch(T* out, const T* x, const T* w13, const T* w2,
-                             const float* topk_weights, const int32_t* sorted_ids,
-                             const int32_t* expert_offsets, int64_t num_tokens, int64_t hidden,
-                             int64_t inter, int64_t num_experts, int64_t top_k,
-                             bool weight_on_input) {
+                             const float* topk_weights, const int32_t* topk_ids,
+                             const int32_t* sorted_ids, const int32_t* expert_offsets,
+                             int64_t num_tokens, int64_t hidden, int64_t inter,
+                             int64_t num_experts, int64_t top_k, bool weight_on_input) {
   const int64_t num_pairs = num_tokens * top_k;
   if (num_pairs == 0) return;
   const std::vector<Segment> segments = active_segments(expert_offsets, num_experts);
+  const int64_t routed = expert_offsets[num_experts];  // the pairs not skipped (block size 1)
   // The router weight of each sorted position, when it scales the expert's input.
   std::vector<float> scales;
   if (weight_on_input) {
     scales.resize(num_pairs);
-    for (int64_t s = 0; s < num_pairs; ++s) scales[s] = topk_weights[sorted_ids[s]];
+    for (int64_t s = 0; s < routed; ++s) scales[s] = topk_weights[sorted_ids[s]];
   }
   const SortedInputs<T> x_sorted = sort_inputs<T>(segments, num_pairs, hidden, [&](int64_t s) {
     return x + sorted_ids[s] / top_k * hidden;
@@ -367,12 +370,14 @@ void fused_moe_stream_launch(T* out, const T* x, const T* w13, const T* w2,
     for (int64_t r = 0; r < rows; ++r)
       down_tile<1>(y.data(), inputs, seg, w2_e, sorted_ids, row + r, hidden, inter);
   });
-  moe_combine_launch(out, y.data(), topk_weights, num_tokens, hidden, top_k, weight_on_input);
+  moe_combine_launch(out, y.data(), topk_weights, topk_ids, num_tokens, hidden, top_k,
+                     weight_on_input);
 }
 
 template <typename T>
 void moe_combine_launch(T* out, const float* expert_out, const float* topk_weights,
-                        int64_t num_tokens, int64_t hidden, int64_t top_k, bool weight_on_input) {
+                        const int32_t* topk_ids, int64_t num_tokens, int64_t hidden,
+                        int64_t top_k, bool weight_on_input) {
   using namespace vec;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(hidden * top_k, 1));
   at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
@@ -382,6 +387,7 @@ void moe_combine_launch(T* out, const float* expert_out, const float* topk_weigh
       auto sum = [&](int64_t h, int64_t n) {  // the k slots' weighted sum at h.. (n < kWidth: a tail)
         Vec acc = zero();
         for (int64_t j = 0; j < top_k; ++j) {
+          if (topk_ids[t * top_k + j] < 0) continue;  // skipped: no expert here
           const Vec w = set1(weight_on_input ? 1.f : topk_weights[t * top_k + j]);
           const float* y_j = y + j * hidden + h;
           acc = fmadd(w, n == kWidth ? vec::load(y_j) : vec::load(y_j, n), acc);
@@ -397,10 +403,10 @@ void moe_combine_launch(T* out, const float* expert_out, const float* topk_weigh
 
 #define FASTGEN_INSTANTIATE(T)                                                                    \
   template void fused_moe_stream_launch<T>(T*, const T*, const T*, const T*, const float*,        \
-                                           const int32_t*, const int32_t*, int64_t, int64_t,      \
-                                           int64_t, int64_t, int64_t, bool);                      \
-  template void moe_combine_launch<T>(T*, const float*, const float*, int64_t, int64_t, int64_t, \
-                                      bool);
+                                           const int32_t*, const int32_t*, const int32_t*,        \
+                                           int64_t, int64_t, int64_t, int64_t, int64_t, bool);    \
+  template void moe_combine_launch<T>(T*, const float*, const float*, const int32_t*, int64_t,   \
+                                      int64_t, int64_t, bool);
 FASTGEN_INSTANTIATE(float)
 FASTGEN_INSTANTIATE(c10::Half)
 FASTGEN_INSTANTIATE(c10::BFloat16)
@@ -410,13 +416,14 @@ FASTGEN_INSTANTIATE(c10::BFloat16)
 
 namespace {
 
-// Every id of topk_ids [T, k] in [0, num_experts), or an error naming the first that is not.
+// Every id of topk_ids [T, k] in [0, num_experts) or -1 (skipped), or an error naming the first
+// that is neither.
 void check_expert_ids(const char* op, const at::Tensor& topk_ids, int64_t num_experts) {
   const int32_t* ids = topk_ids.data_ptr<int32_t>();
   const int64_t k = topk_ids.size(1);
   for (int64_t p = 0; p < topk_ids.numel(); ++p) {
-    TORCH_CHECK(ids[p] >= 0 && ids[p] < num_experts, op, ": topk_ids[", p / k, ", ", p % k,
-                "] = ", ids[p], " is not an expert id in [0, ", num_experts, ")");
+    TORCH_CHECK(ids[p] >= -1 && ids[p] < num_experts, op, ": topk_ids[", p / k, ", ", p % k,
+                "] = ", ids[p], " is not an expert id in [0, ", num_experts, ") or -1 (skip)");
   }
 }
 
@@ -425,8 +432,8 @@ void check_expert_ids(const char* op, const at::Tensor& topk_ids, int64_t num_ex
 template <typename T>
 void fused_moe_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,
                     const at::Tensor& w2, const at::Tensor& topk_weights,
-                    const at::Tensor& sorted_ids, const std::vector<Segment>& segments,
-                    bool weight_on_input) {
+                    const at::Tensor& topk_ids, const at::Tensor& sorted_ids,
+                    const std::vector<Segment>& segments, bool weight_on_input) {
   const int64_t num_tokens = x.size(0), hidden = x.size(1), inter = w2.size(2);
   const int64_t top_k = topk_weights.size(1), num_pairs = num_tokens * top_k;
   at::Tensor y = at::empty({num_pairs, hidden}, x.options().dtype(at::kFloat));
@@ -444,6 +451,7 @@ void fused_moe_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,
     y.index_copy_(0, pairs, at::linear(act, w2[seg.expert]).to(at::kFloat));  // [c, H]
   }
   moe_combine_launch<T>(out.data_ptr<T>(), y.data_ptr<float>(), topk_weights.data_ptr<float>(),
+                        topk_ids.data_ptr<int32_t>(),
                         num_tokens, hidden, top_k, weight_on_input);
 }
 
@@ -488,15 +496,21 @@ void fused_moe(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, cons
                    topk_ids.data_ptr<int32_t>(), num_pairs, num_experts, 1);
   const std::vector<Segment> segments = active_segments(expert_offsets.data(), num_experts);
   const int64_t active = static_cast<int64_t>(segments.size());
+  if (active == 0) {  // every pair skipped (expert parallelism: all routed to other ranks)
+    out.zero_();
+    return;
+  }
+  const int64_t routed = expert_offsets[num_experts];
   FASTGEN_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
-    if ((num_pairs + active - 1) / active <= stream_max_tokens_per_expert<scalar_t>()) {
+    if ((routed + active - 1) / active <= stream_max_tokens_per_expert<scalar_t>()) {
       fused_moe_stream_launch<scalar_t>(
           out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w13.data_ptr<scalar_t>(),
-          w2.data_ptr<scalar_t>(), topk_weights.data_ptr<float>(),
+          w2.data_ptr<scalar_t>(), topk_weights.data_ptr<float>(), topk_ids.data_ptr<int32_t>(),
           sorted_ids.data_ptr<int32_t>(), expert_offsets.data(), num_tokens, hidden, inter,
           num_experts, top_k, weight_on_input);
     } else {
-      fused_moe_gemm<scalar_t>(out, x, w13, w2, topk_weights, sorted_ids, segments, weight_on_input);
+      fused_moe_gemm<scalar_t>(out, x, w13, w2, topk_weights, topk_ids, sorted_ids, segments,
+                               weight_on_input);
     }
   });
 }

@@ -28,7 +28,7 @@ void moe_route_launch(float* topk_weights,           // [num_tokens, k]
 void moe_align_launch(int32_t* sorted_ids,      // [moe_max_padded_pairs(num_pairs, E, block_size)]
                       int32_t* expert_offsets,  // [E + 1]
                       int32_t* tile_experts,    // [moe_max_tiles(num_pairs, E, block_size)]
-                      const int32_t* topk_ids,  // [num_pairs], each in [0, E)
+                      const int32_t* topk_ids,  // [num_pairs], each in [0, E) or -1 (skipped)
                       int64_t num_pairs, int64_t num_experts, int64_t block_size);
 
 // fused_moe's decode-size path: streams each active expert's weights once (see moe.cpp).
@@ -39,17 +39,20 @@ void fused_moe_stream_launch(T* out,                      // [num_tokens, H]
                              const T* w13,                // [E, 2I, H]: gate rows, then up rows
                              const T* w2,                 // [E, H, I]
                              const float* topk_weights,   // [num_tokens, k]
+                             const int32_t* topk_ids,     // [num_tokens, k]: -1 skipped
                              const int32_t* sorted_ids,   // [P]
                              const int32_t* expert_offsets,  // [E + 1]
                              int64_t num_tokens, int64_t hidden, int64_t inter,
                              int64_t num_experts, int64_t top_k, bool weight_on_input);
 
 // out[t] = sum over j = 0..k-1, in that order, of topk_weights[t, j] * expert_out[t * k + j] (in
-// float32; with weight_on_input the weights were applied to the inputs and are not used here).
+// float32; with weight_on_input the weights were applied to the inputs and are not used here),
+// leaving out the slots whose id is -1 (their expert_out rows are not read).
 template <typename T>
 void moe_combine_launch(T* out,                     // [num_tokens, H]
                         const float* expert_out,    // [num_tokens * k, H]
                         const float* topk_weights,  // [num_tokens, k]
+                        const int32_t* topk_ids,    // [num_tokens, k]
                         int64_t num_tokens, int64_t hidden, int64_t top_k, bool weight_on_input);
 
 }  // namespace fastgen::cpu

@@ -151,7 +151,38 @@ def test_moe_align_one_expert_takes_every_pair(device, block_size):
         assert torch.equal(actual.cpu(), expected)
 
 
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_moe_align_skips_pairs_with_no_expert(device, block_size):
+    """Id -1: a pair routed to another rank's experts (expert parallelism) is left out."""
+    _, ids = random_routing(300, 8, 2, device)
+    ids[::3, 1] = -1
+    ids[7] = -1
+    got = ops.moe_align(ids, 8, block_size)
+    for actual, expected in zip(got, reference.moe_align(ids.cpu(), 8, block_size)):
+        assert torch.equal(actual.cpu(), expected)
+    sorted_ids, offsets, _ = got
+    assert int(offsets[-1]) >= int((ids >= 0).sum())
+    kept = sorted_ids[:int(offsets[-1])].cpu()
+    assert not torch.isin(kept, (ids.flatten() < 0).nonzero().flatten().int().cpu()).any()
+
+
 # ---- fused_moe ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight_on_input", [False, True])
+@pytest.mark.parametrize("num_tokens", [1, 5, 200])
+def test_fused_moe_skips_pairs_with_no_expert(device, weight_on_input, num_tokens):
+    """Pairs with id -1 add nothing (both CPU paths: few tokens stream, many go to GEMMs); a batch
+    whose pairs are all skipped gives zeros."""
+    top_k = 1 if weight_on_input else 2
+    weights, ids = random_routing(num_tokens, 6, top_k, device)
+    ids[::2, 0] = -1
+    x = torch.randn(num_tokens, 64, device=device)
+    w13, w2 = expert_weights(6, 64, 96, torch.float32, device)
+    out = ops.fused_moe(x, w13, w2, weights, ids, weight_on_input)
+    assert_close(out.cpu(), expected_moe(x, w13, w2, weights, ids, weight_on_input), torch.float32)
+    none = ops.fused_moe(x, w13, w2, weights, torch.full_like(ids, -1), weight_on_input)
+    assert torch.equal(none.cpu(), torch.zeros_like(x).cpu())
+
 
 @pytest.mark.parametrize("weight_on_input", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -295,9 +326,10 @@ def test_fused_moe_rejects_bad_input():
     x = torch.randn(3, 37)
     w13, w2 = expert_weights(6, 37, 23, torch.float32, "cpu")
     weights, ids = random_routing(3, 6, 2, "cpu")
-    with pytest.raises(RuntimeError, match=r"fused_moe: topk_ids\[2, 0\] = -1 is not an expert"):
+    with pytest.raises(RuntimeError, match=r"fused_moe: topk_ids\[2, 0\] = -2 is not an expert "
+                                           r"id in \[0, 6\) or -1 \(skip\)"):
         bad = ids.clone()
-        bad[2, 0] = -1
+        bad[2, 0] = -2
         ops.fused_moe(x, w13, w2, weights, bad)
     with pytest.raises(RuntimeError, match=r"fused_moe: w13 must be \[E, 2I, 37\]"):
         ops.fused_moe(x, w13[:, :, :36].contiguous(), w2, weights, ids)

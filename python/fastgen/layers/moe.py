@@ -100,13 +100,11 @@ class FusedMoE(nn.Module):
                                      r.num_groups, r.topk_groups, r.group_scoring,
                                      self.correction_bias(), r.scale)  # [T, k] each
         if self.expert_parallel:
-            # The pairs routed to other ranks' experts get weight 0 here (their expert's rank
-            # adds them); their id points at a local expert so the op reads valid weights. Such a
-            # pair still costs its compute on that expert: the op has no pair to skip.
+            # The pairs routed to other ranks' experts are skipped here (id -1): their expert's
+            # rank computes and adds them.
             local = ids - self.first_expert
             mine = (local >= 0) & (local < self.local_experts)
-            ids = torch.where(mine, local, 0).to(torch.int32)
-            weights = weights * mine
+            ids = torch.where(mine, local, -1).to(torch.int32)
         out = ops.fused_moe(x, self.w13, self.w2, weights, ids, r.weight_on_input)
         return self.tp.all_reduce(out) if reduce_results else out
 

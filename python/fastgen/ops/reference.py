@@ -218,12 +218,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, weight_on_input: bool = False) -> torch.Tensor:
     """sum_j w_j * expert_{id_j}(x[t]) (or expert_{id_j}(w_j * x[t]) with weight_on_input),
     expert_e(x) = w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x)), one expert at a time over
-    the pairs routed to it, in float32 (float64 when x is float64).
+    the pairs routed to it, in float32 (float64 when x is float64); pairs with id -1 add nothing.
     x: [T, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_weights, topk_ids: [T, k] -> [T, H]"""
     dtype = torch.promote_types(x.dtype, torch.float32)
     inter = w2.shape[2]
     out = torch.zeros(x.shape, dtype=dtype, device=x.device)
     for e in topk_ids.unique().tolist():
+        if e < 0:  # -1: a pair with no expert here, skipped
+            continue
         tokens, slots = (topk_ids == e).nonzero(as_tuple=True)
         weight = topk_weights[tokens, slots].to(dtype)[:, None]  # [n, 1]
         h = x[tokens].to(dtype)  # [n, H]
