@@ -1,6 +1,7 @@
 """fastgen-serve --tensor-parallel-size 2 on loopback: the openai client gets streaming and n > 1
 completions whose greedy tokens are a single process's; killing the worker makes the next request
-a 503 naming it, and the server exit non-zero instead of hanging."""
+a 503 naming it, and the server exit non-zero instead of hanging. And the same server started by
+torchrun (the several-node layout), stopped cleanly."""
 
 from __future__ import annotations
 
@@ -81,3 +82,39 @@ def test_tp2_server_serves_and_fails_cleanly_when_a_worker_dies(tiny_path, tmp_p
                 process.kill()
     text = log.read_text()
     assert "fastgen-serve: error: the engine stopped: tensor-parallel step failed" in text, text
+
+
+def test_tp2_server_under_torchrun(tiny_path, tmp_path):
+    """The several-node layout on one host: torchrun starts both ranks; rank 0 serves HTTP, rank
+    1 runs its shard; SIGINT stops both cleanly."""
+    from tests.generation.test_distributed import free_port
+
+    want = LLM(str(tiny_path), dtype="float32", device="cpu").generate(
+        "Hello there", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-port", str(free_port()), "-m", "fastgen.entrypoints.serve",
+             "--model", str(tiny_path), "--port", "0", "--served-model-name", "tiny",
+             "--dtype", "float32", "--device", "cpu", "--cpu-kv-cache-gib", "0.01",
+             "--max-num-seqs", "4", "--tensor-parallel-size", "2", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=stderr,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        url = wait_for_url(process, log, timeout=120)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        result = client.completions.create(model="tiny", prompt="Hello there", max_tokens=6,
+                                           temperature=0, extra_body={"ignore_eos": True})
+        assert result.choices[0].text == want
+        # Stop rank 0 (the server) alone: it tells rank 1 to stop, both exit 0, and so does
+        # torchrun. (A Ctrl-C to the whole group would make torchrun itself exit 1.)
+        rank0 = [pid for pid in child_pids(process.pid)
+                 if b"RANK=0" in open(f"/proc/{pid}/environ", "rb").read().split(b"\x00")]
+        assert len(rank0) == 1
+        os.kill(rank0[0], signal.SIGINT)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
