@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
+from fastgen import LLM, SamplingParams
+
 from bench.common import run_metadata, save_json
 from bench.e2e.presets import SYNTHETIC_MODELS, model_parser, synthetic_model_dir
-from fastgen import LLM, SamplingParams
 
 
 def timed(llm, prompts, max_tokens: int, repeats: int) -> float:

@@ -26,7 +26,6 @@ SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]  # bytes of bf16
 def _rank(rank: int, world: int, port: int, sizes: list[int], repeats: int, results) -> None:
     import torch
     import torch.distributed as dist
-
     from fastgen import ops
     from fastgen.distributed import SHM_BUFFER_BYTES
 

@@ -15,9 +15,10 @@ import queue as queue_module
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass

@@ -33,7 +33,6 @@ def expected_sum(world: int, size: int, dtype: torch.dtype, call: int = 0) -> to
 
 def check_collectives(rank: int, world: int) -> str:
     import torch.distributed as dist
-
     from fastgen.distributed import TensorParallelGroup
 
     group = TensorParallelGroup.create(dist.group.WORLD)
@@ -77,7 +76,6 @@ def test_shm_collectives(world):
 
 def check_gloo_fallback(rank: int, world: int) -> None:
     import torch.distributed as dist
-
     from fastgen.distributed import TensorParallelGroup
 
     group = TensorParallelGroup.create(dist.group.WORLD)
@@ -96,7 +94,6 @@ def test_gloo_fallback():
 
 def abandon_collective(rank: int, world: int, how: str) -> float:
     import torch.distributed as dist
-
     from fastgen.distributed import TensorParallelGroup
 
     group = TensorParallelGroup.create(dist.group.WORLD)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fastgen import ops
+
 from tests.parallel.ranks import run_ranks
+
 
 def check_nccl(rank: int, world: int) -> int:
     import torch.distributed as dist
-
     from fastgen.distributed import TensorParallelGroup
 
     torch.cuda.set_device(0)

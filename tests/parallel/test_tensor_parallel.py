@@ -9,11 +9,17 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from fastgen import LLM, SamplingParams
 from fastgen.loader.hf import ModelLoadError
+
 from tests.engine.tiny_model import save_tiny_deepseek_v2_lite, save_tiny_llama
-from tests.models import test_deepseek, test_llama, test_llama4, test_moe_models, test_qwen
+from tests.models import (
+    test_deepseek,
+    test_llama,
+    test_llama4,
+    test_moe_models,
+    test_qwen,
+)
 from tests.models.harness import save_tiny_model
 
 PROMPTS = [[5, 17, 42, 99, 3], [200, 7], list(range(30, 70))]

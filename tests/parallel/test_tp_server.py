@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-
 from fastgen import LLM, SamplingParams
+
 from tests.engine.tiny_model import save_tiny_llama
 from tests.entrypoints.test_serve_cli import wait_for_url
 
@@ -26,7 +27,7 @@ def child_pids(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = open(f"/proc/{entry}/stat").read()
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
             if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
@@ -64,7 +65,7 @@ def test_tp2_server_serves_and_fails_cleanly_when_a_worker_dies(tiny_path, tmp_p
         assert streamed == want
 
         workers = [pid for pid in child_pids(process.pid)
-                   if b"spawn" in open(f"/proc/{pid}/cmdline", "rb").read()]
+                   if b"spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 1, workers
         os.kill(workers[0], signal.SIGKILL)
         time.sleep(0.5)
@@ -111,7 +112,7 @@ def test_tp2_server_under_torchrun(tiny_path, tmp_path):
         # Stop rank 0 (the server) alone: it tells rank 1 to stop, both exit 0, and so does
         # torchrun. (A Ctrl-C to the whole group would make torchrun itself exit 1.)
         rank0 = [pid for pid in child_pids(process.pid)
-                 if b"RANK=0" in open(f"/proc/{pid}/environ", "rb").read().split(b"\x00")]
+                 if b"RANK=0" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\x00")]
         assert len(rank0) == 1
         os.kill(rank0[0], signal.SIGINT)
         assert process.wait(timeout=60) == 0, log.read_text()
