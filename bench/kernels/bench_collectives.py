@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -69,9 +68,9 @@ def _rank(rank: int, world: int, port: int, sizes: list[int], repeats: int, resu
 def run_world(world: int, sizes: list[int], repeats: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from fastgen.engine.parallel import free_port
+
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, world, port, sizes, repeats, results))
              for r in range(world)]
     for p in procs:

@@ -44,8 +44,9 @@ struct Smem {
                                    sizeof(float) * (kKeyTile * kHeadTile + kHeadTile * kKeyTile + 3 * kHeadTile);
 };
 
-__device__ __forceinline__ int64_t split_begin(int64_t first, int64_t n, int splits, int split) {
-  return first + split * ((n + splits - 1) / splits);
+// Where split `split` of a sequence's n keys begins (splits of ceil(n / splits) keys).
+__device__ __forceinline__ int64_t split_begin(int64_t n, int splits, int split) {
+  return split * ((n + splits - 1) / splits);
 }
 
 // How many splits sequence `seq`'s keys [0, k_len) use.
@@ -86,8 +87,8 @@ mla_decode_kernel(T* __restrict__ out,                       // [num_tokens, num
   const int64_t k_len = seq_lens_k[seq];
   const int splits = used_splits(k_len, num_splits);
   if (split >= splits) return;
-  const int64_t begin = split_begin(0, k_len, splits, split);
-  const int64_t end = min(split_begin(0, k_len, splits, split + 1), k_len);
+  const int64_t begin = split_begin(k_len, splits, split);
+  const int64_t end = min(split_begin(k_len, splits, split + 1), k_len);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   // The tile's queries, zeros past the last head.

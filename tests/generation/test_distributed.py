@@ -4,15 +4,15 @@ seed exactly the responses, of a single-process run. The second node runs in its
 its parts are not on rank 0's file system: rank 0 gets its rows over gloo."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
+from fastgen.engine.parallel import free_port
 from fastgen.entrypoints.generate import main
+
 from tests.generation.conftest import gsm8k_table, job_args, write_parquet
 
 ROWS = 11  # odd: the shards differ in size
@@ -30,24 +30,24 @@ def job(tiny_model, tmp_path_factory):
     return tiny_model, data, pq.read_table(single)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_two_processes(model, data, out, **keys) -> subprocess.CompletedProcess:
+    """The job under torchrun with 2 processes on this machine; it must succeed."""
+    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
+                          "-m", "fastgen.entrypoints.generate",
+                          *job_args(model, data, out, **KEYS, **keys)],
+                         stderr=subprocess.PIPE, text=True, timeout=180, env=env())
+    assert run.returncode == 0, run.stderr
+    return run
 
 
 def test_two_processes_on_one_machine(job, tmp_path):
     model, data, single = job
     out = tmp_path / "dp.parquet"
-    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
-                          "-m", "fastgen.entrypoints.generate",
-                          *job_args(model, data, out, **KEYS)],
-                         stderr=subprocess.PIPE, text=True, timeout=180, env=env())
-    assert run.returncode == 0, run.stderr
+    run = run_two_processes(model, data, out)
     assert pq.read_table(out).equals(single)
     assert run.stderr.count(f"{ROWS} rows (0 resumed from parts)") == 1  # rank 0 alone reports
 
@@ -89,12 +89,7 @@ def test_tensor_parallel_two_ranks_under_torchrun(job, tmp_path):
     process's (the tiny model's sampled tokens survive the TP rounding)."""
     model, data, single = job
     out = tmp_path / "tp.parquet"
-    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
-                          "-m", "fastgen.entrypoints.generate",
-                          *job_args(model, data, out, **KEYS,
-                                    **{"rollout.tensor_model_parallel_size": 2})],
-                         stderr=subprocess.PIPE, text=True, timeout=180, env=env())
-    assert run.returncode == 0, run.stderr
+    run_two_processes(model, data, out, **{"rollout.tensor_model_parallel_size": 2})
     assert pq.read_table(out).equals(single)
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_module
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+
+from fastgen.engine.parallel import free_port
 
 
 @dataclass
@@ -30,12 +31,6 @@ class Outcome:
 
     def __repr__(self) -> str:
         return f"rank {self.rank}: " + (f"ok {self.value!r}" if self.ok else self.error)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(fn, rank, world_size, port, results, args, env):

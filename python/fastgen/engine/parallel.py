@@ -163,19 +163,37 @@ def _worker_main(config, rank: int, world_size: int, init_method: str) -> None:
 
 
 def _run_spawned_worker(config, rank: int, world_size: int, init_method: str) -> None:
-    from fastgen.engine.model_runner import ModelRunner
-    from fastgen.loader import load_model
+    run_shard(config, _join_spawned(config, rank, world_size, init_method))
+    torch.distributed.destroy_process_group()
 
+
+def _join_spawned(config, rank: int, world_size: int, init_method: str) -> TensorParallelGroup:
+    """Rank `rank` of a group rank 0 spawned on this host: its share of the cores (CPU) or its GPU,
+    then the group."""
     if not uses_cuda(config):
         torch.set_num_threads(threads_per_rank(world_size))
     select_device(config, rank)
     init_process_group(rank, world_size, init_method)
-    tp = TensorParallelGroup.create(torch.distributed.group.WORLD,
-                                    config.parallel.enable_expert_parallel, uses_cuda(config))
+    return TensorParallelGroup.create(torch.distributed.group.WORLD,
+                                      config.parallel.enable_expert_parallel, uses_cuda(config))
+
+
+def _join_torchrun(config) -> TensorParallelGroup:
+    """This torchrun process's tensor-parallel group (its GPU first, on CUDA)."""
+    select_device(config, envs.torchrun_local_rank())
+    init_process_group(envs.torchrun_rank(), envs.torchrun_world_size(), None)
+    return tensor_parallel_groups(config.parallel.tensor_parallel_size,
+                                  config.parallel.enable_expert_parallel, uses_cuda(config))
+
+
+def run_shard(config, tp: TensorParallelGroup) -> None:
+    """A worker's life after joining: load its shard, size its cache as rank 0 does, run every
+    step rank 0 sends until it stops."""
+    from fastgen.engine.model_runner import ModelRunner
+    from fastgen.loader import load_model
+
     loaded = load_model(config, tp)
-    runner = ModelRunner(loaded.model, config, loaded.max_model_len, tp=tp)
-    run_worker(runner, tp)
-    torch.distributed.destroy_process_group()
+    run_worker(ModelRunner(loaded.model, config, loaded.max_model_len, tp=tp), tp)
 
 
 def under_torchrun() -> bool:
@@ -186,12 +204,8 @@ def under_torchrun() -> bool:
 def start_group(config) -> tuple[TensorParallelGroup, list[Any]]:
     """Rank 0's tensor-parallel group for config: under torchrun, the job's group this process
     leads; otherwise a group of workers it starts on this host. Returns it and the workers."""
-    tp_size = config.parallel.tensor_parallel_size
     if under_torchrun():
-        select_device(config, envs.torchrun_local_rank())
-        init_process_group(envs.torchrun_rank(), envs.torchrun_world_size(), None)
-        tp = tensor_parallel_groups(tp_size, config.parallel.enable_expert_parallel,
-                                    uses_cuda(config))
+        tp = _join_torchrun(config)
         if not tp.is_first_rank:
             raise RuntimeError("only the first rank of a tensor-parallel group runs the engine; "
                                "the others run fastgen.engine.parallel.serve_as_worker")
@@ -216,15 +230,7 @@ def is_torchrun_worker(config) -> bool:
 def serve_as_worker(config) -> None:
     """A torchrun process that is not its group's first rank: its shard of every step, until rank
     0 stops."""
-    from fastgen.engine.model_runner import ModelRunner
-    from fastgen.loader import load_model
-
-    select_device(config, envs.torchrun_local_rank())
-    init_process_group(envs.torchrun_rank(), envs.torchrun_world_size(), None)
-    tp = tensor_parallel_groups(config.parallel.tensor_parallel_size,
-                                config.parallel.enable_expert_parallel, uses_cuda(config))
-    loaded = load_model(config, tp)
-    run_worker(ModelRunner(loaded.model, config, loaded.max_model_len, tp=tp), tp)
+    run_shard(config, _join_torchrun(config))
 
 
 def spawn_workers(config) -> tuple[TensorParallelGroup, list[Any]]:
@@ -240,13 +246,7 @@ def spawn_workers(config) -> tuple[TensorParallelGroup, list[Any]]:
         proc.start()
     logger.info("tensor parallelism: started %d worker processes (pids %s)", len(workers),
                 ", ".join(str(p.pid) for p in workers))
-    if not uses_cuda(config):
-        torch.set_num_threads(threads_per_rank(world))
-    select_device(config, 0)
-    init_process_group(0, world, init_method)
-    return (TensorParallelGroup.create(torch.distributed.group.WORLD,
-                                       config.parallel.enable_expert_parallel, uses_cuda(config)),
-            workers)
+    return _join_spawned(config, 0, world, init_method), workers
 
 
 def threads_per_rank(tp_size: int) -> int:
