@@ -49,7 +49,14 @@
                  const at::Tensor& topk_ids, int64_t block_size);                               \
   void fused_moe(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,                   \
                  const at::Tensor& w2, const at::Tensor& topk_weights,                          \
-                 const at::Tensor& topk_ids, bool weight_on_input);
+                 const at::Tensor& topk_ids, bool weight_on_input);                             \
+  /* Block-quantized weights (core/quant_format.h); `portable` forces the CPU kernel for      \
+     processors without AVX512-VNNI (the CPU otherwise picks one at run time). */             \
+  void quant_linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,        \
+                    int64_t qtype, int64_t n, const std::optional<at::Tensor>& bias,           \
+                    bool portable);                                                            \
+  void quant_dequantize(at::Tensor& out, const at::Tensor& packed, int64_t qtype,              \
+                        const std::optional<at::Tensor>& rows);
 
 namespace fastgen::cpu {
 FASTGEN_DECLARE_OPS

@@ -75,6 +75,18 @@ TORCH_LIBRARY(fastgen, m) {
   // input: [T, I]; weight: [O, I] (nn.Linear's layout); bias: [O]; out: [T, O], of input's dtype
   // or float32 (e.g. fp32 logits from a bf16 LM head, rounded once).
   m.def("linear(Tensor! out, Tensor input, Tensor weight, Tensor? bias) -> ()");
+  // out = input @ W^T + bias for a block-quantized W [n, K] (GGUF Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+  // Q6_K by GGML type id qtype), in csrc/core/quant_format.h's tiles: packed uint8
+  // [ceil(n / 16), K / SB, chunk_bytes]. The input is quantized per 32 to int8, the products
+  // summed exactly in int32 per group and scaled in float32. input: [T, K]; bias: [n] float32;
+  // out: [T, n] of input's dtype or float32, rows contiguous (a column slice of a wider output is
+  // fine). portable: on the CPU, the kernel for processors without AVX512-VNNI. On CUDA the
+  // activations stay in float (csrc/cuda/quant.cu).
+  m.def("quant_linear(Tensor! out, Tensor input, Tensor packed, int qtype, int n, Tensor? bias, "
+        "bool portable=False) -> ()");
+  // out[i] = row rows[i] of the packed W (every row in order without rows), as
+  // gguf.quants.dequantize computes it. out: [R, K] float; rows: [R] int64
+  m.def("quant_dequantize(Tensor! out, Tensor packed, int qtype, Tensor? rows) -> ()");
   // Mixture-of-experts routing, in float32, per token: scores = softmax(router_logits) over the
   // E experts, or sigmoid(router_logits) (scoring "softmax" | "sigmoid"); selection keys = scores
   // + correction_bias (when given: DeepSeek-V3, it selects only); with num_groups, the experts
@@ -157,7 +169,9 @@ TORCH_LIBRARY_FRAGMENT(fastgen, m) {
   m.impl("mla_attention", &ns::mla_attention);                            \
   m.impl("moe_route", &ns::moe_route);                                    \
   m.impl("moe_align", &ns::moe_align);                                    \
-  m.impl("fused_moe", &ns::fused_moe);
+  m.impl("fused_moe", &ns::fused_moe);                                    \
+  m.impl("quant_linear", &ns::quant_linear);                              \
+  m.impl("quant_dequantize", &ns::quant_dequantize);
 
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
   FASTGEN_IMPL_OPS(m, fastgen::cpu)

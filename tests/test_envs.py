@@ -6,6 +6,8 @@ called, and the README's table is the one envs.markdown_table() renders."""
 import re
 from pathlib import Path
 
+import pytest
+
 from fastgen import envs
 from fastgen.loader import hub
 
@@ -76,3 +78,27 @@ def test_accessors_read_the_environment_when_called(monkeypatch, tmp_path):
 
 def test_the_readme_table_is_the_modules():
     assert envs.markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_cpu_token_thresholds_follow_the_machine_and_the_environment(monkeypatch):
+    """Without AMX fastgen's streaming kernels win to 32 (bf16) / 64 (quantized) tokens; with
+    it oneDNN's AMX GEMM takes over from 8; both are settable."""
+    from fastgen import quantization
+    from fastgen.layers import linear
+
+    monkeypatch.delenv("FASTGEN_CPU_LINEAR_MAX_TOKENS", raising=False)
+    monkeypatch.delenv("FASTGEN_QUANT_MAX_TOKENS", raising=False)
+    amx = "amx_bf16" in envs.cpu_flags()
+    assert envs.cpu_linear_max_tokens() == (8 if amx else 32)
+    assert envs.quant_max_tokens() == (8 if amx else 64)
+    monkeypatch.setenv("FASTGEN_CPU_LINEAR_MAX_TOKENS", "12")
+    monkeypatch.setenv("FASTGEN_QUANT_MAX_TOKENS", "3")
+    linear.configure_cpu_thresholds()
+    try:
+        assert (linear.CPU_LINEAR_MAX_TOKENS, quantization.QUANT_MAX_TOKENS) == (12, 3)
+    finally:
+        monkeypatch.undo()
+        linear.configure_cpu_thresholds()
+    monkeypatch.setenv("FASTGEN_QUANT_MAX_TOKENS", "many")
+    with pytest.raises(ValueError, match="FASTGEN_QUANT_MAX_TOKENS must be a whole number"):
+        envs.quant_max_tokens()

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include "core/checks.h"
+#include "core/quant_format.h"
 
 namespace fastgen {
 
@@ -314,6 +315,80 @@ void check_linear_args(const at::Tensor& out, const at::Tensor& input, const at:
     FASTGEN_CHECK_CONTIGUOUS(op, *bias);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ",
                 bias->sizes());
+  }
+}
+
+namespace {
+
+void check_packed(const char* op, const at::Tensor& packed, int64_t qtype, int64_t k,
+                  int64_t n) {
+  TORCH_CHECK(quant::is_supported(qtype), op, ": unsupported quantization type ", qtype,
+              " (supported GGML types: 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K)");
+  const quant::Format f = quant::format_of(static_cast<quant::QType>(qtype));
+  FASTGEN_CHECK_DTYPE(op, packed, at::kByte);
+  FASTGEN_CHECK_CONTIGUOUS(op, packed);
+  TORCH_CHECK(k % f.super_elems == 0, op, ": K (", k, ") must be a multiple of ",
+              quant::name_of(static_cast<quant::QType>(qtype)), "'s block of ", f.super_elems);
+  const int64_t tiles = (n + quant::kTileRows - 1) / quant::kTileRows;
+  TORCH_CHECK(packed.dim() == 3 && packed.size(0) == tiles && packed.size(1) == k / f.super_elems &&
+                  packed.size(2) == f.chunk_bytes(),
+              op, ": packed must be [", tiles, ", ", k / f.super_elems, ", ", f.chunk_bytes(),
+              "] for ", n, " rows of ", k, " ", quant::name_of(static_cast<quant::QType>(qtype)),
+              " weights, got ", packed.sizes());
+}
+
+}  // namespace
+
+void check_quant_linear_args(const at::Tensor& out, const at::Tensor& input,
+                             const at::Tensor& packed, int64_t qtype, int64_t n,
+                             const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "quant_linear";
+  FASTGEN_CHECK_DIM(op, input, 2);
+  FASTGEN_CHECK_DIM(op, out, 2);
+  TORCH_CHECK(input.stride(1) == 1 && out.stride(1) == 1, op, ": input and out rows must be contiguous");
+  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  const int64_t m = input.size(0), k = input.size(1);
+  check_packed(op, packed, qtype, k, n);
+  TORCH_CHECK(out.size(0) == m && out.size(1) == n, op, ": out must be [", m, ", ", n, "], got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == input.scalar_type() || out.scalar_type() == at::kFloat, op,
+              ": out must be ", input.scalar_type(), " or float32, got ", out.scalar_type());
+  FASTGEN_CHECK_SAME_DEVICE(op, packed, input);
+  FASTGEN_CHECK_SAME_DEVICE(op, out, input);
+  if (bias) {
+    FASTGEN_CHECK_DTYPE(op, *bias, at::kFloat);
+    FASTGEN_CHECK_CONTIGUOUS(op, *bias);
+    FASTGEN_CHECK_SAME_DEVICE(op, *bias, input);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [", n, "], got ",
+                bias->sizes());
+  }
+}
+
+void check_quant_dequantize_args(const at::Tensor& out, const at::Tensor& packed, int64_t qtype,
+                                 const std::optional<at::Tensor>& rows) {
+  constexpr const char* op = "quant_dequantize";
+  FASTGEN_CHECK_DIM(op, out, 2);
+  FASTGEN_CHECK_CONTIGUOUS(op, out);
+  TORCH_CHECK(packed.dim() == 3, op, ": packed must be [tiles, K / SB, chunk_bytes], got ",
+              packed.sizes());
+  const int64_t capacity = packed.size(0) * quant::kTileRows;
+  check_packed(op, packed, qtype, out.size(1), capacity);
+  FASTGEN_CHECK_SAME_DEVICE(op, out, packed);
+  if (rows) {
+    FASTGEN_CHECK_DTYPE(op, *rows, at::kLong);
+    FASTGEN_CHECK_CONTIGUOUS(op, *rows);
+    FASTGEN_CHECK_SAME_DEVICE(op, *rows, packed);
+    TORCH_CHECK(rows->dim() == 1 && rows->size(0) == out.size(0), op, ": rows must be [",
+                out.size(0), "], got ", rows->sizes());
+    if (rows->device().is_cpu()) {
+      const int64_t* r = rows->data_ptr<int64_t>();
+      for (int64_t i = 0; i < rows->size(0); ++i)
+        TORCH_CHECK(r[i] >= 0 && r[i] < capacity, op, ": row ", r[i], " is out of range [0, ",
+                    capacity, ")");
+    }
+  } else {
+    TORCH_CHECK(out.size(0) <= capacity, op, ": out has ", out.size(0), " rows, packed holds ",
+                capacity);
   }
 }
 

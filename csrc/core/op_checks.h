@@ -89,6 +89,17 @@ void check_mla_attention_args(const at::Tensor& out, const at::Tensor& query,
 void check_linear_args(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias);
 
+// quant_linear: input [M, K] float with contiguous rows, K a multiple of qtype's super-block,
+// packed uint8 contiguous [ceil(n / 16), K / SB, chunk_bytes], out [M, n] of input's dtype or
+// float32 with contiguous rows, bias [n] float32 contiguous when given, qtype supported.
+void check_quant_linear_args(const at::Tensor& out, const at::Tensor& input,
+                             const at::Tensor& packed, int64_t qtype, int64_t n,
+                             const std::optional<at::Tensor>& bias);
+// quant_dequantize: out [R, K] float contiguous, packed as quant_linear's for some n (rows int64
+// [R] contiguous in [0, 16 * tiles) when given, else R = 16 * tiles at most).
+void check_quant_dequantize_args(const at::Tensor& out, const at::Tensor& packed, int64_t qtype,
+                                 const std::optional<at::Tensor>& rows);
+
 // moe_route: router_logits [T, E] float32 with contiguous rows, topk_weights [T, k] float32 and
 // topk_ids [T, k] int32 contiguous with 1 <= k <= E, scoring "softmax" or "sigmoid",
 // group_scoring "max" or "sum_top2", num_groups and topk_groups both given or both not, with

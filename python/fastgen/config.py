@@ -51,6 +51,8 @@ class LoadFormat(enum.Enum):
     RANDOM = "random"  # the config's shapes with random weights (benchmarks)
 
 
+QUANTIZATIONS = ("auto", "gguf", "int8", "none")
+
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for, as OpenAI's API
 
 
@@ -248,6 +250,12 @@ class EngineConfig:
     load_format: LoadFormat = setting(
         LoadFormat.AUTO, "auto: the weights of a safetensors folder or .gguf file; random: the "
         "model's shapes with random weights (for benchmarks)")
+    quantization: str | None = setting(
+        "auto", "how linear weights are stored and multiplied: auto (a .gguf model runs its "
+        "quantized blocks as the file stores them, any other its checkpoint dtype), gguf (the "
+        "same, required), int8 (weight-only, one scale per output channel, quantized at load) "
+        "or none (a .gguf model dequantized to --dtype)", choices=QUANTIZATIONS)
+    dequantize: bool = setting(False, "shorthand for --quantization none")
     max_model_len: int | None = setting(None, "context length, prompt plus output, tokens",
                                         default_text="the model's", check=at_least(2))
     max_num_seqs: int = setting(256, "most sequences in the running batch", check=at_least(1))
@@ -268,6 +276,17 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+    @property
+    def quantization_method(self) -> str | None:
+        """"auto", "gguf", "int8", or None for plain weights (quantization None or "none", or
+        dequantize)."""
+        if self.dequantize or self.quantization in (None, "none"):
+            return None
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose one of: "
+                             f"{', '.join(QUANTIZATIONS)}")
+        return self.quantization
 
     @classmethod
     def from_fields(cls, **values: Any) -> EngineConfig:

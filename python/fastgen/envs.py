@@ -49,6 +49,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "`gloo` sends CPU tensor-parallel collectives through torch.distributed's gloo even "
            "on one host (for comparison; ranks on several hosts always use gloo)",
            "`fastgen.distributed` (run time)"),
+    EnvVar("FASTGEN_CPU_LINEAR_MAX_TOKENS", "`8` where the CPU has AMX, else `32`",
+           "most tokens for which a bf16 / fp16 / fp32 linear layer on the CPU streams its weight "
+           "through fastgen's kernel; more go to oneDNN (F.linear). With AMX oneDNN's tiles win "
+           "from ~16 tokens; without, fastgen's kernel wins to ~32",
+           "`fastgen.layers.linear` (at model load)"),
+    EnvVar("FASTGEN_QUANT_MAX_TOKENS", "`8` where the CPU has AMX, else `64`",
+           "most tokens for which a quantized linear layer on the CPU runs fastgen's int8 kernel "
+           "on its packed blocks; more dequantize the weight and use oneDNN",
+           "`fastgen.quantization` (at model load)"),
     EnvVar("RANK", "`0`", "this process's global rank under torchrun",
            "`fastgen.generation.distributed` (run time)"),
     EnvVar("WORLD_SIZE", "`1`", "the number of processes under torchrun",
@@ -131,6 +140,38 @@ def cpu_collectives() -> str:
     if value not in ("shm", "gloo"):
         raise ValueError(f"FASTGEN_CPU_COLLECTIVES must be shm or gloo, got {value!r}")
     return value
+
+
+def cpu_flags() -> frozenset[str]:
+    """The processor's feature flags as Linux names them (avx512_vnni, amx_bf16, ...); empty
+    where /proc/cpuinfo cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _tokens(name: str, with_amx: int, without: int) -> int:
+    value = _get(name)
+    if value is None:
+        return with_amx if "amx_bf16" in cpu_flags() else without
+    if not value.isdigit():
+        raise ValueError(f"{name} must be a whole number of tokens, got {value!r}")
+    return int(value)
+
+
+def cpu_linear_max_tokens() -> int:
+    """$FASTGEN_CPU_LINEAR_MAX_TOKENS; default 8 with AMX (oneDNN's AMX GEMM wins above), else 32."""
+    return _tokens("FASTGEN_CPU_LINEAR_MAX_TOKENS", 8, 32)
+
+
+def quant_max_tokens() -> int:
+    """$FASTGEN_QUANT_MAX_TOKENS; default 8 with AMX, else 64."""
+    return _tokens("FASTGEN_QUANT_MAX_TOKENS", 8, 64)
 
 
 def disable_progress_bars() -> None:

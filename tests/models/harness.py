@@ -81,6 +81,28 @@ DECODE_STEPS = 5
 DEFAULT_PROMPT_LENGTHS = [13, 1, 29, 40]
 
 
+def randomized(model):
+    """model with every parameter drawn away from its init value: norm weights in [0.5, 1.5],
+    embeddings and heads N(0, 0.1), the rest N(0, 0.05). Returns model."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.1 if "embed" in name or "lm_head" in name else 0.05)
+    return model
+
+
+def paged_logits(model, prompt: list[int], tokens: list[int], dtype=torch.float32) -> torch.Tensor:
+    """fastgen's logits for a prefill of prompt and then one decode step per token of tokens
+    but the last (the positions of hf_greedy's logits but its final one).   -> [L + steps - 1, V]"""
+    harness = PagedHarness(model, max_seqs=1, max_len=len(prompt) + len(tokens), dtype=dtype)
+    logits = [harness.prefill([prompt])[0]]
+    for token in tokens[:-1]:
+        logits.append(harness.decode([token]))
+    return torch.cat(logits)
+
+
 def save_tiny_model(hf_config, folder, prepare=None) -> None:
     """A random checkpoint with every parameter (biases and norm weights too) drawn away from its
     init value, saved as safetensors with a small word-level tokenizer. prepare(model), when
@@ -91,13 +113,8 @@ def save_tiny_model(hf_config, folder, prepare=None) -> None:
     hf_config = copy.deepcopy(hf_config)
     hf_config.vocab_size = VOCAB
     hf_config.bos_token_id, hf_config.eos_token_id = 1, 2
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model = randomized(AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32))
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.1 if "embed" in name or "lm_head" in name else 0.05)
         if prepare is not None:
             prepare(model)
     model.save_pretrained(folder)

@@ -35,13 +35,13 @@ def generate(folder, tp: int, **kwargs):
         llm.engine.close()
 
 
-def assert_same_generation(got, want):
+def assert_same_generation(got, want, atol: float = 2e-4):
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
         assert tokens == want_tokens
         for step, want_step in zip(logprobs, want_logprobs):
             assert step.keys() == want_step.keys()
             for token, value in want_step.items():
-                assert step[token] == pytest.approx(value, abs=2e-4)
+                assert step[token] == pytest.approx(value, abs=atol)
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +112,14 @@ def test_a_dimension_that_does_not_split_is_named(tiny_llama):
 
 @pytest.mark.slow
 def test_default_model_tp3_generates_what_one_process_does():
-    """SmolLM2-135M: 9 heads, 3 KV heads, 1536 intermediate and 49152 vocabulary split 3 ways
-    (it cannot split 2 ways), in float32."""
+    """SmolLM2-135M as its GGUF stores it (Q4_1 layers, Q8_0 table): 9 heads, 3 KV heads, 1536
+    intermediate and 49152 vocabulary split 3 ways (it cannot split 2 ways), the row-parallel
+    layers' quantized rows split in whole blocks, in float32. The ranks' partial sums round
+    differently and the activations' int8 digits follow their inputs' last bits, so the logprobs
+    agree to the quantized path's tolerance (twice its logit bound), not to float32's."""
     from fastgen.loader.hub import default_model_dir
+    from fastgen.ops.tolerances import QUANT_LOGIT_TOLERANCES
 
     folder = default_model_dir()
-    assert_same_generation(generate(folder, 3), generate(folder, 1))
+    assert_same_generation(generate(folder, 3), generate(folder, 1),
+                           atol=2 * QUANT_LOGIT_TOLERANCES["Q4_1"]["atol"])

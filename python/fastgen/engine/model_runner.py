@@ -41,7 +41,7 @@ class ModelRunner:
         parallelism every rank takes the fewest blocks any rank can hold, so their block tables
         agree. On CUDA the decode graphs are captured here, after the cache is allocated."""
         self.model = model
-        param = next(model.parameters())
+        param = next(p for p in model.parameters() if p.is_floating_point())  # not packed blocks
         self.device, self.dtype = param.device, param.dtype
         self.block_size = config.cache.block_size
         self.kv_cache_specs = kv_cache_specs(model, self.dtype)  # per rank under TP

@@ -13,6 +13,11 @@ Every layer (and the LM head) multiplies through ``linear`` below: on the CPU, d
 go to fastgen's weight-streaming kernel (torch's small-M bf16 GEMM reads weights at a fraction of
 the memory bandwidth); prefill's many tokens, and GPUs, go to F.linear (oneDNN / cuBLAS).
 
+A layer built inside fastgen.quantization.building("gguf" | "int8") holds its weight as a
+QuantizedParameter instead: the sharding rule is the same (it slices a GGUF tensor's quantized
+rows, or whole blocks of its columns, exactly as it slices a float tensor), only the storage and
+the matmul (fastgen.quantization.quantized_linear) differ.
+
 Shape letters: T tokens, I input features, O output features.
 """
 
@@ -22,15 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen import ops
+from fastgen import envs, ops, quantization
 from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
 from fastgen.layers.parameter import ShardId, check_shape, set_weight_attrs
+from fastgen.quantization import QuantizedParameter, QuantizedTensor, quantized_linear
 
-# Most tokens for which fastgen's CPU linear kernel beats F.linear. Measured on SmolLM2's bf16
-# shapes with the weights coming from memory (2-core AVX512-BF16 EPYC): 1.3-2.2x faster at 1 token,
-# 1.3-2.0x at 8 and 16, still 1.3-1.9x at 24 and 32 (4 x 6 register tiles); prefill's hundreds of
-# tokens are compute-bound, where oneDNN wins.
-CPU_LINEAR_MAX_TOKENS = 32
+# Most tokens for which fastgen's CPU linear kernel beats F.linear, per machine (set from
+# envs.cpu_linear_max_tokens(), i.e. $FASTGEN_CPU_LINEAR_MAX_TOKENS, when a model loads). Measured on SmolLM2's bf16 shapes with the
+# weights coming from memory: on a 2-core AVX512-BF16 EPYC (no AMX) the kernel is 1.3-2.2x faster
+# at 1 token and still 1.3-1.9x at 24 and 32; on an AMX Xeon 2x faster at 1-8 tokens but
+# 1.15-1.7x slower at 16 and 1.9-2.5x slower at 32, where oneDNN's AMX tiles take over.
+CPU_LINEAR_MAX_TOKENS = envs.cpu_linear_max_tokens()
+
+
+def configure_cpu_thresholds() -> None:
+    """Reads the per-machine token thresholds (envs) into the layers; the loader calls it."""
+    global CPU_LINEAR_MAX_TOKENS
+    CPU_LINEAR_MAX_TOKENS = envs.cpu_linear_max_tokens()
+    quantization.configure_cpu_thresholds()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -40,6 +54,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return ops.linear(x, weight, bias, out_dtype)
     y = F.linear(x, weight, bias)
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def weight_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the weight a parameter holds (a quantized one's logical [O, I])."""
+    if isinstance(param, QuantizedParameter):
+        return (param.out_features, param.in_features)
+    return tuple(param.shape)
+
+
+def check_fits(param: torch.Tensor, loaded: torch.Tensor | QuantizedTensor) -> None:
+    if tuple(loaded.shape) != weight_shape(param):
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, the layer expects "
+                         f"{weight_shape(param)}")
+
+
+def store_rows(param: torch.Tensor, rows: torch.Tensor | QuantizedTensor, offset: int = 0) -> None:
+    """Checkpoint rows into param at row `offset`: copied into a plain parameter (checked against
+    the rows they land on), kept for packing by a quantized one."""
+    if isinstance(param, QuantizedParameter):
+        param.store(rows, offset)
+        return
+    if isinstance(rows, QuantizedTensor):
+        rows = rows.dequantize()
+    target = param.data if offset == 0 and rows.shape[0] == param.shape[0] else \
+        param.data.narrow(0, offset, rows.shape[0])
+    check_shape(target, rows)
+    target.copy_(rows)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -68,21 +109,39 @@ class LinearBase(nn.Module):
         self.tp = tp
         self.tp_rank, self.tp_size = tp.rank, tp.size
         shards = [(shard_id, None) for shard_id in self.shard_ids]
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.quantization = quantization.current_method()
+        self.params_dtype = torch.get_default_dtype()
+        if self.quantization is None:
+            self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        else:
+            self.weight = QuantizedParameter(output_size, input_size, self.quantization)
         set_weight_attrs(self.weight, self.weight_loader, shards)
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             set_weight_attrs(self.bias, self.weight_loader, shards)
         else:
             self.register_parameter("bias", None)
+        self.bias_f32: torch.Tensor | None = None  # a quantized layer's bias, for its kernel
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: ShardId = None, expert_id: int | None = None) -> None:
         raise NotImplementedError
 
+    def process_weights_after_loading(self) -> None:
+        if isinstance(self.weight, QuantizedParameter):
+            self.weight.finalize(self.params_dtype)
+            if self.bias is not None:
+                self.bias_f32 = self.bias.float()
+
+    def matmul(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """x W^T (+ b).   x: [T, I_local] -> [T, O_local]"""
+        if isinstance(self.weight, QuantizedParameter):
+            return quantized_linear(x, self.weight.packed, self.bias_f32 if with_bias else None)
+        return linear(x, self.weight, self.bias if with_bias else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, I_local] -> [T, O_local]"""
-        return linear(x, self.weight, self.bias)
+        return self.matmul(x)
 
 
 class ReplicatedLinear(LinearBase):
@@ -93,8 +152,8 @@ class ReplicatedLinear(LinearBase):
         super().__init__(input_size, output_size, bias, tp)
 
     def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
-        check_shape(param, loaded_weight)
-        param.data.copy_(loaded_weight)
+        check_fits(param, loaded_weight)
+        store_rows(param, loaded_weight)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -105,9 +164,8 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, _divide(output_size, tp.size, "output size"), bias, tp)
 
     def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
-        shard = shard_of(loaded_weight, 0, self.tp_rank, param.shape[0], self.tp_size)
-        check_shape(param, shard)
-        param.data.copy_(shard)
+        rows = weight_shape(param)[0]
+        store_rows(param, shard_of(loaded_weight, 0, self.tp_rank, rows, self.tp_size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -127,10 +185,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         index = shard_id
         local_sizes = [size // self.tp_size for size in self.output_sizes]
         offset, rows = sum(local_sizes[:index]), local_sizes[index]
-        shard = shard_of(loaded_weight, 0, self.tp_rank, rows, self.tp_size)
-        target = param.data.narrow(0, offset, rows)
-        check_shape(target, shard)
-        target.copy_(shard)
+        store_rows(param, shard_of(loaded_weight, 0, self.tp_rank, rows, self.tp_size), offset)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -168,10 +223,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             rows, rank, count = self.kv_size, self.kv_shard_rank, self.num_kv_shards
         else:
             raise ValueError(f"QKVParallelLinear shard must be 'q', 'k' or 'v', got {shard_id!r}")
-        shard = shard_of(loaded_weight, 0, rank, rows, count)
-        target = param.data.narrow(0, offset, rows)
-        check_shape(target, shard)
-        target.copy_(shard)
+        store_rows(param, shard_of(loaded_weight, 0, rank, rows, count), offset)
 
 
 class RowParallelLinear(LinearBase):
@@ -186,12 +238,13 @@ class RowParallelLinear(LinearBase):
         self.reduce_results = reduce_results
 
     def weight_loader(self, param, loaded_weight, shard_id=None, expert_id=None):
-        if param.dim() == 2:  # the bias is whole on every rank
-            loaded_weight = shard_of(loaded_weight, 1, self.tp_rank, param.shape[1], self.tp_size)
-        check_shape(param, loaded_weight)
-        param.data.copy_(loaded_weight)
+        if param is self.weight:  # the bias is whole on every rank
+            columns = weight_shape(param)[1]
+            loaded_weight = shard_of(loaded_weight, 1, self.tp_rank, columns, self.tp_size)
+        check_fits(param, loaded_weight)
+        store_rows(param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, I_local] -> [T, O]"""
-        y = linear(x, self.weight, self.bias if self.tp.is_first_rank else None)
+        y = self.matmul(x, with_bias=self.tp.is_first_rank)
         return self.tp.all_reduce(y) if self.reduce_results else y

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastgen import quantization
 from fastgen.config import EngineConfig, LoadFormat
 from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
-from fastgen.loader.gguf import convert_gguf
+from fastgen.loader.gguf import convert_gguf, iter_gguf_quantized
 from fastgen.loader.hf import (ModelLoadError, eos_token_ids, iter_safetensors, load_hf_config,
                                load_tokenizer)
-from fastgen.loader.hub import resolve_model
+from fastgen.loader.hub import SOURCE_GGUF, resolve_model
 from fastgen.loader.weights import load_weights, process_weights_after_loading
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_model", "convert_gguf"]
@@ -38,6 +39,7 @@ class LoadedModel:
     eos_token_ids: list[int]
     model_dir: Path             # the Hugging Face folder (for a GGUF model, the converted one)
     max_model_len: int
+    quantization: str | None = None  # "gguf" or "int8" when the linear weights are quantized
 
 
 def load_model(config: EngineConfig, tp: TensorParallelGroup = SINGLE_RANK) -> LoadedModel:
@@ -52,7 +54,18 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup = SINGLE_RANK) -> L
     device = _device(config.device)
     dtype = _dtype(config, device)
     random_weights = config.load_format is LoadFormat.RANDOM
+    try:
+        method = config.quantization_method
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     model_dir = resolve_model(config.model, weights=not random_weights)
+    gguf_file = _gguf_source(config.model, model_dir)
+    if method == "auto":
+        method = "gguf" if gguf_file is not None and not random_weights else None
+    if method == "gguf" and (gguf_file is None or random_weights):
+        raise ModelLoadError(f"quantization gguf runs a .gguf file's weights; {config.model} "
+                             + ("has random weights" if random_weights else "is not a GGUF model")
+                             + " (int8 quantizes any checkpoint at load)")
     hf_config = load_hf_config(model_dir)
     try:
         model_class = get_model_class(hf_config)
@@ -66,7 +79,9 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup = SINGLE_RANK) -> L
         raise ModelLoadError(f"max_model_len {max_model_len} exceeds the model's "
                              f"max_position_embeddings ({max_positions})")
 
-    with _default_dtype(dtype), torch.device(device):
+    from fastgen.layers.linear import configure_cpu_thresholds
+    configure_cpu_thresholds()
+    with _default_dtype(dtype), torch.device(device), quantization.building(method):
         try:
             model = model_class(hf_config, ModelContext(max_model_len, tp))
         except ValueError as e:  # a config the architecture cannot express (e.g. hidden_act),
@@ -81,7 +96,10 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup = SINGLE_RANK) -> L
             process_weights_after_loading(model)
         else:
             try:
-                load_weights(model, iter_safetensors(model_dir))
+                if method == "gguf":
+                    load_weights(model, iter_gguf_quantized(gguf_file, hf_config))
+                else:
+                    load_weights(model, iter_safetensors(model_dir))
             except ValueError as e:
                 raise ModelLoadError(f"checkpoint in {model_dir} does not fit "
                                      f"{model_class.__name__}: {e}") from None
@@ -90,7 +108,17 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup = SINGLE_RANK) -> L
     tokenizer = load_tokenizer(model_dir)
     return LoadedModel(model=model, hf_config=hf_config, tokenizer=tokenizer,
                        eos_token_ids=eos_token_ids(model_dir, hf_config, tokenizer),
-                       model_dir=model_dir, max_model_len=max_model_len)
+                       model_dir=model_dir, max_model_len=max_model_len, quantization=method)
+
+
+def _gguf_source(name: str, model_dir: Path) -> Path | None:
+    """The .gguf file a model was converted from: the file the user named, or the default
+    model's source.gguf kept in its folder; None for a Hugging Face model."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    source = model_dir / SOURCE_GGUF
+    return source if source.is_file() else None
 
 
 def _device(name: str) -> torch.device:
@@ -132,7 +160,11 @@ def _init_random(model: nn.Module, seed: int) -> None:
     devices = {p.device for p in model.parameters()}
     generator = torch.Generator(device=devices.pop() if devices else "cpu")
     for name, param in model.named_parameters():
-        if "norm" in name.split(".")[-2]:
+        if isinstance(param, quantization.QuantizedParameter):  # int8: drawn dense, then packed
+            generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            rows = torch.empty(param.out_features, param.in_features, device=param.device)
+            param.store(rows.normal_(0.0, RANDOM_WEIGHT_STD, generator=generator), 0)
+        elif "norm" in name.split(".")[-2]:
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()

@@ -1,10 +1,17 @@
-"""llama.cpp GGUF checkpoints (Llama architecture), converted once into a Hugging Face folder.
+"""llama.cpp GGUF checkpoints (architectures llama, qwen2, qwen3): their weights read as they are
+stored, and a Hugging Face folder converted once for everything else.
 
-fastgen does not run quantized weights: a .gguf file is dequantized to float32 with the `gguf`
-package, its tensors renamed to Hugging Face names (undoing the row permutation llama.cpp's
-converter applies to q and k), its metadata turned into a LlamaConfig and its tokenizer and chat
-template into tokenizer files through transformers. The result is an ordinary folder, so a GGUF
-model and its converted folder load through one path and hold identical weights.
+The converted folder holds the file's metadata as a transformers config (LlamaConfig,
+Qwen2Config, Qwen3Config; a Llama 3.1 file's per-frequency `rope_freqs` become the llama3 rope
+parameters they were computed from), its tokenizer and chat template as tokenizer files (through
+transformers), and the weights dequantized to float32 with the `gguf` package (for --dequantize
+and the HF backend). Tensors get Hugging Face names, and the row permutation llama.cpp's
+converter applies to a llama file's q and k is undone (rows are independent, so it is undone on
+quantized rows too, losslessly; qwen files are not permuted).
+
+By default (quantization "gguf") the engine reads the tensors straight from the file with
+iter_gguf_quantized: quantized ones stay quantized (fastgen.quantization.QuantizedTensor) and the
+layers pack them for fastgen's kernels.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fastgen.loader.hf import ModelLoadError, one_line
+from fastgen.quantization import FORMATS, QuantizedTensor
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
+_SKIPPED = ("rope_freqs.weight",)  # tensors the config carries instead
 
 # llama.cpp tensor name -> Hugging Face name ({} is the layer index)
 _GLOBAL_NAMES = {
@@ -38,6 +48,8 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -75,7 +87,7 @@ def hf_name(gguf_name: str) -> str:
     match = _LAYER_TENSOR.fullmatch(gguf_name)
     if match and match[2] in _LAYER_NAMES:
         return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"
-    raise ModelLoadError(f"GGUF tensor {gguf_name} has no counterpart in fastgen's Llama model")
+    raise ModelLoadError(f"GGUF tensor {gguf_name} has no counterpart in fastgen's model")
 
 
 def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -87,17 +99,17 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def gguf_config(reader, gguf_path: Path):
-    """A transformers LlamaConfig from the file's llama.* metadata."""
-    from transformers import LlamaConfig
+    """A transformers config from the file's <arch>.* metadata."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {gguf_path}; fastgen "
-                             f"converts: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ModelLoadError(f"{gguf_path} uses per-frequency rope scaling (rope_freqs), which the "
-                             "GGUF converter does not support; load the Hugging Face checkpoint")
+                             f"reads: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    if any("_exps." in name for name in tensors):
+        raise ModelLoadError(f"{gguf_path} is a mixture-of-experts GGUF (ffn_*_exps tensors), "
+                             "which fastgen does not read yet; load its Hugging Face checkpoint")
 
     def meta(key, default=None):
         value = _field(reader, f"{arch}.{key}", default)
@@ -107,26 +119,95 @@ def gguf_config(reader, gguf_path: Path):
 
     hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
     kv_heads = int(meta("attention.head_count_kv", heads))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length")
+                   or meta("rope.dimension_count", hidden // heads))
     vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
+    theta = _float32_value(meta("rope.freq_base", 10000.0))
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if "rope_freqs.weight" in tensors:
+        original = (_field(reader, f"{arch}.rope.scaling.original_context_length")
+                    or min(8192, int(meta("context_length"))))
+        rope = llama3_rope_parameters(np.array(tensors["rope_freqs.weight"].data, dtype=np.float64),
+                                      theta, head_dim, original, gguf_path)
+    common = dict(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(meta("feed_forward_length")),
         num_hidden_layers=int(meta("block_count")),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=int(meta("rope.dimension_count", hidden // heads)),
         max_position_embeddings=int(meta("context_length")),
         rms_norm_eps=_float32_value(meta("attention.layer_norm_rms_epsilon")),
-        rope_theta=_float32_value(meta("rope.freq_base", 10000.0)),
-        attention_bias="blk.0.attn_q.bias" in names,
-        tie_word_embeddings="output.weight" not in names,
+        rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=eos,
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
+    if arch == "qwen2":
+        return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
+    if arch == "qwen3":
+        return Qwen3Config(architectures=["Qwen3ForCausalLM"], head_dim=head_dim,
+                           attention_bias="blk.0.attn_q.bias" in tensors, **common)
+    return LlamaConfig(architectures=["LlamaForCausalLM"], head_dim=head_dim,
+                       attention_bias="blk.0.attn_q.bias" in tensors, **common)
+
+
+def llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float,
+                   original: float) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter stores as rope_freqs for Llama 3.1's
+    scaling (transformers' llama3 rope, written as divisors of the unscaled frequencies)."""
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    medium = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, medium))
+
+
+def llama3_rope_parameters(freqs: np.ndarray, theta: float, head_dim: int, original,
+                           gguf_path: Path) -> dict:
+    """transformers' llama3 rope parameters that give exactly the file's rope_freqs (divisors of
+    each frequency): factor is the largest divisor, and low / high_freq_factor follow from the
+    divisors between 1 and factor (any values fitting them give the same rotary when there are
+    fewer than two). ModelLoadError when no llama3 scaling gives those divisors."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if freqs.shape != inv_freq.shape:
+        raise ModelLoadError(f"{gguf_path}: rope_freqs has {freqs.size} values for a rotary of "
+                             f"{inv_freq.size} frequencies")
+    factor = float(freqs.max())
+    original = float(original or 8192)
+    wavelen = 2 * np.pi / inv_freq
+    medium = (freqs > 1 + 1e-6) & (freqs < factor * (1 - 1e-6))
+    if factor <= 1 + 1e-6:
+        return {"rope_type": "default", "rope_theta": theta}
+    if medium.sum() >= 2:  # smooth = original / (wavelen (high - low)) - low / (high - low)
+        smooth = (1 / freqs[medium] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)
+        span = original / slope
+        low = -intercept * span
+        high = low + span
+    else:  # too few points to fit: any boundaries between the neighbouring wavelengths will do
+        ones, fulls = wavelen[freqs <= 1 + 1e-6], wavelen[freqs >= factor * (1 - 1e-6)]
+        last_one = ones.max() * 1.0001 if ones.size else None     # just above the last 1
+        first_full = fulls.min() / 1.0001                          # just below the first factor
+        candidates = []  # (high_wavelen, low_wavelen) = (original / high, original / low)
+        if medium.sum() == 1:  # smooth = (1/w - 1/low_wl) / (1/high_wl - 1/low_wl) at that w
+            w, s = wavelen[medium][0], (1 / freqs[medium][0] - 1 / factor) / (1 - 1 / factor)
+            candidates.append((1 / (1 / first_full + (1 / w - 1 / first_full) / s), first_full))
+            if last_one is not None:
+                candidates.append((last_one, (1 - s) / (1 / w - s / last_one)))
+        else:
+            candidates.append((last_one or first_full / 2, first_full))
+        for high_wavelen, low_wavelen in candidates:
+            high, low = original / high_wavelen, original / low_wavelen
+            if np.allclose(llama3_factors(inv_freq, factor, low, high, original), freqs, rtol=1e-4):
+                break
+    params = {"rope_type": "llama3", "rope_theta": theta, "factor": factor,
+              "low_freq_factor": float(low), "high_freq_factor": float(high),
+              "original_max_position_embeddings": int(round(original))}
+    if not np.allclose(llama3_factors(inv_freq, factor, low, high, original), freqs, rtol=1e-4):
+        raise ModelLoadError(f"{gguf_path}: its rope_freqs are not a Llama 3 rope scaling; fastgen "
+                             "cannot run this file's rotary")
+    return params
 
 
 def _float32_value(value) -> float:
@@ -146,18 +227,59 @@ def gguf_eos_token_ids(reader) -> list[int]:
     return ids
 
 
+def _in_hf_order(reader, name: str, values: np.ndarray, hf_config) -> np.ndarray:
+    """A llama file's q / k rows back in Hugging Face's order (other architectures are stored
+    in it). values: [rows, ...] (floats, or a quantized tensor's byte rows)"""
+    if _field(reader, "general.architecture") in PERMUTED_QK:
+        if ".q_proj." in name:
+            return unpermute_qk(values, hf_config.num_attention_heads)
+        if ".k_proj." in name:
+            return unpermute_qk(values, hf_config.num_key_value_heads)
+    return values
+
+
 def iter_gguf_tensors(reader, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, float32 tensor) for every tensor in the file, dequantized."""
     dequantize = _gguf_package().quants.dequantize
     for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor"):
+        if tensor.name in _SKIPPED:
+            continue
         name = hf_name(tensor.name)
         values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        if ".q_proj." in name:
-            values = unpermute_qk(values, hf_config.num_attention_heads)
-        elif ".k_proj." in name:
-            values = unpermute_qk(values, hf_config.num_key_value_heads)
+        values = _in_hf_order(reader, name, values, hf_config)
         # F32 tensors come back as read-only views of the memory-mapped file: copy those.
         yield name, torch.from_numpy(np.require(values, requirements=("C", "W")))
+
+
+def iter_gguf_quantized(gguf_path: Path, hf_config) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """(Hugging Face name, tensor) for every tensor in the file: the quantized types fastgen's
+    kernels run (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) as QuantizedTensor rows, as stored; float
+    tensors, and quantized types it has no kernel for (dequantized, with a warning), as float32."""
+    gguf = _gguf_package()
+    reader = _open_reader(gguf_path)
+    others: set[str] = set()
+    for tensor in tqdm(reader.tensors, desc="Reading GGUF", unit="tensor"):
+        if tensor.name in _SKIPPED:
+            continue
+        name = hf_name(tensor.name)
+        qtype = int(tensor.tensor_type)
+        if qtype in FORMATS:
+            values = np.array(tensor.data)  # [N, row bytes], copied out of the memory map
+        else:
+            if qtype not in (0, 1, 30):
+                others.add(tensor.tensor_type.name)
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        values = torch.from_numpy(np.require(_in_hf_order(reader, name, values, hf_config),
+                                             requirements=("C", "W")))
+        if qtype in FORMATS:
+            yield name, QuantizedTensor(qtype, values, int(tensor.shape[0]))
+        else:
+            yield name, values
+    if others:
+        import logging
+        logging.getLogger(__name__).warning(
+            "%s: tensors of type %s have no fastgen kernel and run dequantized", gguf_path.name,
+            ", ".join(sorted(others)))
 
 
 # Written into every converted folder; bump it when the conversion changes, so cached folders made

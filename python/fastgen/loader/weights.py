@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from fastgen.layers.parameter import WHOLE, ShardId, ShardKey, covers, default_weight_loader
+from fastgen.quantization import QuantizedParameter, QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             unexpected.append(name)
             continue
         filled[target.param].append(target.key)  # tried: a bad shape is not also "missing"
+        if isinstance(tensor, QuantizedTensor) and not isinstance(param, QuantizedParameter):
+            tensor = tensor.dequantize()  # a quantized file's tensor for a plain parameter
         if target.transform is not None:
             tensor = target.transform(tensor)
         loader = getattr(param, "weight_loader", default_weight_loader)

@@ -126,6 +126,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
+def quant_linear(x: torch.Tensor, packed: torch.Tensor, qtype: int, n: int,
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 out: torch.Tensor | None = None, portable: bool = False) -> torch.Tensor:
+    """x @ W^T + bias for a block-quantized W [n, I] packed by fastgen.quantization.formats
+    (GGML type id qtype), x quantized per 32 to int8 inside (see the quant_linear schema).
+    x: [T, I]; bias: [n] float32; out (written when given, rows contiguous): [T, n]
+    -> [T, n] of out_dtype (x's dtype, or float32). portable: the kernel for processors without
+    AVX512-VNNI, which the CPU otherwise picks itself."""
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
+    _ops.quant_linear.default(out, x, packed, qtype, n, bias, portable)
+    return out
+
+
+def quant_dequantize(packed: torch.Tensor, qtype: int, n: int, k: int,
+                     dtype: torch.dtype = torch.float32,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of a packed W [n, k] as gguf.quants.dequantize computes them: every row, or rows
+    (int64 [R]) -> [n or R, k] of dtype"""
+    out = torch.empty(n if rows is None else rows.shape[0], k, dtype=dtype, device=packed.device)
+    _ops.quant_dequantize.default(out, packed, qtype, rows)
+    return out
+
+
 def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
               renormalize: bool = False, num_groups: int | None = None,
               topk_groups: int | None = None, group_scoring: str = "max",
