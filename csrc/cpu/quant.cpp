@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -179,6 +180,67 @@ FASTGEN_VNNI inline __m512i broadcast4(const int8_t* p) {
 // per thread well, this only covers the start of each chunk.
 constexpr int kPrefetchAhead = 1024;
 
+// (s, o) of group g of a chunk for its 16 rows (scale_at's, as vectors); d, dmin: the K-quants'
+// super-block scales, loaded once per chunk by chunk_scales_vnni.
+template <QType Q>
+FASTGEN_VNNI inline void chunk_scales_vnni(const uint8_t* sc, __m512& d, __m512& dmin) {
+  if constexpr (Q == QType::Q4_K || Q == QType::Q5_K) {
+    d = halves_to_float(sc + 256), dmin = halves_to_float(sc + 288);
+  } else if constexpr (Q == QType::Q6_K) {
+    d = halves_to_float(sc + 256), dmin = _mm512_setzero_ps();
+  } else {
+    d = dmin = _mm512_setzero_ps();
+  }
+}
+
+template <QType Q>
+FASTGEN_VNNI inline void group_scales_vnni(const uint8_t* sc, int g, __m512 d, __m512 dmin,
+                                           __m512& s, __m512& o) {
+  if constexpr (Q == QType::Q4_0) {
+    s = halves_to_float(sc), o = _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
+  } else if constexpr (Q == QType::Q4_1) {
+    s = halves_to_float(sc), o = halves_to_float(sc + 32);
+  } else if constexpr (Q == QType::Q8_0) {
+    s = halves_to_float(sc), o = _mm512_mul_ps(s, _mm512_set1_ps(-128.f));
+  } else if constexpr (Q == QType::Q4_K || Q == QType::Q5_K) {
+    const __m128i scs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16));
+    const __m128i mins = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 128 + g * 16));
+    s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(scs)));
+    o = _mm512_mul_ps(_mm512_xor_ps(dmin, _mm512_set1_ps(-0.f)),  // -dmin, exactly
+                      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mins)));
+  } else {  // Q6_K
+    const __m128i scs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16));
+    s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(scs)));
+    o = _mm512_mul_ps(s, _mm512_set1_ps(-32.f));
+  }
+}
+
+// The codes of vector vi of a chunk as bytes, 16 rows x 4 (lanes as the vector's bytes): lo for
+// its low-nibble elements (or all of an 8-bit vector), hi for its high-nibble ones.
+template <QType Q>
+FASTGEN_VNNI inline void unpack_vector(const uint8_t* chunk, int vi, __m512i& lo, __m512i& hi) {
+  constexpr Format F = format_of(Q);
+  const __m512i w = _mm512_loadu_si512(chunk + vi * kVectorBytes);
+  if constexpr (F.code_bits == 8) {
+    lo = hi = w;
+  } else {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    lo = _mm512_and_si512(w, low4);
+    hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+    const uint64_t* masks = reinterpret_cast<const uint64_t*>(chunk + F.vectors * kVectorBytes);
+    const __m512i bit4 = _mm512_set1_epi8(16), bit5 = _mm512_set1_epi8(32);
+    if constexpr (F.code_bits == 5) {
+      lo = _mm512_mask_add_epi8(lo, masks[2 * vi], lo, bit4);
+      hi = _mm512_mask_add_epi8(hi, masks[2 * vi + 1], hi, bit4);
+    } else if constexpr (F.code_bits == 6) {
+      lo = _mm512_mask_add_epi8(lo, masks[4 * vi], lo, bit4);
+      lo = _mm512_mask_add_epi8(lo, masks[4 * vi + 1], lo, bit5);
+      hi = _mm512_mask_add_epi8(hi, masks[4 * vi + 2], hi, bit4);
+      hi = _mm512_mask_add_epi8(hi, masks[4 * vi + 3], hi, bit5);
+    }
+  }
+}
+
 template <QType Q, int MB>
 FASTGEN_VNNI void tile_vnni(float* out, const uint8_t* tile, const QuantizedInput& a, int64_t i0,
                             int64_t chunks) {
@@ -199,9 +261,6 @@ FASTGEN_VNNI void tile_vnni(float* out, const uint8_t* tile, const QuantizedInpu
     dx2[i] = a.dx2.data() + (i0 + i) * (k / kActBlock);
     xsum[i] = G == 16 ? a.xsum16.data() + (i0 + i) * (k / 16) : a.xsum32.data() + (i0 + i) * (k / 32);
   }
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i bit4 = _mm512_set1_epi8(16);
-  const __m512i bit5 = _mm512_set1_epi8(32);
   __m512 acc[MB];
   FASTGEN_QUANT_UNROLL
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
@@ -209,14 +268,9 @@ FASTGEN_VNNI void tile_vnni(float* out, const uint8_t* tile, const QuantizedInpu
   for (int64_t c = 0; c < chunks; ++c) {
     const uint8_t* chunk = tile + c * F.chunk_bytes();
     const uint8_t* sc = chunk + quant::scales_offset(F);
-    const uint64_t* masks = reinterpret_cast<const uint64_t*>(chunk + F.vectors * kVectorBytes);
     for (int p = 0; p < F.chunk_bytes(); p += 64) __builtin_prefetch(chunk + kPrefetchAhead + p);
     __m512 d, dmin;
-    if constexpr (Q == QType::Q4_K || Q == QType::Q5_K) {
-      d = halves_to_float(sc + 256), dmin = halves_to_float(sc + 288);
-    } else if constexpr (Q == QType::Q6_K) {
-      d = halves_to_float(sc + 256);
-    }
+    chunk_scales_vnni<Q>(sc, d, dmin);
     for (int g = 0; g < F.groups(); ++g) {
       const int64_t e0 = c * F.super_elems + g * G;
       __m512i idot[MB], idot2[MB];
@@ -225,26 +279,16 @@ FASTGEN_VNNI void tile_vnni(float* out, const uint8_t* tile, const QuantizedInpu
       FASTGEN_QUANT_UNROLL
       for (int v = 0; v < kVpg; ++v) {
         const int vi = g * kVpg + v;
-        const __m512i w = _mm512_loadu_si512(chunk + vi * kVectorBytes);
         const int64_t e = e0 + v * kEpv;
+        __m512i lo, hi;
+        unpack_vector<Q>(chunk, vi, lo, hi);
         if constexpr (F.code_bits == 8) {
           FASTGEN_QUANT_UNROLL
           for (int i = 0; i < MB; ++i) {
-            idot[i] = _mm512_dpbusd_epi32(idot[i], w, broadcast4(x[i] + e));
-            idot2[i] = _mm512_dpbusd_epi32(idot2[i], w, broadcast4(x2[i] + e));
+            idot[i] = _mm512_dpbusd_epi32(idot[i], lo, broadcast4(x[i] + e));
+            idot2[i] = _mm512_dpbusd_epi32(idot2[i], lo, broadcast4(x2[i] + e));
           }
         } else {
-          __m512i lo = _mm512_and_si512(w, low4);
-          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-          if constexpr (F.code_bits == 5) {
-            lo = _mm512_mask_add_epi8(lo, masks[2 * vi], lo, bit4);
-            hi = _mm512_mask_add_epi8(hi, masks[2 * vi + 1], hi, bit4);
-          } else if constexpr (F.code_bits == 6) {
-            lo = _mm512_mask_add_epi8(lo, masks[4 * vi], lo, bit4);
-            lo = _mm512_mask_add_epi8(lo, masks[4 * vi + 1], lo, bit5);
-            hi = _mm512_mask_add_epi8(hi, masks[4 * vi + 2], hi, bit4);
-            hi = _mm512_mask_add_epi8(hi, masks[4 * vi + 3], hi, bit5);
-          }
           FASTGEN_QUANT_UNROLL
           for (int i = 0; i < MB; ++i) {
             idot[i] = _mm512_dpbusd_epi32(idot[i], lo, broadcast4(x[i] + e));
@@ -255,23 +299,7 @@ FASTGEN_VNNI void tile_vnni(float* out, const uint8_t* tile, const QuantizedInpu
         }
       }
       __m512 s, o;
-      if constexpr (Q == QType::Q4_0) {
-        s = halves_to_float(sc), o = _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
-      } else if constexpr (Q == QType::Q4_1) {
-        s = halves_to_float(sc), o = halves_to_float(sc + 32);
-      } else if constexpr (Q == QType::Q8_0) {
-        s = halves_to_float(sc), o = _mm512_mul_ps(s, _mm512_set1_ps(-128.f));
-      } else if constexpr (Q == QType::Q4_K || Q == QType::Q5_K) {
-        const __m128i scs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16));
-        const __m128i mins = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 128 + g * 16));
-        s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(scs)));
-        o = _mm512_mul_ps(_mm512_xor_ps(dmin, _mm512_set1_ps(-0.f)),  // -dmin, exactly
-                          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mins)));
-      } else {  // Q6_K
-        const __m128i scs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16));
-        s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(scs)));
-        o = _mm512_mul_ps(s, _mm512_set1_ps(-32.f));
-      }
+      group_scales_vnni<Q>(sc, g, d, dmin, s, o);
       FASTGEN_QUANT_UNROLL
       for (int i = 0; i < MB; ++i) {
         const __m512 u = _mm512_fmadd_ps(
@@ -337,12 +365,92 @@ void linear_tiles(OutT* out, int64_t out_stride, const uint8_t* packed, const Qu
   });
 }
 
+// Rows row0 .. row0 + rows - 1 (one tile) of W into out (rows k apart), as dequantize_rows
+// computes them, 16 rows x 8 codes per vector: each 128-bit quarter of the unpacked codes is 4
+// rows x 4 codes, scaled with its rows' (s, o) and stored as 4 elements of each row.
+template <QType Q, typename OutT>
+FASTGEN_VNNI void dequantize_tile_vnni(OutT* out, const uint8_t* tile, int rows, int64_t k) {
+  constexpr Format F = format_of(Q);
+  constexpr int kEpv = F.elems_per_vector();
+  const int64_t chunks = k / F.super_elems;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* chunk = tile + c * F.chunk_bytes();
+    const uint8_t* sc = chunk + quant::scales_offset(F);
+    __m512 d, dmin;
+    chunk_scales_vnni<Q>(sc, d, dmin);
+    for (int g = 0; g < F.groups(); ++g) {
+      __m512 s, o;
+      group_scales_vnni<Q>(sc, g, d, dmin, s, o);
+      for (int v = 0; v < F.vectors_per_group(); ++v) {
+        const int vi = g * F.vectors_per_group() + v;
+        __m512i lo, hi;
+        unpack_vector<Q>(chunk, vi, lo, hi);
+        const int64_t e = c * F.super_elems + vi * kEpv;
+        for (int quarter = 0; quarter < 4; ++quarter) {
+          const __m512i pick = _mm512_set_epi32(
+              4 * quarter + 3, 4 * quarter + 3, 4 * quarter + 3, 4 * quarter + 3,
+              4 * quarter + 2, 4 * quarter + 2, 4 * quarter + 2, 4 * quarter + 2,
+              4 * quarter + 1, 4 * quarter + 1, 4 * quarter + 1, 4 * quarter + 1,
+              4 * quarter, 4 * quarter, 4 * quarter, 4 * quarter);
+          const __m512 sq = _mm512_permutexvar_ps(pick, s), oq = _mm512_permutexvar_ps(pick, o);
+          for (int half = 0; half < (F.code_bits == 8 ? 1 : 2); ++half) {
+            const __m512i codes = _mm512_cvtepu8_epi32(
+                quarter == 0 ? _mm512_extracti32x4_epi32(half ? hi : lo, 0)
+                : quarter == 1 ? _mm512_extracti32x4_epi32(half ? hi : lo, 1)
+                : quarter == 2 ? _mm512_extracti32x4_epi32(half ? hi : lo, 2)
+                               : _mm512_extracti32x4_epi32(half ? hi : lo, 3));
+            __m512 w;  // weight_value's arithmetic, lane by lane
+            if constexpr (Q == QType::Q4_0 || Q == QType::Q8_0 || Q == QType::Q6_K) {
+              constexpr int bias = Q == QType::Q4_0 ? 8 : Q == QType::Q8_0 ? 128 : 32;
+              w = _mm512_mul_ps(sq, _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(bias))));
+            } else {
+              w = _mm512_add_ps(_mm512_mul_ps(sq, _mm512_cvtepi32_ps(codes)), oq);
+            }
+            alignas(64) uint16_t halves[16];  // bf16 / fp16 bits, rounded to nearest even
+            alignas(64) float lanes[16];
+            if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
+              const __m512i bits = _mm512_castps_si512(w);
+              const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+              const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+              _mm256_store_si256(reinterpret_cast<__m256i*>(halves),
+                                 _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+            } else if constexpr (std::is_same_v<OutT, c10::Half>) {
+              _mm256_store_si256(reinterpret_cast<__m256i*>(halves),
+                                 _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            } else {
+              _mm512_store_ps(lanes, w);
+            }
+            for (int i = 0; i < 4; ++i) {
+              const int r = 4 * quarter + i;
+              if (r >= rows) break;
+              OutT* dst = out + r * k + e + 4 * half;
+              if constexpr (std::is_same_v<OutT, float>) {
+                std::memcpy(dst, lanes + 4 * i, 16);
+              } else {
+                std::memcpy(dst, halves + 4 * i, 8);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 template <QType Q, typename OutT>
 void dequantize_rows(OutT* out, const uint8_t* packed, const int64_t* rows, int64_t count,
                      int64_t k) {
   constexpr Format F = format_of(Q);
   const int64_t chunks = k / F.super_elems;
   const int64_t tile_bytes = chunks * F.chunk_bytes();
+  if (rows == nullptr && cpu_has_vnni512()) {  // the whole weight (prefill): tile by tile
+    at::parallel_for(0, (count + kTileRows - 1) / kTileRows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        dequantize_tile_vnni<Q>(out + t * kTileRows * k, packed + t * tile_bytes,
+                                static_cast<int>(std::min<int64_t>(kTileRows, count - t * kTileRows)), k);
+    });
+    return;
+  }
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t row = rows ? rows[i] : i;

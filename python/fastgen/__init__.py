@@ -5,7 +5,13 @@
     print(llm.chat([{"role": "user", "content": "What is the capital of France?"}])[0].text)
 """
 
+from fastgen import envs as _envs
+
 __version__ = "0.1.0"
+
+# Before anything imports torch (and with it libgomp): OpenMP threads that spin for a millisecond
+# after every parallel region collapse decode on a CPU shared with other programs.
+_envs.bound_openmp_spinning()
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 

@@ -58,6 +58,16 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "most tokens for which a quantized linear layer on the CPU runs fastgen's int8 kernel "
            "on its packed blocks; more dequantize the weight and use oneDNN",
            "`fastgen.quantization` (at model load)"),
+    EnvVar("GOMP_SPINCOUNT", "`10000`, set by `import fastgen` when unset (libgomp's own: 300000)",
+           "how long an idle OpenMP thread spins before it sleeps. libgomp's default keeps torch's "
+           "threads spinning ~1 ms after every parallel region, which is harmless on an idle "
+           "machine but collapses decode when another program keeps the cores busy (measured: "
+           "batch-1 decode 96 -> 1.7-30 tok/s beside a 2-thread matmul on 2 cores); 10000 "
+           "bounds the spin to tens of microseconds. Read once, when torch loads OpenMP: set it "
+           "before starting Python, or import fastgen before torch",
+           "libgomp; set by `fastgen` (import time)"),
+    EnvVar("OMP_NUM_THREADS", "all cores", "torch's CPU threads (`torch.set_num_threads`)",
+           "torch / OpenMP"),
     EnvVar("RANK", "`0`", "this process's global rank under torchrun",
            "`fastgen.generation.distributed` (run time)"),
     EnvVar("WORLD_SIZE", "`1`", "the number of processes under torchrun",
@@ -172,6 +182,15 @@ def cpu_linear_max_tokens() -> int:
 def quant_max_tokens() -> int:
     """$FASTGEN_QUANT_MAX_TOKENS; default 8 with AMX, else 64."""
     return _tokens("FASTGEN_QUANT_MAX_TOKENS", 8, 64)
+
+
+OPENMP_SPIN_COUNT = "10000"
+
+
+def bound_openmp_spinning() -> None:
+    """Sets GOMP_SPINCOUNT=10000 unless it is set (see its row in ENV_VARS). Must run before
+    torch is imported: libgomp reads it once, when it loads."""
+    os.environ.setdefault(_declared("GOMP_SPINCOUNT"), OPENMP_SPIN_COUNT)
 
 
 def disable_progress_bars() -> None:

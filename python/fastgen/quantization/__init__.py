@@ -208,6 +208,10 @@ def quantized_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor |
     out = torch.empty(tokens, weight.out_features, dtype=out_dtype, device=x.device)
     stream = tokens <= (QUANT_MAX_TOKENS if x.device.type == "cpu" else CUDA_QUANT_MAX_TOKENS)
     x = x.contiguous()
+    if stream and len(weight.segments) == 1 and weight.segments[0].qtype is not None:
+        seg = weight.segments[0]  # decode's common case, with as little Python as it takes
+        ops.quant_linear(x, seg.data, seg.qtype, seg.rows, bias, out=out)
+        return out
     for seg in weight.segments:
         cols = out.narrow(1, seg.offset, seg.rows)  # rows stay contiguous: the kernels take it
         seg_bias = None if bias is None else bias.narrow(0, seg.offset, seg.rows)
