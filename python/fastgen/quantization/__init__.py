@@ -26,7 +26,6 @@ Shape letters: T tokens, I input features, O output features.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -37,8 +36,6 @@ from torch import nn
 from fastgen import envs
 from fastgen.quantization.formats import (BY_NAME, DENSE_TYPES, FORMATS, TILE_ROWS, BlockFormat,
                                           pack, pack_decoded, quantize_int8_per_channel)
-
-logger = logging.getLogger(__name__)
 
 METHODS = ("gguf", "int8")
 
