@@ -77,8 +77,7 @@ def store_rows(param: torch.Tensor, rows: torch.Tensor | QuantizedTensor, offset
         return
     if isinstance(rows, QuantizedTensor):
         rows = rows.dequantize()
-    target = param.data if offset == 0 and rows.shape[0] == param.shape[0] else \
-        param.data.narrow(0, offset, rows.shape[0])
+    target = param.data.narrow(0, offset, min(rows.shape[0], param.shape[0] - offset))
     check_shape(target, rows)
     target.copy_(rows)
 

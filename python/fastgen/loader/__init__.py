@@ -160,8 +160,8 @@ def _init_random(model: nn.Module, seed: int) -> None:
     devices = {p.device for p in model.parameters()}
     generator = torch.Generator(device=devices.pop() if devices else "cpu")
     for name, param in model.named_parameters():
+        generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         if isinstance(param, quantization.QuantizedParameter):  # int8: drawn dense, then packed
-            generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             rows = torch.empty(param.out_features, param.in_features, device=param.device)
             param.store(rows.normal_(0.0, RANDOM_WEIGHT_STD, generator=generator), 0)
         elif "norm" in name.split(".")[-2]:
@@ -169,5 +169,4 @@ def _init_random(model: nn.Module, seed: int) -> None:
         elif name.endswith(".bias"):
             param.zero_()
         else:
-            generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             param.normal_(0.0, RANDOM_WEIGHT_STD, generator=generator)

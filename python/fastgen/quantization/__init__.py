@@ -35,7 +35,7 @@ from torch import nn
 
 from fastgen import envs
 from fastgen.quantization.formats import (BY_NAME, DENSE_TYPES, FORMATS, TILE_ROWS, BlockFormat,
-                                          pack, pack_decoded, quantize_int8_per_channel)
+                                          decode, pack, pack_decoded, quantize_int8_per_channel)
 
 METHODS = ("gguf", "int8")
 
@@ -71,7 +71,6 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]"""
-        from fastgen.quantization.formats import decode
         return decode(self.qtype, self.data.contiguous(), self.k).dequantize()
 
     def __repr__(self) -> str:
@@ -149,11 +148,8 @@ class QuantizedParameter(nn.Parameter):
         if covered != self.out_features:
             raise ValueError(f"quantized weight got {covered} of its {self.out_features} rows")
         runs: list[list[tuple[int, QuantizedTensor | torch.Tensor]]] = []
-        for offset, rows in pieces:
-            kind = rows.qtype if isinstance(rows, QuantizedTensor) else None
-            if runs and kind is not None and _kind(runs[-1][-1][1]) == kind:
-                runs[-1].append((offset, rows))
-            elif runs and kind is None and _kind(runs[-1][-1][1]) is None:
+        for offset, rows in pieces:  # adjacent rows of one type (None: float) share a segment
+            if runs and _kind(runs[-1][-1][1]) == _kind(rows):
                 runs[-1].append((offset, rows))
             else:
                 runs.append([(offset, rows)])
@@ -231,23 +227,18 @@ def dequantized_rows(weight: PackedWeight, ids: torch.Tensor, dtype: torch.dtype
     """Rows ids of W, dequantized (the embedding lookup).   ids: [T] int64 -> [T, I]"""
     from fastgen import ops
 
+    def lookup(seg: Segment, local: torch.Tensor) -> torch.Tensor:
+        if seg.qtype is None:
+            return F.embedding(local, seg.data).to(dtype)
+        return ops.quant_dequantize(seg.data, seg.qtype, seg.rows, weight.in_features, dtype,
+                                    rows=local)
+
+    if len(weight.segments) == 1:  # a table is one tensor in every GGUF file seen
+        return lookup(weight.segments[0], ids)
     out = torch.empty(ids.shape[0], weight.in_features, dtype=dtype, device=ids.device)
     for seg in weight.segments:
-        inside = (ids >= seg.offset) & (ids < seg.offset + seg.rows)
-        if len(weight.segments) == 1:
-            local, rows_out = ids - seg.offset, out
-        else:
-            which = inside.nonzero().squeeze(1)
-            local, rows_out = ids[which] - seg.offset, None
-        if seg.qtype is None:
-            values = F.embedding(local, seg.data).to(dtype)
-        else:
-            values = ops.quant_dequantize(seg.data, seg.qtype, seg.rows, weight.in_features, dtype,
-                                          rows=local)
-        if rows_out is None:
-            out[which] = values
-        else:
-            out.copy_(values)
+        which = ((ids >= seg.offset) & (ids < seg.offset + seg.rows)).nonzero().squeeze(1)
+        out[which] = lookup(seg, ids[which] - seg.offset)
     return out
 
 
