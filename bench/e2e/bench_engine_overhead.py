@@ -21,10 +21,10 @@ Four passes per batch size:
 - generate with a breakdown: each phase wrapped in a timer as well (per-sequence phases cost
   ~0.2 us of timer per call, a few percent of host time at batch 256): schedule
   (`Scheduler.schedule`), prepare (the step's ModelInput, `build_model_input`, and the model
-  runner's tensors of it, `forward_batch`), forward (model forward + logits), sample (sampler
-  and the tokens' copy to the host), detokenize + stop strings (`IncrementalDetokenizer.step`),
-  output building (`_Request.output`), the rest of the step (applying the output in the
-  scheduler among it).
+  runner's tensors of it, `forward_batch`, or a decode graph's staging), forward (model forward +
+  logits, or the decode graph's replay), sample (sampler and the tokens' copy to the host),
+  detokenize + stop strings (`IncrementalDetokenizer.step`), output building
+  (`_Request.output`), the rest of the step (applying the output in the scheduler among it).
 - stream: the engine stepped by hand with DELTA outputs, one per request and step (what the
   server's AsyncLLMEngine does), timed as the first pass.
 - cumulative: the same with CUMULATIVE outputs, add_request's default (what bench_decode.py
@@ -122,12 +122,18 @@ def wrap_phases(timer: PhaseTimer, llm: LLM, breakdown: bool) -> None:
     timer.wrap(engine, "step", "step")
     timer.wrap(runner.model, "forward", "forward")
     timer.wrap(runner.model, "compute_logits", "forward")
+    if runner.decode_graphs is not None:  # a decode step's forward is a graph replay
+        from fastgen.engine.step_graph import StepGraph
+
+        timer.wrap(StepGraph, "replay", "forward")
     if not breakdown:
         return
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine_module, "build_model_input", "model_input")  # the step's ModelInput
     timer.wrap(runner, "execute", "run")
     timer.wrap(runner, "forward_batch", "tensors")  # the input's lists as tensors
+    if runner.decode_graphs is not None:  # or, for a graph, written into its static buffers
+        timer.wrap(runner.decode_graphs, "_stage", "tensors")
     timer.wrap(runner, "_sample", "sample")
     timer.wrap(IncrementalDetokenizer, "step", "detokenize")
     timer.wrap(engine_module._Request, "output", "outputs")
@@ -197,7 +203,8 @@ def measure(llm: LLM, mode: str, batch: int, prompt_len: int, max_tokens: int,
         llm.engine.step = timed_step
         timer.close()
     means = {phase: seconds / steps for phase, seconds in totals.items()}
-    means.setdefault("gc", 0.0)
+    for phase in ("gc", "tensors"):  # (no collection, no eager step among the timed ones)
+        means.setdefault(phase, 0.0)
     means["host"] = means["step"] - means["forward"]
     if breakdown:
         means["prepare"] = means["model_input"] + means["tensors"]

@@ -266,8 +266,8 @@ class EngineConfig:
     seed: int = setting(0, "seeds random weights (--load-format random) and the draws of "
                         "requests without a seed of their own", option="--engine-seed")
     enforce_eager: bool = setting(
-        False, "turn CUDA graphs off: decode steps launch their kernels one by one (for "
-        "debugging; no effect on CPU, where nothing is captured)")
+        False, "turn decode-step graphs off (CUDA graphs on GPUs, step graphs on the CPU): "
+        "decode steps call their kernels one by one from Python (for debugging)")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from fastgen import LLM, SamplingParams
-from tests.engine.test_cuda_graph import BLOCK_SIZE, with_static_buffers
+from tests.engine.test_decode_graphs import BLOCK_SIZE, with_static_buffers
 from tests.models.harness import VOCAB, save_tiny_model
 
 CONFIG = Qwen3MoeConfig(hidden_size=64, intermediate_size=48, moe_intermediate_size=24,

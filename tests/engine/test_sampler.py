@@ -4,7 +4,7 @@ draws follow the distribution, and a seeded request's tokens do not depend on it
 import torch
 
 from fastgen.config import SamplingParams
-from fastgen.engine.sampler import Sampler, apply_top_k_top_p
+from fastgen.engine.sampler import Sampler, apply_top_k_top_p, argmax_rows
 
 VOCAB = 1000
 
@@ -108,3 +108,13 @@ def test_a_seeded_top_k_row_ignores_its_batch_mates_k():
     mate = SamplingParams(temperature=1.0, top_k=200)  # widens the candidates to 200
     mixed = [row[0] for row in draw(Sampler("cpu", seed=2), logits, params + [mate], [11, None])]
     assert mixed == alone
+
+
+def test_argmax_rows_is_argmax_with_ties_and_nans():
+    x = torch.randn(5, 49152, generator=torch.Generator().manual_seed(0))
+    x[1, [7, 30000, 100]] = 50.0  # ties: the first wins
+    x[2, 9] = float("nan")
+    x[3] = float("-inf")
+    x[4, -1] = float("inf")
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert argmax_rows(x)[1] == 7

@@ -6,11 +6,11 @@ The cache is sized from the model's own description of it: each attention layer'
 says what a block of it costs, the budget divided by their sum is the number of blocks, and each
 layer's cache is allocated from its spec.
 
-The per-step Python cost is kept small on purpose — at batch 1 a decode step of the default model
-is ~18 ms on CPU, of which the matmuls take ~12: each field of the input becomes a tensor with one
-torch.tensor call, the cache is allocated once, and the sampled tokens come back to Python in one
-.tolist(), the step's only wait for the device. On CUDA a decode input (one token per sequence)
-replays a captured CUDA graph instead (cuda_graph.py), unless config.enforce_eager. The random
+The per-step Python cost is kept small on purpose: each field of the input becomes a tensor with
+one torch.tensor call, the cache is allocated once, and the sampled tokens come back to Python in
+one .tolist(), the step's only wait for the device. A decode input (one token per sequence)
+replays a captured graph of the forward pass instead (decode_graphs.py: a CUDA graph, or on the
+CPU a step graph), unless config.enforce_eager. The random
 streams of seeded sequences live here, by sequence id, until the input says the sequence is gone.
 
 Shape letters: T tokens in the step, B sequences, H hidden size, V vocabulary, R rows whose
@@ -24,7 +24,7 @@ from torch import nn
 
 from fastgen.config import EngineConfig
 from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
-from fastgen.engine.cuda_graph import DecodeGraphs
+from fastgen.engine.decode_graphs import DecodeGraphs
 from fastgen.engine.model_input import ModelInput, ModelOutput, SamplingRows
 from fastgen.engine.sampler import Sampler, to_device, top_logprobs
 from fastgen.layers.attention import (AttentionMetadata, ForwardBatch, allocate_kv_caches,
@@ -39,7 +39,8 @@ class ModelRunner:
                  tp: TensorParallelGroup = SINGLE_RANK):
         """The cache is capped at what max_num_seqs full-length sequences can use; under tensor
         parallelism every rank takes the fewest blocks any rank can hold, so their block tables
-        agree. On CUDA the decode graphs are captured here, after the cache is allocated."""
+        agree. The decode graphs are made here, after the cache is allocated (CUDA's captured at
+        once, the CPU's on first use)."""
         self.model = model
         param = next(p for p in model.parameters() if p.is_floating_point())  # not packed blocks
         self.device, self.dtype = param.device, param.dtype
@@ -57,7 +58,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self._generators: dict[int, torch.Generator] = {}  # by sequence id
         self.decode_graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, config.max_num_seqs,
                                               max_model_len, self.block_size)
 

@@ -32,7 +32,7 @@ class LLM:
         max_num_seqs, seed, enforce_eager, ...), CacheConfig's (block_size, cpu_kv_cache_gib,
         gpu_memory_utilization, enable_prefix_caching) or ParallelConfig's
         (tensor_parallel_size, data_parallel_size; only 1 for now). enforce_eager=True turns
-        CUDA graphs off, for debugging."""
+        decode-step graphs off (CUDA graphs, and step graphs on the CPU), for debugging."""
         try:
             config = EngineConfig.from_fields(model=model, dtype=dtype, device=device,
                                               load_format=load_format, **kwargs)

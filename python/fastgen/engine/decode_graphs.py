@@ -1,18 +1,25 @@
-"""CUDA graphs for decode steps: the model's forward pass and logits for a batch of one-token
-sequences, captured once per batch-size bucket and replayed, so that a decode step costs one graph
-launch instead of a few hundred kernel launches and the Python between them.
+"""Decode-step graphs: the model's forward pass and logits for a batch of one-token sequences,
+captured once per batch-size bucket and replayed, so that a decode step costs one replay instead of
+a few hundred operator calls and the Python between them. On CUDA a bucket's graph is a CUDA graph
+(one launch); on the CPU it is a step graph (step_graph.py: the same operator calls, made from C++
+without Python), captured the first time a batch of that size decodes — the capture is that
+step's own forward pass, so it costs nothing at start-up.
 
-A graph replays the kernels of its capture with the same pointers and host arguments, so all that
-a step changes lives in static device buffers sized for the largest bucket, which each step
+A graph replays the calls of its capture with the same buffers and host arguments, so all that
+a step changes lives in static buffers sized for the largest bucket, which each step
 overwrites in place (one asynchronous copy per field from pinned staging buffers): token ids,
 positions, cache slots, key lengths and block tables. A batch of B sequences replays the graph of
 the smallest bucket P >= B; rows B..P-1 are padding: token 0 at position 0, written nowhere (slot
-PAD_SLOT_ID, which reshape_and_cache skips), attending to one key in block 0. Only the used width
+PAD_SLOT_ID, which reshape_and_cache skips), attending to one key in block 0. On the CPU every
+batch size up to CPU_MAX_CAPTURE_SIZE is its own bucket: a padding row costs the CPU as much as a
+real one once a step is compute-bound, more than the Python a replay saves. Only the used width
 of the block tables is written: columns past the step's widest table keep earlier steps' entries,
 which no sequence's length reaches. The metadata's host ints are the upper bounds, max_seqlen_q 1
 and max_seqlen_k max_model_len, which the attention kernels accept for any shorter actual length.
-Every bucket writes its logits into one static [Bmax, V] buffer rather than an output of its own:
-the graphs share one memory pool, and none keeps a [P, V] output alive in it.
+Every CUDA bucket writes its logits into one static [Bmax, V] buffer rather than an output of its
+own: the graphs share one memory pool, and none keeps a [P, V] output alive in it. A CPU bucket's
+logits are a buffer of its own graph. Either way the logits a run returns are overwritten by the
+next run.
 
 Shape letters: Bmax the largest bucket, P a bucket, B the sequences of a step, W the widest block
 table among them, M blocks per sequence at max_model_len, V vocabulary.
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastgen.engine import step_graph
 from fastgen.engine.model_input import ModelInput
 from fastgen.layers.attention import AttentionMetadata, ForwardBatch
 
@@ -36,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 PAD_SLOT_ID = -1  # the cache slot of a padding row: reshape_and_cache skips negative slots
 MAX_CAPTURE_SIZE = 256  # larger decode batches run eagerly: launch overhead is small beside them
+# The CPU's largest: a step of 32 sequences takes tens of ms there, beside ~2 ms of Python.
+CPU_MAX_CAPTURE_SIZE = 32
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -44,6 +54,11 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     largest = min(max_num_seqs, MAX_CAPTURE_SIZE)
     sizes = [1, 2, 4, *range(8, 64, 8), *range(64, MAX_CAPTURE_SIZE + 1, 16)]
     return [size for size in sizes if size < largest] + [largest]
+
+
+def cpu_capture_sizes(max_num_seqs: int) -> list[int]:
+    """The CPU's buckets: every batch size from 1 to min(max_num_seqs, 32)."""
+    return list(range(1, min(max_num_seqs, CPU_MAX_CAPTURE_SIZE) + 1))
 
 
 def bucket_for(sizes: list[int], batch_size: int) -> int | None:
@@ -59,11 +74,12 @@ class DecodeGraphs:
                  max_model_len: int, block_size: int, capture: bool = True):
         """kv_caches: the model's cache views (ForwardBatch.kv_caches). capture=False keeps
         everything but the graphs: run() then calls the model eagerly on the same padded static
-        buffers (how the CPU tests check this path)."""
+        buffers (how the tests check the buffers without graphs)."""
         self.model, self.kv_caches = model, kv_caches
         self.device = next(model.parameters()).device
         self.block_size, self.max_model_len = block_size, max_model_len
-        self.sizes = capture_sizes(max_num_seqs)
+        on_cpu = self.device.type == "cpu"
+        self.sizes = cpu_capture_sizes(max_num_seqs) if on_cpu else capture_sizes(max_num_seqs)
         self.max_batch_size = largest = self.sizes[-1]
         self._bucket_of = [bucket_for(self.sizes, b) for b in range(largest + 1)]
         blocks_per_seq = -(-max_model_len // block_size)
@@ -89,9 +105,10 @@ class DecodeGraphs:
         self._columns = np.arange(blocks_per_seq)  # [M]: which columns a table of a length fills
         # Marks when the last step's copies had read the staging buffers.
         self._copied = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: torch.Tensor | None = None  # [Bmax, V] float32: every graph's output
-        if capture:
+        self._graphs: dict[int, torch.cuda.CUDAGraph | step_graph.StepGraph] = {}
+        self.logits: torch.Tensor | None = None  # [Bmax, V] float32: every CUDA graph's output
+        self._capture_on_first_run = capture and on_cpu
+        if capture and not on_cpu:
             self._capture()
 
     def accepts(self, model_input: ModelInput) -> bool:
@@ -106,10 +123,14 @@ class DecodeGraphs:
         size = self._bucket_of[batch]
         self._stage(model_input, size)
         graph = self._graphs.get(size)
-        if graph is None:
-            return self._forward(size)[:batch]
-        graph.replay()
-        return self.logits[:batch]
+        if isinstance(graph, step_graph.StepGraph):
+            return graph.replay()[0][:batch]
+        if graph is not None:
+            graph.replay()
+            return self.logits[:batch]
+        if self._capture_on_first_run:
+            return self._capture_step(size)[:batch]
+        return self._forward(size)[:batch]
 
     def _stage(self, model_input: ModelInput, size: int) -> None:
         """Writes the input's rows and the padding rows up to its bucket `size` into the static
@@ -148,6 +169,23 @@ class DecodeGraphs:
         hidden = self.model.forward(self.input_ids[:size], self.positions[:size],
                                     ForwardBatch(meta, self.kv_caches))  # [P, H]
         return self.model.compute_logits(hidden).float()
+
+    def _capture_step(self, size: int) -> torch.Tensor:
+        """The CPU's capture: this step's forward pass, recorded as bucket `size`'s step graph
+        -> its logits [P, V]. A model whose forward a replay cannot reproduce (it reads tensor
+        data in Python) decodes eagerly from then on, with one log line saying why."""
+        start = time.perf_counter()
+        try:
+            graph, (logits,) = step_graph.capture(lambda: self._forward(size))
+        except step_graph.CaptureUnsupported as e:
+            logger.info("decode steps run eagerly on the CPU: the forward pass cannot be "
+                        "captured (%s)", e)
+            self._capture_on_first_run = False
+            return self._forward(size)  # it rewrites the cache rows the capture wrote
+        self._graphs[size] = graph
+        logger.debug("captured the decode step of batch size %d as a step graph of %d calls "
+                     "in %.1f ms", size, graph.num_nodes, 1e3 * (time.perf_counter() - start))
+        return logits
 
     @torch.inference_mode()
     def _capture(self) -> None:

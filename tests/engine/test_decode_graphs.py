@@ -19,7 +19,7 @@ from transformers import LlamaConfig
 
 from fastgen import loader
 from fastgen.config import CacheConfig, EngineConfig, SamplingParams
-from fastgen.engine.cuda_graph import PAD_SLOT_ID, DecodeGraphs, bucket_for, capture_sizes
+from fastgen.engine.decode_graphs import PAD_SLOT_ID, DecodeGraphs, bucket_for, capture_sizes
 from fastgen.engine.engine import LLMEngine
 from fastgen.engine.model_input import ModelInput, build_model_input
 from fastgen.engine.sequence import Sequence
@@ -282,7 +282,7 @@ def count_replays(engine: LLMEngine) -> list[int]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphs_match_enforce_eager(gpu_model_dir, dtype, batch, caplog):
-    caplog.set_level("INFO", logger="fastgen.engine.cuda_graph")
+    caplog.set_level("INFO", logger="fastgen.engine.decode_graphs")
     graphs, eager = cuda_engines(gpu_model_dir, str(dtype).removeprefix("torch."))
     assert eager.model_runner.decode_graphs is None
     assert graphs.model_runner.decode_graphs.sizes == [1, 2, 4, 8, 16, 24, 32]
