@@ -5,6 +5,10 @@
 //     int8 activations broadcast to every lane and adds the 4 products into each row's int32
 //     sum, so a 32-element group of 16 rows is 8 instructions per input row for 4-bit codes (the
 //     nibbles split with one AND and one shift, Q5_K / Q6_K's high bits added under masks);
+//   - AMX-INT8 (with AMX, for several input rows): per group of G codes, the tile's 16 rows of
+//     unpacked codes are one B tile (G / 4 rows of 64 bytes: exactly the vectors' layout), up to
+//     16 input rows' int8 digits an A tile each, and TDPBSUD makes the 16 x 16 int32 sums of a
+//     digit in one instruction; the float epilogue is the VNNI kernel's, row by row;
 //   - portable: the same sums with integer loops, for processors without AVX512-VNNI.
 // This file is compiled with -ffp-contract=off (CMakeLists.txt): the float arithmetic is exactly
 // what is written, fma where it says fma, so the two kernels agree to the bit.
@@ -17,7 +21,10 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "core/dispatch.h"
 #include "core/op_checks.h"
@@ -31,6 +38,7 @@
 #endif
 
 #define FASTGEN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+#define FASTGEN_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma,amx-tile,amx-int8")))
 #define FASTGEN_QUANT_UNROLL _Pragma("GCC unroll 8")
 
 namespace fastgen::cpu {
@@ -55,6 +63,18 @@ bool cpu_has_vnni512() {
   return has;
 }
 
+bool cpu_has_amx_int8() {
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!cpu_has_vnni512() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
+    // Linux hands out the tile registers' state on request, once per process.
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has;
+}
+
 namespace {
 
 // ---- activations --------------------------------------------------------------------------
@@ -74,6 +94,8 @@ struct QuantizedInput {
   const int8_t* row(int64_t i) const { return q.data() + i * k; }
   const int8_t* row2(int64_t i) const { return q2.data() + i * k; }
 };
+
+constexpr int kAmxRows = 16;  // input rows per A tile
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
@@ -95,8 +117,9 @@ inline float quantize_digit(const float* v, int8_t* q, int sums[2]) {
 template <typename InT>
 void quantize_input(QuantizedInput& a, const InT* input, int64_t stride, int64_t m, int64_t k) {
   a.m = m, a.k = k;
-  a.q.resize(m * k);
-  a.q2.resize(m * k);
+  const int64_t padded = (m + kAmxRows - 1) / kAmxRows * kAmxRows;  // whole A tiles (AMX)
+  a.q.resize(padded * k);
+  a.q2.resize(padded * k);
   a.dx.resize(m * k / kActBlock);
   a.dx2.resize(m * k / kActBlock);
   a.xsum16.resize(m * k / 16);
@@ -329,6 +352,89 @@ FASTGEN_VNNI void tile_vnni_rows(float* out, const uint8_t* tile, const Quantize
 
 static_assert(kQuantMaxRows == 6, "tile_vnni_rows dispatches counts 1..6");
 
+// ---- the AMX-INT8 kernel -------------------------------------------------------------------
+
+// Tiles: 0, 1 the A tiles of the two digits (16 input rows x G bytes), 2 the B tile (G / 4 rows
+// x 16 tile rows x 4 codes), 3, 4 the two digits' int32 sums (16 input rows x 16 tile rows).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <int G>
+FASTGEN_AMX void configure_tiles() {
+  TileConfig config;
+  for (int t : {0, 1}) config.colsb[t] = G, config.rows[t] = kAmxRows;
+  config.colsb[2] = kVectorBytes, config.rows[2] = G / 4;
+  for (int t : {3, 4}) config.colsb[t] = kTileRows * 4, config.rows[t] = kAmxRows;
+  _tile_loadconfig(&config);
+}
+
+// out[i * 16 + r] for `count` (<= 16) input rows from i0, as tile_vnni computes them: the same
+// int32 sums, and the same float operations on them in the same order.
+template <QType Q>
+FASTGEN_AMX void tile_amx(float* out, const uint8_t* tile, const QuantizedInput& a, int64_t i0,
+                          int count, int64_t chunks) {
+  constexpr Format F = format_of(Q);
+  constexpr int G = F.group_elems;
+  constexpr int kVpg = F.vectors_per_group();
+  const int64_t k = a.k, groups_per_row = k / G;
+  alignas(64) uint8_t codes[G / 4 * kVectorBytes];  // a group's B tile, unpacked
+  alignas(64) int32_t sums[2][kAmxRows * kTileRows];
+  __m512 acc[kAmxRows];
+  for (int i = 0; i < count; ++i) acc[i] = _mm512_setzero_ps();
+  const int8_t* x = a.row(i0);
+  const int8_t* x2 = a.row2(i0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* chunk = tile + c * F.chunk_bytes();
+    const uint8_t* sc = chunk + quant::scales_offset(F);
+    for (int p = 0; p < F.chunk_bytes(); p += 64) __builtin_prefetch(chunk + kPrefetchAhead + p);
+    __m512 d, dmin;
+    chunk_scales_vnni<Q>(sc, d, dmin);
+    for (int g = 0; g < F.groups(); ++g) {
+      const int64_t e0 = c * F.super_elems + g * G;
+      if constexpr (F.code_bits == 8) {
+        _tile_loadd(2, chunk + g * kVpg * kVectorBytes, kVectorBytes);  // already 4 codes a row
+      } else {
+        for (int v = 0; v < kVpg; ++v) {  // elements 8v .. 8v + 3, then 8v + 4 .. 8v + 7
+          __m512i lo, hi;
+          unpack_vector<Q>(chunk, g * kVpg + v, lo, hi);
+          _mm512_store_si512(codes + (2 * v) * kVectorBytes, lo);
+          _mm512_store_si512(codes + (2 * v + 1) * kVectorBytes, hi);
+        }
+        _tile_loadd(2, codes, kVectorBytes);
+      }
+      _tile_loadd(0, x + e0, k);
+      _tile_loadd(1, x2 + e0, k);
+      _tile_zero(3);
+      _tile_zero(4);
+      _tile_dpbsud(3, 0, 2);
+      _tile_dpbsud(4, 1, 2);
+      _tile_stored(3, sums[0], kTileRows * 4);
+      _tile_stored(4, sums[1], kTileRows * 4);
+      __m512 s, o;
+      group_scales_vnni<Q>(sc, g, d, dmin, s, o);
+      const int64_t block = e0 / kActBlock, group = e0 / G;
+      for (int i = 0; i < count; ++i) {
+        const int64_t row = i0 + i;
+        const __m512 idot = _mm512_cvtepi32_ps(_mm512_load_si512(sums[0] + i * kTileRows));
+        const __m512 idot2 = _mm512_cvtepi32_ps(_mm512_load_si512(sums[1] + i * kTileRows));
+        const __m512 u = _mm512_fmadd_ps(
+            idot2, _mm512_set1_ps(a.dx2[row * (k / kActBlock) + block]),
+            _mm512_mul_ps(idot, _mm512_set1_ps(a.dx[row * (k / kActBlock) + block])));
+        const float xs = G == 16 ? a.xsum16[row * groups_per_row + group]
+                                 : a.xsum32[row * groups_per_row + group];
+        acc[i] = _mm512_fmadd_ps(s, u, acc[i]);
+        acc[i] = _mm512_fmadd_ps(o, _mm512_set1_ps(xs), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < count; ++i) _mm512_storeu_ps(out + i * kTileRows, acc[i]);
+}
+
+FASTGEN_AMX inline void release_tiles() { _tile_release(); }
+
 inline void store(float* out, float v) { *out = v; }
 inline void store(c10::Half* out, float v) { *out = c10::Half(v); }
 inline void store(c10::BFloat16* out, float v) { *out = c10::BFloat16(v); }
@@ -341,16 +447,21 @@ void linear_tiles(OutT* out, int64_t out_stride, const uint8_t* packed, const Qu
   const int64_t tile_bytes = chunks * F.chunk_bytes();
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   const bool vnni = !portable && cpu_has_vnni512();
+  const bool amx = !portable && a.m >= kAmxMinRows && cpu_has_amx_int8();
+  const int pass = amx ? kAmxRows : kQuantMaxRows;  // input rows per pass over a tile
   const int64_t grain = std::max<int64_t>(1, (48 << 10) / std::max<int64_t>(tile_bytes, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    float sums[kQuantMaxRows * kTileRows];
+    float sums[kAmxRows * kTileRows];
+    if (amx) configure_tiles<F.group_elems>();  // per thread
     for (int64_t t = begin; t < end; ++t) {
       const uint8_t* tile = packed + t * tile_bytes;
       const int64_t row0 = t * kTileRows;
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, n - row0));
-      for (int64_t i0 = 0; i0 < a.m; i0 += kQuantMaxRows) {
-        const int count = static_cast<int>(std::min<int64_t>(kQuantMaxRows, a.m - i0));
-        if (vnni) {
+      for (int64_t i0 = 0; i0 < a.m; i0 += pass) {
+        const int count = static_cast<int>(std::min<int64_t>(pass, a.m - i0));
+        if (amx) {
+          tile_amx<Q>(sums, tile, a, i0, count, chunks);
+        } else if (vnni) {
           tile_vnni_rows<Q>(sums, tile, a, i0, count, chunks);
         } else {
           tile_portable<Q>(sums, tile, a, i0, count, chunks);
@@ -362,6 +473,7 @@ void linear_tiles(OutT* out, int64_t out_stride, const uint8_t* packed, const Qu
           }
       }
     }
+    if (amx) release_tiles();
   });
 }
 

@@ -54,7 +54,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "through fastgen's kernel; more go to oneDNN (F.linear). With AMX oneDNN's tiles win "
            "from ~16 tokens; without, fastgen's kernel wins to ~32",
            "`fastgen.layers.linear` (at model load)"),
-    EnvVar("FASTGEN_QUANT_MAX_TOKENS", "`8` where the CPU has AMX, else `64`",
+    EnvVar("FASTGEN_QUANT_MAX_TOKENS", "`32` where the CPU has AMX, else `64`",
            "most tokens for which a quantized linear layer on the CPU runs fastgen's int8 kernel "
            "on its packed blocks; more dequantize the weight and use oneDNN",
            "`fastgen.quantization` (at model load)"),
@@ -180,8 +180,9 @@ def cpu_linear_max_tokens() -> int:
 
 
 def quant_max_tokens() -> int:
-    """$FASTGEN_QUANT_MAX_TOKENS; default 8 with AMX, else 64."""
-    return _tokens("FASTGEN_QUANT_MAX_TOKENS", 8, 64)
+    """$FASTGEN_QUANT_MAX_TOKENS; default 32 with AMX (the AMX-INT8 kernel, against dequantizing
+    for oneDNN's AMX GEMM), else 64."""
+    return _tokens("FASTGEN_QUANT_MAX_TOKENS", 32, 64)
 
 
 OPENMP_SPIN_COUNT = "10000"

@@ -8,8 +8,9 @@ gguf.quants.dequantize, value for value:
   exactly gguf's dequantized weights (the repack loses nothing);
 - quant_linear against the float64 product of those weights, within the bound its two-digit
   int8 activations guarantee (ops.tolerances.quant_linear_bound), over odd row counts (tails of
-  the 16-row tiles), batch sizes past the 6-row passes, bias, fp32 / bf16 inputs, column slices;
-- the AVX512-VNNI kernel and the portable one agree to the bit (the machine picks one).
+  the 16-row tiles), batch sizes past the 6- and 16-row passes, bias, fp32 / bf16 inputs, column slices;
+- the AVX512-VNNI kernel, the AMX-INT8 one (2 input rows and more, in 16-row passes) and the
+  portable one agree to the bit (the machine picks one).
 """
 
 import gguf
@@ -71,7 +72,7 @@ def test_repack_is_lossless(name, n):
 
 
 @pytest.mark.parametrize("name", TYPES)
-@pytest.mark.parametrize("tokens", [1, 2, 5, 6, 7, 13])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 6, 7, 13, 16, 33])
 @pytest.mark.parametrize("n", [5, 16, 37])
 def test_quant_linear(name, tokens, n):
     k = 768 if formats.BY_NAME[name].block_elems == 256 else 352
