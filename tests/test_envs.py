@@ -82,7 +82,8 @@ def test_the_readme_table_is_the_modules():
 
 def test_cpu_token_thresholds_follow_the_machine_and_the_environment(monkeypatch):
     """Without AMX fastgen's streaming kernels win to 32 (bf16) / 64 (quantized) tokens; with
-    it oneDNN's AMX GEMM takes over from 8; both are settable."""
+    it oneDNN's AMX GEMM takes bf16 over from 8, and the AMX-INT8 quantized kernel runs to 32;
+    both are settable."""
     from fastgen import quantization
     from fastgen.layers import linear
 
@@ -90,7 +91,7 @@ def test_cpu_token_thresholds_follow_the_machine_and_the_environment(monkeypatch
     monkeypatch.delenv("FASTGEN_QUANT_MAX_TOKENS", raising=False)
     amx = "amx_bf16" in envs.cpu_flags()
     assert envs.cpu_linear_max_tokens() == (8 if amx else 32)
-    assert envs.quant_max_tokens() == (8 if amx else 64)
+    assert envs.quant_max_tokens() == (32 if amx else 64)
     monkeypatch.setenv("FASTGEN_CPU_LINEAR_MAX_TOKENS", "12")
     monkeypatch.setenv("FASTGEN_QUANT_MAX_TOKENS", "3")
     linear.configure_cpu_thresholds()

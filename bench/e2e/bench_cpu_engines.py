@@ -142,12 +142,21 @@ def llama_cpp_engine(args, path: Path) -> dict:
         llm.eval(prompts(1, PREFILL_LEN)[0])
         return time.perf_counter() - start
 
+    def next_token() -> int:
+        """Greedy, as the others, on the last position's logits (Llama.scores holds them only
+        with logits_all, which would make the prefill compute every position's)."""
+        import llama_cpp
+        import numpy as np
+
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
     def decode(tokens: int) -> float:
         llm.reset()
         llm.eval(prompts(1, PROMPT_LEN)[0])
         start = time.perf_counter()
         for _ in range(tokens):
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])  # greedy, as the others
+            llm.eval([next_token()])
         return time.perf_counter() - start
 
     import llama_cpp

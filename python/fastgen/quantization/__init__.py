@@ -216,6 +216,9 @@ def quantized_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor |
             ops.quant_linear(x, seg.data, seg.qtype, seg.rows, seg_bias, out=cols)
         else:
             w = ops.quant_dequantize(seg.data, seg.qtype, seg.rows, weight.in_features, x.dtype)
+            if seg_bias is None and out_dtype == x.dtype and cols.is_contiguous():
+                torch.mm(x, w.t(), out=cols)  # the whole output: no copy
+                continue
             y = F.linear(x, w)
             if seg_bias is not None:
                 y = y.float() + seg_bias
