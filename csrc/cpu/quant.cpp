@@ -21,14 +21,12 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "core/dispatch.h"
 #include "core/op_checks.h"
 #include "core/quant_decode.h"
+#include "cpu/amx.h"
 #include "cpu/quant.h"
 #include "ops.h"
 
@@ -59,18 +57,6 @@ bool cpu_has_vnni512() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
-  }();
-  return has;
-}
-
-bool cpu_has_amx_int8() {
-  static const bool has = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!cpu_has_vnni512() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    if (!((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
-    // Linux hands out the tile registers' state on request, once per process.
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return has;
 }
@@ -356,19 +342,12 @@ static_assert(kQuantMaxRows == 6, "tile_vnni_rows dispatches counts 1..6");
 
 // Tiles: 0, 1 the A tiles of the two digits (16 input rows x G bytes), 2 the B tile (G / 4 rows
 // x 16 tile rows x 4 codes), 3, 4 the two digits' int32 sums (16 input rows x 16 tile rows).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 template <int G>
 FASTGEN_AMX void configure_tiles() {
-  TileConfig config;
-  for (int t : {0, 1}) config.colsb[t] = G, config.rows[t] = kAmxRows;
-  config.colsb[2] = kVectorBytes, config.rows[2] = G / 4;
-  for (int t : {3, 4}) config.colsb[t] = kTileRows * 4, config.rows[t] = kAmxRows;
-  _tile_loadconfig(&config);
+  TileConfig config(kAmxRows, kTileRows * 4);
+  for (int t : {0, 1}) config.colsb[t] = G;
+  config.rows[2] = G / 4;
+  FASTGEN_LOAD_TILE_CONFIG(config);
 }
 
 // out[i * 16 + r] for `count` (<= 16) input rows from i0, as tile_vnni computes them: the same
@@ -447,7 +426,7 @@ void linear_tiles(OutT* out, int64_t out_stride, const uint8_t* packed, const Qu
   const int64_t tile_bytes = chunks * F.chunk_bytes();
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   const bool vnni = !portable && cpu_has_vnni512();
-  const bool amx = !portable && a.m >= kAmxMinRows && cpu_has_amx_int8();
+  const bool amx = vnni && a.m >= kAmxMinRows && cpu_has_amx_int8();
   const int pass = amx ? kAmxRows : kQuantMaxRows;  // input rows per pass over a tile
   const int64_t grain = std::max<int64_t>(1, (48 << 10) / std::max<int64_t>(tile_bytes, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {

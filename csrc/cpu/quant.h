@@ -28,9 +28,7 @@ constexpr int kAmxMinRows = 12;   // from this many input rows, AMX-INT8 where t
 
 // True when the processor runs the AVX-512 VNNI kernels (AVX512F/BW/VL/VNNI and F16C).
 bool cpu_has_vnni512();
-// True when it runs the AMX-INT8 kernel too (AMX-TILE and AMX-INT8, and Linux granted the
-// process the tile state).
-bool cpu_has_amx_int8();
+// (AMX-INT8 is cpu/amx.h's cpu_has_amx_int8.)
 
 // out: [m, n] with rows out_stride apart (a column slice of a wider output is fine); input:
 // [m, k] float, rows input_stride apart; packed: core/quant_format.h's [ceil(n / 16), k / SB,

@@ -8,6 +8,11 @@
 // rounded to bf16 (what flash-attention does on GPUs) and packed [kKeyTile / 2, rows], values
 // once per tile [kKeyTile / 2, head_dim]. Rounding P to bf16 is a relative error of 2^-9 on each
 // weight; the row sums add the rounded weights, so the output stays a weighted mean of values.
+// With AMX-BF16 (head_dim a multiple of 32, value_dim of 16), both products are TDPBF16PS on the
+// same operands instead: Q.K^T as K (the tile's key rows, 16 keys x 32 dims) times the packed
+// queries (16 pairs x 16 rows), which lands in scores[key, row] as is; P.V as V^T (16 dims x 32
+// keys, transposed once per tile) times the packed probabilities (16 pairs x 16 rows), added into
+// acc[dim, row] after its rescale. The softmax between them is the same code.
 // Builds without AVX512-BF16 compile this file to nothing (the dispatcher never calls it there).
 #include "cpu/vec.h"
 
@@ -19,8 +24,11 @@
 
 #include <c10/util/BFloat16.h>
 
+#include "cpu/amx.h"
 #include "cpu/attention/problem.h"
 #include "cpu/attention/tile.h"
+
+#define FASTGEN_AMX_BF16 __attribute__((target("amx-tile,amx-bf16")))
 
 FASTGEN_INTRINSICS_BEGIN
 
@@ -30,12 +38,35 @@ namespace {
 
 static_assert(kLanes == 16, "the bf16 kernels are written for 16-lane AVX-512 vectors");
 
+// A worker's AMX tile state: every tile 16 rows x 64 bytes, configured for its life.
+class Tiles {
+ public:
+  explicit Tiles(bool amx) : amx_(amx) {
+    if (amx_) configure();
+  }
+  ~Tiles() {
+    if (amx_) release();
+  }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+
+ private:
+  FASTGEN_AMX_BF16 static void configure() {
+    const TileConfig config(16, 64);
+    FASTGEN_LOAD_TILE_CONFIG(config);
+  }
+  FASTGEN_AMX_BF16 static void release() { _tile_release(); }
+  bool amx_;
+};
+
 struct Scratch {
-  explicit Scratch(int64_t max_rows, int64_t head_dim, int64_t value_dim)
+  explicit Scratch(int64_t max_rows, int64_t head_dim, int64_t value_dim, bool amx)
       : queries(head_dim / 2 * max_rows), keys(kKeyTile * head_dim / 2),
         values(kPairsPerTile * value_dim), scores(kKeyTile * max_rows),
         probs(kPairsPerTile * max_rows), acc(value_dim * max_rows), row_max(max_rows),
-        row_sum(max_rows), alpha(max_rows), first_key(max_rows), last_key(max_rows) {}
+        row_sum(max_rows), alpha(max_rows), first_key(max_rows), last_key(max_rows),
+        values_t(amx ? value_dim * kKeyTile : 0), product(amx ? value_dim * max_rows : 0),
+        tiles(amx) {}
   std::vector<uint32_t> queries;  // [head_dim / 2, rows]: bf16 pairs (q[r, 2i], q[r, 2i + 1])
   std::vector<uint32_t> keys;     // [kKeyTile, head_dim / 2]: the tile's key rows, zero past it
   std::vector<uint32_t> values;   // [kKeyTile / 2, value_dim]: bf16 pairs (v[2i, d], v[2i + 1, d])
@@ -44,7 +75,71 @@ struct Scratch {
   std::vector<float> acc;         // [value_dim, rows]: unnormalised output, transposed
   std::vector<float> row_max, row_sum, alpha;  // [rows]
   std::vector<int32_t> first_key, last_key;    // [rows]: visible keys, inclusive
+  std::vector<uint16_t> values_t;  // AMX: [value_dim, kKeyTile] bf16, the tile's values transposed
+  std::vector<float> product;      // AMX: [value_dim, rows], the tile's P.V
+  Tiles tiles;
 };
+
+// out[c * out_stride + r] = in[r * in_stride + c] for a 16 x 16 block of 32-bit elements.
+inline void transpose16(const uint32_t* in, int64_t in_stride, uint32_t* out, int64_t out_stride) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(in + i * in_stride);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * out_stride, r[i]);
+}
+
+// AMX: scores[j, r] = q[r] . k[j] for the tile's kKeyTile keys (keys past num_keys are zero rows)
+// and the item's padded rows.
+FASTGEN_AMX_BF16 void dot_keys_amx(float* scores, const uint32_t* queries, const uint32_t* keys,
+                                   int64_t num_keys, int64_t padded, int64_t half_dim) {
+  for (int64_t r0 = 0; r0 < padded; r0 += kLanes) {
+    for (int64_t j = 0; j < num_keys; j += 16) {
+      _tile_zero(2);
+      for (int64_t p = 0; p < half_dim; p += 16) {  // 32 dims a step
+        _tile_loadd(0, keys + j * half_dim + p, half_dim * 4);
+        _tile_loadd(1, queries + p * padded + r0, padded * 4);
+        _tile_dpbf16ps(2, 0, 1);
+      }
+      _tile_stored(2, scores + j * padded + r0, padded * 4);
+    }
+  }
+}
+
+// AMX: product[d, r] = sum_j p[r, j] v[j, d] over the tile (probs zero past its keys, values_t
+// zero past them too).
+FASTGEN_AMX_BF16 void add_values_amx(float* product, const uint32_t* probs,
+                                     const uint16_t* values_t, int64_t padded, int64_t vdim) {
+  for (int64_t r0 = 0; r0 < padded; r0 += kLanes) {
+    _tile_loadd(4, probs + r0, padded * 4);  // kPairsPerTile = 16 pairs of keys
+    for (int64_t d = 0; d < vdim; d += 16) {
+      _tile_zero(5);
+      _tile_loadd(3, values_t + d * kKeyTile, kKeyTile * 2);
+      _tile_dpbf16ps(5, 3, 4);
+      _tile_stored(5, product + d * padded + r0, padded * 4);
+    }
+  }
+}
+
+static_assert(kKeyTile == 32 && kPairsPerTile == 16, "the AMX tiles hold 32 keys, 16 key pairs");
 
 // scores[j, r] = sum_d q[r, d] k[j, d] for kKeys keys and kBlocks x 16 rows: kBlocks x kKeys
 // independent accumulators; each query load is used kKeys times, each key broadcast kBlocks times.
@@ -91,6 +186,7 @@ inline void add_values(float* __restrict__ acc, const float* __restrict__ alpha,
 // Tiles of 8 keys (scores) and 8 dims (values): kBlocks x 8 accumulators stay in registers.
 constexpr int kTileKeys = 8, kTileDims = 8;
 
+template <bool kAmx>
 void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t kv_head, Scratch& s) {
   const int64_t dim = pb.head_dim, half_dim = dim / 2, vdim = pb.value_dim;
   const ItemRows rows = item_rows(pb, item, kv_head, s.first_key.data(), s.last_key.data());
@@ -124,21 +220,32 @@ void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t
       value_rows[j] = pb.value_cache + row;
     }
     prefetch_head_rows(pb, block_table, j0 + kKeyTile, std::min(j0 + 2 * kKeyTile, keys_end), kv_head);
-    const int64_t scored_keys = round_up(num_keys, kTileKeys);
+    const int64_t scored_keys = kAmx ? kKeyTile : round_up(num_keys, kTileKeys);
     std::fill(s.keys.begin() + num_keys * half_dim, s.keys.begin() + scored_keys * half_dim, 0u);
     pack_value_pairs(s.values.data(), value_rows, num_keys, vdim);
+    if constexpr (kAmx) {  // V^T: the pairs [16, vdim] transposed, 16 x 16 at a time
+      std::fill(s.values.begin() + num_pairs * vdim, s.values.begin() + kPairsPerTile * vdim, 0u);
+      uint32_t* vt = reinterpret_cast<uint32_t*>(s.values_t.data());
+      for (int64_t d = 0; d < vdim; d += kLanes) {
+        transpose16(s.values.data() + d, vdim, vt + d * kPairsPerTile, kPairsPerTile);
+      }
+    }
 
     float* scores = s.scores.data();
     const uint32_t* keys = s.keys.data();
     int64_t r0 = 0;
-    for (; r0 + 2 * kLanes <= padded; r0 += 2 * kLanes) {
-      for (int64_t j = 0; j < scored_keys; j += kTileKeys) {
-        dot_keys<2, kTileKeys>(scores + j * padded + r0, queries + r0, keys + j * half_dim, padded, half_dim);
+    if constexpr (kAmx) {
+      dot_keys_amx(scores, queries, keys, num_keys, padded, half_dim);
+    } else {
+      for (; r0 + 2 * kLanes <= padded; r0 += 2 * kLanes) {
+        for (int64_t j = 0; j < scored_keys; j += kTileKeys) {
+          dot_keys<2, kTileKeys>(scores + j * padded + r0, queries + r0, keys + j * half_dim, padded, half_dim);
+        }
       }
-    }
-    if (r0 < padded) {
-      for (int64_t j = 0; j < scored_keys; j += kTileKeys) {
-        dot_keys<1, kTileKeys>(scores + j * padded + r0, queries + r0, keys + j * half_dim, padded, half_dim);
+      if (r0 < padded) {
+        for (int64_t j = 0; j < scored_keys; j += kTileKeys) {
+          dot_keys<1, kTileKeys>(scores + j * padded + r0, queries + r0, keys + j * half_dim, padded, half_dim);
+        }
       }
     }
 
@@ -173,6 +280,18 @@ void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t
     float* acc = s.acc.data();
     const uint32_t* values = s.values.data();
     const float* alpha = s.alpha.data();
+    if constexpr (kAmx) {
+      std::fill(probs + num_pairs * padded, probs + kPairsPerTile * padded, 0u);
+      float* product = s.product.data();
+      add_values_amx(product, probs, s.values_t.data(), padded, vdim);
+      for (int64_t d = 0; d < vdim; ++d) {
+        for (r0 = 0; r0 < padded; r0 += kLanes) {
+          float* a = acc + d * padded + r0;
+          vec::store(a, vec::fmadd(vec::load(a), vec::load(alpha + r0), vec::load(product + d * padded + r0)));
+        }
+      }
+      continue;
+    }
     for (r0 = 0; r0 + 2 * kLanes <= padded; r0 += 2 * kLanes) {
       for (int64_t d = 0; d < vdim; d += kTileDims) {
         add_values<2, kTileDims>(acc + d * padded + r0, alpha + r0, probs + r0, values + d, num_pairs, padded, vdim);
@@ -197,10 +316,18 @@ void attend_item(const Problem<c10::BFloat16>& pb, const WorkItem& item, int64_t
 
 void prefill_bf16(const Problem<c10::BFloat16>& problem, const PrefillPlan& plan) {
   const int64_t kv_heads = problem.num_kv_heads;
+  const bool amx = problem.head_dim % 32 == 0 && problem.value_dim % 16 == 0 && cpu_has_amx_bf16();
   for_each_task(
       static_cast<int64_t>(plan.items.size()) * kv_heads,
-      [&] { return Scratch(plan.max_rows, problem.head_dim, problem.value_dim); },
-      [&](int64_t task, Scratch& s) { attend_item(problem, plan.items[task / kv_heads], task % kv_heads, s); });
+      [&] { return Scratch(plan.max_rows, problem.head_dim, problem.value_dim, amx); },
+      [&](int64_t task, Scratch& s) {
+        const WorkItem& item = plan.items[task / kv_heads];
+        if (amx) {
+          attend_item<true>(problem, item, task % kv_heads, s);
+        } else {
+          attend_item<false>(problem, item, task % kv_heads, s);
+        }
+      });
 }
 
 }  // namespace fastgen::cpu::attention_kernels
