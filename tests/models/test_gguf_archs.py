@@ -1,4 +1,5 @@
-"""GGUF files of every architecture fastgen reads (llama, qwen2, qwen3; Llama 3.1's rope_freqs),
+"""GGUF files of every architecture fastgen reads (llama, qwen2, qwen3; Llama 3.1's rope_freqs;
+the mixture-of-experts qwen3moe, qwen2moe with its shared expert, and Mixtral as llama with experts),
 written in the test from tiny random transformers models the way llama.cpp's converter writes
 them (its tensor names, its q/k row permutation for llama, its metadata keys, the default
 model's tokenizer), with the gguf package's own quantizers. fastgen runs each file on its
@@ -17,10 +18,11 @@ import torch
 from fastgen import quantization
 from fastgen.config import EngineConfig
 from fastgen.loader import ModelLoadError, load_model
-from fastgen.loader.gguf import _GLOBAL_NAMES, _LAYER_NAMES, llama3_factors
+from fastgen.loader.gguf import _GLOBAL_NAMES, _LAYER_NAMES, _MOE_NAMES, llama3_factors
 from fastgen.loader.hub import SOURCE_GGUF, default_model_dir
 from fastgen.ops.tolerances import QUANT_LOGIT_TOLERANCES
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config,
+                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 from tests.models.harness import hf_greedy, paged_logits, randomized
 
@@ -38,8 +40,19 @@ CASES = {
                                                      tie_word_embeddings=False), "Q4_0"),
     "qwen2_q4_1": ("qwen2", Qwen2Config(**SMALL, tie_word_embeddings=True), "Q4_1"),
     "qwen3_q8_0": ("qwen3", Qwen3Config(**SMALL, head_dim=16, tie_word_embeddings=False), "Q8_0"),
+    "qwen3moe_q8_0": ("qwen3moe", Qwen3MoeConfig(**SMALL, head_dim=16, moe_intermediate_size=32,
+                                                 num_experts=4, num_experts_per_tok=2,
+                                                 norm_topk_prob=True, tie_word_embeddings=False),
+                      "Q8_0"),
+    "qwen2moe_q4_1": ("qwen2moe", Qwen2MoeConfig(**SMALL, moe_intermediate_size=32,
+                                                 shared_expert_intermediate_size=64, num_experts=4,
+                                                 num_experts_per_tok=2, norm_topk_prob=False,
+                                                 tie_word_embeddings=True), "Q4_1"),
+    "mixtral_q4_0": ("llama", MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2,
+                                            tie_word_embeddings=False), "Q4_0"),
 }
-_TO_GGUF = {**{hf: g for g, hf in _GLOBAL_NAMES.items()}, **{hf: g for g, hf in _LAYER_NAMES.items()}}
+_TO_GGUF = {**{hf: g for g, hf in _GLOBAL_NAMES.items()}, **{hf: g for g, hf in _LAYER_NAMES.items()},
+            **{hf: g for g, hf in _MOE_NAMES.items() if "{e}" not in hf}}
 
 
 def gguf_name(hf: str) -> str:
@@ -72,9 +85,17 @@ def write_gguf(path: Path, arch: str, model, qtype: str) -> dict[str, torch.Tens
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        if arch != "llama":
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if arch == "qwen2moe":
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_tokenizer_model(field("tokenizer.ggml.model"))
     writer.add_tokenizer_pre(field("tokenizer.ggml.pre"))
     writer.add_token_list(field("tokenizer.ggml.tokens"))
@@ -92,8 +113,29 @@ def write_gguf(path: Path, arch: str, model, qtype: str) -> dict[str, torch.Tens
             values = permute(values, config.num_attention_heads)
         elif arch == "llama" and ".k_proj." in name:
             values = permute(values, config.num_key_value_heads)
+        kind = gguf.GGMLQuantizationType[qtype]
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        if name.endswith("experts.gate_up_proj"):  # [E, 2I, H]: llama.cpp's gate and up [E, I, H]
+            half = values.shape[1] // 2
+            stored = []
+            for part, gguf_part in ((values[:, :half], "ffn_gate_exps"), (values[:, half:], "ffn_up_exps")):
+                data = gguf.quants.quantize(np.ascontiguousarray(part), kind)
+                writer.add_tensor(f"blk.{layer}.{gguf_part}.weight", data, raw_dtype=kind)
+                stored.append(gguf.quants.dequantize(data, kind))
+            held[name] = torch.from_numpy(np.concatenate(stored, axis=1))
+            continue
+        if name.endswith("experts.down_proj"):
+            data = gguf.quants.quantize(values, kind)
+            writer.add_tensor(f"blk.{layer}.ffn_down_exps.weight", data, raw_dtype=kind)
+            held[name] = torch.from_numpy(gguf.quants.dequantize(data, kind))
+            continue
+        if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):  # routers stay F32,
+            if values.shape[0] == 1:                                        # as llama.cpp keeps them
+                values = values[0]  # the shared-expert gate: [H]
+            writer.add_tensor(gguf_name(name), values)
+            held[name] = torch.from_numpy(values).reshape(tensor.shape)
+            continue
         if values.ndim == 2 and values.shape[1] % 32 == 0:
-            kind = gguf.GGMLQuantizationType[qtype]
             data = gguf.quants.quantize(values, kind)
             writer.add_tensor(gguf_name(name), data, raw_dtype=kind)
             stored = gguf.quants.dequantize(data, kind)
@@ -144,6 +186,10 @@ def test_gguf_file_runs_quantized_like_transformers(tmp_path, case):
         assert np.allclose(llama3_factors(inv, 8.0, got["low_freq_factor"], got["high_freq_factor"],
                                           got["original_max_position_embeddings"]),
                            llama3_factors(inv, 8.0, 1.0, 4.0, 64))
+
+    if experts := getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+        moe = loaded.model.model.layers[0].mlp.experts  # float: fused_moe has no quantized path
+        assert moe.w13.shape[0] == experts and moe.w13.dtype == torch.float32
 
     prompt = torch.randint(0, VOCAB, (21,), generator=torch.Generator().manual_seed(2)).tolist()
     tokens, expected = hf_greedy(model, prompt, 6)

@@ -1,5 +1,6 @@
-"""llama.cpp GGUF checkpoints (architectures llama, qwen2, qwen3): their weights read as they are
-stored, and a Hugging Face folder converted once for everything else.
+"""llama.cpp GGUF checkpoints (architectures llama, qwen2, qwen3, and the mixture-of-experts
+qwen2moe, qwen3moe and llama with experts, i.e. Mixtral): their weights read as they are stored,
+and a Hugging Face folder converted once for everything else.
 
 The converted folder holds the file's metadata as a transformers config (LlamaConfig,
 Qwen2Config, Qwen3Config; a Llama 3.1 file's per-frequency `rope_freqs` become the llama3 rope
@@ -11,7 +12,9 @@ quantized rows too, losslessly; qwen files are not permuted).
 
 By default (quantization "gguf") the engine reads the tensors straight from the file with
 iter_gguf_quantized: quantized ones stay quantized (fastgen.quantization.QuantizedTensor) and the
-layers pack them for fastgen's kernels.
+layers pack them for fastgen's kernels. Experts (ffn_{gate,up,down}_exps, one [E, rows, cols]
+tensor each) are split into Hugging Face's per-expert tensors and dequantized: fused_moe has no
+quantized path yet, so a MoE file's expert weights take --dtype's bytes in memory.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tqdm.auto import tqdm
 from fastgen.loader.hf import ModelLoadError, one_line
 from fastgen.quantization import FORMATS, QuantizedTensor
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
 PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
 _SKIPPED = ("rope_freqs.weight",)  # tensors the config carries instead
 
@@ -50,6 +53,25 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
+}
+# Mixture-of-experts tensors: the router and the experts ("{e}": one tensor per expert, split out
+# of the file's [E, ...] tensor), and Qwen2-MoE's shared expert. Mixtral's (a llama file with
+# experts) use its own names.
+_MOE_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{e}.up_proj",
+    "ffn_down_exps": "mlp.experts.{e}.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+_MIXTRAL_NAMES = {
+    "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.experts.{e}.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.{e}.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.{e}.w2",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -78,16 +100,30 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def hf_name(gguf_name: str) -> str:
-    """llama.cpp's name for a tensor -> the Hugging Face Llama name, e.g.
-    blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight"""
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
+    """llama.cpp's name for a tensor -> the Hugging Face name, e.g.
+    blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; an expert tensor's has "{e}"
+    for the expert (blk.3.ffn_up_exps.weight -> model.layers.3.mlp.experts.{e}.up_proj.weight)."""
     base, _, suffix = gguf_name.rpartition(".")
     if base in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[base]}.{suffix}"
     match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match and match[2] in _LAYER_NAMES:
-        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"
+    names = {**_LAYER_NAMES, **(_MIXTRAL_NAMES if arch == "llama" else _MOE_NAMES)}
+    if match and match[2] in names:
+        return f"model.layers.{match[1]}.{names[match[2]]}.{match[3]}"
     raise ModelLoadError(f"GGUF tensor {gguf_name} has no counterpart in fastgen's model")
+
+
+def _split_experts(name: str, values: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, values) as Hugging Face holds it: an expert tensor [E, ...] as E tensors, Qwen2-MoE's
+    shared-expert gate [H] as [1, H]."""
+    if "{e}" in name:
+        for e in range(values.shape[0]):
+            yield name.format(e=e), values[e]
+    elif name.endswith("shared_expert_gate.weight") and values.ndim == 1:
+        yield name, values.reshape(1, -1)
+    else:
+        yield name, values
 
 
 def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -100,16 +136,14 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 def gguf_config(reader, gguf_path: Path):
     """A transformers config from the file's <arch>.* metadata."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import (LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig,
+                              Qwen3Config, Qwen3MoeConfig)
 
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {gguf_path}; fastgen "
                              f"reads: {', '.join(SUPPORTED_ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
-    if any("_exps." in name for name in tensors):
-        raise ModelLoadError(f"{gguf_path} is a mixture-of-experts GGUF (ffn_*_exps tensors), "
-                             "which fastgen does not read yet; load its Hugging Face checkpoint")
 
     def meta(key, default=None):
         value = _field(reader, f"{arch}.{key}", default)
@@ -132,7 +166,6 @@ def gguf_config(reader, gguf_path: Path):
     common = dict(
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(meta("feed_forward_length")),
         num_hidden_layers=int(meta("block_count")),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -144,11 +177,35 @@ def gguf_config(reader, gguf_path: Path):
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
+    experts = int(_field(reader, f"{arch}.expert_count") or 0)
+    if experts:  # llama.cpp renormalises Qwen3-MoE's and Mixtral's top-k weights, not Qwen2-MoE's
+        moe = dict(num_experts_per_tok=int(meta("expert_used_count")))
+        common["intermediate_size"] = int(meta("feed_forward_length"))  # Mixtral: an expert's
+        if arch != "llama":
+            moe.update(num_experts=experts, moe_intermediate_size=int(meta("expert_feed_forward_length")),
+                       decoder_sparse_step=1, mlp_only_layers=[])
+            common["intermediate_size"] = int(_field(reader, f"{arch}.feed_forward_length")
+                                              or moe["moe_intermediate_size"])
+    elif "moe" in arch:
+        raise ModelLoadError(f"{gguf_path}: a {arch} file without {arch}.expert_count")
+    else:
+        common["intermediate_size"] = int(meta("feed_forward_length"))
     if arch == "qwen2":
         return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
     if arch == "qwen3":
         return Qwen3Config(architectures=["Qwen3ForCausalLM"], head_dim=head_dim,
                            attention_bias="blk.0.attn_q.bias" in tensors, **common)
+    if arch == "qwen2moe":
+        shared = int(_field(reader, f"{arch}.expert_shared_feed_forward_length") or 0)
+        return Qwen2MoeConfig(architectures=["Qwen2MoeForCausalLM"], norm_topk_prob=False,
+                              shared_expert_intermediate_size=shared, **moe, **common)
+    if arch == "qwen3moe":
+        return Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], head_dim=head_dim,
+                              norm_topk_prob=True,
+                              attention_bias="blk.0.attn_q.bias" in tensors, **moe, **common)
+    if experts:
+        return MixtralConfig(architectures=["MixtralForCausalLM"], head_dim=head_dim,
+                             num_local_experts=experts, sliding_window=None, **moe, **common)
     return LlamaConfig(architectures=["LlamaForCausalLM"], head_dim=head_dim,
                        attention_bias="blk.0.attn_q.bias" in tensors, **common)
 
@@ -241,14 +298,15 @@ def _in_hf_order(reader, name: str, values: np.ndarray, hf_config) -> np.ndarray
 def iter_gguf_tensors(reader, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, float32 tensor) for every tensor in the file, dequantized."""
     dequantize = _gguf_package().quants.dequantize
+    arch = _field(reader, "general.architecture")
     for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor"):
         if tensor.name in _SKIPPED:
             continue
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, arch)
         values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        values = _in_hf_order(reader, name, values, hf_config)
-        # F32 tensors come back as read-only views of the memory-mapped file: copy those.
-        yield name, torch.from_numpy(np.require(values, requirements=("C", "W")))
+        for name, part in _split_experts(name, _in_hf_order(reader, name, values, hf_config)):
+            # F32 tensors come back as read-only views of the memory-mapped file: copy those.
+            yield name, torch.from_numpy(np.require(part, requirements=("C", "W")))
 
 
 def iter_gguf_quantized(gguf_path: Path, hf_config) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
@@ -257,24 +315,31 @@ def iter_gguf_quantized(gguf_path: Path, hf_config) -> Iterator[tuple[str, torch
     tensors, and quantized types it has no kernel for (dequantized, with a warning), as float32."""
     gguf = _gguf_package()
     reader = _open_reader(gguf_path)
+    arch = _field(reader, "general.architecture")
     others: set[str] = set()
     for tensor in tqdm(reader.tensors, desc="Reading GGUF", unit="tensor"):
         if tensor.name in _SKIPPED:
             continue
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, arch)
         qtype = int(tensor.tensor_type)
+        if "{e}" in name:  # experts: float, for fused_moe (see the module docstring)
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+            for name, part in _split_experts(name, values):
+                yield name, torch.from_numpy(np.ascontiguousarray(part))
+            continue
         if qtype in FORMATS:
             values = np.array(tensor.data)  # [N, row bytes], copied out of the memory map
         else:
             if qtype not in (0, 1, 30):
                 others.add(tensor.tensor_type.name)
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        values = torch.from_numpy(np.require(_in_hf_order(reader, name, values, hf_config),
-                                             requirements=("C", "W")))
+        values = _in_hf_order(reader, name, values, hf_config)
         if qtype in FORMATS:
-            yield name, QuantizedTensor(qtype, values, int(tensor.shape[0]))
-        else:
-            yield name, values
+            yield name, QuantizedTensor(qtype, torch.from_numpy(np.require(values, requirements=("C", "W"))),
+                                        int(tensor.shape[0]))
+            continue
+        for name, part in _split_experts(name, values):
+            yield name, torch.from_numpy(np.require(part, requirements=("C", "W")))
     if others:
         import logging
         logging.getLogger(__name__).warning(
@@ -285,11 +350,11 @@ def iter_gguf_quantized(gguf_path: Path, hf_config) -> Iterator[tuple[str, torch
 # Written into every converted folder; bump it when the conversion changes, so cached folders made
 # by an older fastgen are converted again instead of being reused as they are.
 CONVERSION_STAMP = "fastgen-conversion.json"
-CONVERSION_VERSION = 2  # 2: chat template taken from the GGUF metadata
+CONVERSION_VERSION = 3  # 2: chat template taken from the GGUF metadata; 3: MoE files
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Writes a Hugging Face folder for a Llama GGUF file into out_dir: config.json,
+    """Writes a Hugging Face folder for a GGUF file into out_dir: config.json,
     model.safetensors (float32), tokenizer files with the chat template, generation_config.json.
     Returns out_dir. Not atomic; the cache in hub.py writes into a temporary folder and renames."""
     from safetensors.torch import save_file
