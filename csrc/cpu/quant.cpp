@@ -464,6 +464,9 @@ FASTGEN_VNNI void dequantize_tile_vnni(OutT* out, const uint8_t* tile, int rows,
   constexpr Format F = format_of(Q);
   constexpr int kEpv = F.elems_per_vector();
   const int64_t chunks = k / F.super_elems;
+  // A chunk's 16 rows are built here, 4 elements at a time, and leave as whole row segments:
+  // the scattered 8-byte stores went straight to `out` before, at half the speed.
+  alignas(64) OutT rows_buf[kTileRows][F.super_elems];
   for (int64_t c = 0; c < chunks; ++c) {
     const uint8_t* chunk = tile + c * F.chunk_bytes();
     const uint8_t* sc = chunk + quant::scales_offset(F);
@@ -513,8 +516,7 @@ FASTGEN_VNNI void dequantize_tile_vnni(OutT* out, const uint8_t* tile, int rows,
             }
             for (int i = 0; i < 4; ++i) {
               const int r = 4 * quarter + i;
-              if (r >= rows) break;
-              OutT* dst = out + r * k + e + 4 * half;
+              OutT* dst = rows_buf[r] + (e - c * F.super_elems) + 4 * half;
               if constexpr (std::is_same_v<OutT, float>) {
                 std::memcpy(dst, lanes + 4 * i, 16);
               } else {
@@ -524,6 +526,9 @@ FASTGEN_VNNI void dequantize_tile_vnni(OutT* out, const uint8_t* tile, int rows,
           }
         }
       }
+    }
+    for (int r = 0; r < rows; ++r) {
+      std::memcpy(out + r * k + c * F.super_elems, rows_buf[r], sizeof(rows_buf[r]));
     }
   }
 }

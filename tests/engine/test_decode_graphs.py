@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps.
+"""Decode-step graphs (CUDA graphs; the CPU's step graphs have their own tests in
+test_step_graphs.py).
 
 On CPU, everything but the capture: the bucket sizes, which batches go to the graphs, and greedy
 generation through the padded static buffers (DecodeGraphs(capture=False) runs the same forward
