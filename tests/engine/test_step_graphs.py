@@ -78,11 +78,27 @@ def test_a_view_of_a_computed_tensor_is_replayed():
     lambda x: x * float(x.sum()),       # .item(): reads data in Python
     lambda x: x[x > 0],                 # a shape that depends on data
     lambda x: x + torch.randn(x.shape),  # random numbers
-], ids=["item", "masked", "random"])
+    lambda x: x * bool((x[:1] > 0).is_nonzero()),  # a result that is no tensor
+], ids=["item", "masked", "random", "bool"])
 def test_what_a_replay_cannot_reproduce_refuses_the_capture(fn):
     x = torch.randn(8)
     with pytest.raises(CaptureUnsupported):
         capture(lambda: fn(x))
+
+
+def test_a_call_that_returns_no_tensors_is_refused_before_it_runs():
+    """A collective returns a Work object (c10d's allreduce_: Tensor[], Work): such a call is
+    refused before it runs, so that the eager rerun that follows a refused capture does not make
+    it twice (the other ranks would not). Here an op returning an int counts its calls."""
+    calls = []
+    library = torch.library.Library("fastgen_step_graph_test", "DEF")
+    library.define("count(Tensor x) -> int")
+    library.impl("count", lambda x: calls.append(1) or 1, "CompositeExplicitAutograd")
+    x = torch.randn(4)
+    with pytest.raises(CaptureUnsupported, match="returns int"):
+        capture(lambda: x * torch.ops.fastgen_step_graph_test.count(x))
+    assert calls == []
+    assert str(torch.ops.c10d.allreduce_.default._schema.returns[-1].type).endswith("Work")
 
 
 # Every family through the engine.

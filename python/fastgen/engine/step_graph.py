@@ -26,12 +26,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastgen._C  # noqa: F401  (registers torch.classes.fastgen.StepGraph)
+
 aten = torch.ops.aten
 
 # Calls that only allocate: with constant arguments their result is a buffer the replay reuses.
 _ALLOCATIONS = frozenset({aten.empty.memory_format, aten.empty_strided.default,
                           aten.empty_like.default, aten.new_empty.default,
                           aten.new_empty_strided.default})
+_REPLAYABLE_RETURNS = frozenset({"Tensor", "List[Tensor]"})  # schema return types a node can hold
 # Tags of calls a replay cannot reproduce: random draws, shapes that depend on data.
 _UNREPLAYABLE_TAGS = frozenset({torch.Tag.nondeterministic_seeded, torch.Tag.dynamic_output_shape,
                                 torch.Tag.data_dependent_output})
@@ -121,6 +124,12 @@ class _Recorder(TorchDispatchMode):
         schema = func._schema
         if _UNREPLAYABLE_TAGS.intersection(func.tags):
             raise CaptureUnsupported(f"{func} cannot be replayed (random or data-dependent)")
+        # Refused before it runs: a call whose result is not tensors (a collective's Work, a
+        # Python number) must not happen twice when the caller reruns the function eagerly.
+        for spec in schema.returns:
+            if str(spec.type) not in _REPLAYABLE_RETURNS:
+                raise CaptureUnsupported(f"{schema.name} returns {spec.type}, which a replay "
+                                         f"cannot hand back to Python")
         out = func(*args, **kwargs)
         values = _argument_values(schema, args, kwargs)
         if func in _ALLOCATIONS or (not any(self._reads_slot(v) for v in values)
@@ -170,8 +179,7 @@ class _Recorder(TorchDispatchMode):
                 for v in value:
                     self._new_slot(v)
             else:
-                raise CaptureUnsupported(f"{schema.name} returns {spec.type}, which a replay "
-                                         f"cannot hand back to Python")
+                raise CaptureUnsupported(f"{schema.name} returned {type(value).__name__}")
         graph.end(slots, unpack)
 
     def _new_slot(self, t: torch.Tensor) -> int:
