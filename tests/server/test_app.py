@@ -18,6 +18,12 @@ def test_unknown_path_is_a_json_404(server):
     assert response.status_code == 404 and response.json()["error"]["code"] == 404
 
 
+def test_a_wrong_method_is_a_405_with_its_allow_header(server):
+    response = httpx.get(f"{server.url}/v1/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == 405
+
+
 @pytest.fixture(scope="module")
 def guarded(start_server):
     return start_server(api_key="s3cret", max_body_bytes=1000)

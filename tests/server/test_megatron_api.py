@@ -182,6 +182,38 @@ def test_invalid_requests_are_json_400s(server, body, fragment):
     assert fragment in response.json()["error"]["message"]
 
 
+def megatron_cli_answer(url: str, prompt: str, tokens: int) -> str:
+    """What Megatron-LM's tools/text_generation_cli.py prints for one prompt: the text of a 200,
+    else `Error <status>: <body["message"]>` (it reads the key unguarded)."""
+    response = httpx.put(url, json={"prompts": [prompt], "tokens_to_generate": tokens},
+                         headers={"Content-Type": "application/json; charset=UTF-8"},
+                         timeout=60)
+    if response.status_code != 200:
+        return f"Error {response.status_code}: {response.json()['message']}"
+    return response.json()["text"][0]
+
+
+def test_megatron_cli_reads_the_message_of_errors(server):
+    url = f"{server.url}/api"
+    assert megatron_cli_answer(url, "Once upon a time", 4).startswith("Once upon a time")
+    answer = megatron_cli_answer(url, "Once upon a time", -1)
+    assert answer == "Error 400: tokens_to_generate must be an integer >= 0"
+    body = put(server, {"prompts": ["a"], "top_k": -1}).json()
+    assert body["message"] == body["error"]["message"]  # both shapes, one message
+    # The app's own errors on the route carry it too (a wrong method, here).
+    wrong = httpx.post(url, json={"prompts": ["a"]})
+    assert wrong.status_code == 405 and wrong.json()["message"]
+    assert wrong.headers["allow"] == "PUT"
+
+
+def test_unpaired_surrogates_are_400s_naming_the_prompt(server):
+    response = httpx.put(f"{server.url}/api", content=b'{"prompts": ["ok", "\\ud800abc"]}',
+                         headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompts[1]" and "surrogate" in error["message"]
+
+
 @pytest.mark.parametrize("content", [b"{", b"", b"\xff\xfe", b"[1, 2]", b'"prompts"',
                                      b'{"prompts": NaN}', b"[" * 100000])
 def test_malformed_bodies_are_json_400s(server, content):

@@ -350,6 +350,53 @@ def test_bad_chat_requests_are_400(client, kwargs, message):
     assert message in error.value.body["message"]
 
 
+# Types are strict: no coercion of booleans, floats or strings into ints and booleans.
+WRONG_TYPES = [
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "Hi", "n": 3.0}, "n"),
+    ("/v1/completions", {"prompt": "Hi", "echo": 1}, "echo"),
+    ("/v1/completions", {"prompt": "Hi", "seed": "7"}, "seed"),
+    ("/v1/chat/completions", {"max_tokens": 2.0}, "max_tokens"),
+    ("/v1/chat/completions", {"logprobs": 1}, "logprobs"),
+    ("/v1/chat/completions", {"stream": "true"}, "stream"),
+    ("/v1/chat/completions", {"stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"temperature": True}, "temperature"),
+]
+
+
+@pytest.mark.parametrize("path, body, field", WRONG_TYPES,
+                         ids=[f"{p.split('/')[-1]}-{f}" for p, _, f in WRONG_TYPES])
+def test_wrong_types_are_400_not_coerced(server, path, body, field):
+    if path.endswith("chat/completions"):
+        body = {"messages": [{"role": "user", "content": "Hi"}], **body}
+    response = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"].startswith(field), error
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", b'{"prompt": "\\ud800abc"}', "prompt"),
+    ("/v1/completions", b'{"prompt": ["fine", "\\udfffx"]}', "prompt[1]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", '
+                             b'"text": "\\ud83d"}]}]}', "messages[0].content[0].text"),
+    ("/v1/completions", b'{"prompt": "Hi", "stop": ["\\ud800"]}', "stop[0]"),
+])
+def test_unpaired_surrogates_are_400s_naming_the_field(server, path, body, field):
+    response = httpx.post(f"{server.url}{path}", content=body,
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and "surrogate" in error["message"]
+    assert "message" not in response.json()  # Megatron's extra key is for its routes only
+
+
 @pytest.mark.parametrize("body", [b"{", b"not json", b"[1, 2]", b"\xff\xfe", b"",
                                   b'{"prompt": "Hi", "max_tokens": NaN}',
                                   b'{"prompt": "Hi", "temperature": Infinity}',

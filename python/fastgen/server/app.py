@@ -53,34 +53,39 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
+    def refuse(request: Request, status: int, message: str, param: str | None = None,
+               headers: dict[str, str] | None = None):
+        return error_response(status, message, param, path=request.url.path, headers=headers)
+
     @app.exception_handler(APIError)
-    async def api_error(_: Request, error: APIError):
-        return error_response(error.status, error.message, error.param)
+    async def api_error(request: Request, error: APIError):
+        return refuse(request, error.status, error.message, error.param)
 
     @app.exception_handler(ValueError)
-    async def value_error(_: Request, error: ValueError):
-        return error_response(400, str(error))
+    async def value_error(request: Request, error: ValueError):
+        return refuse(request, 400, str(error))
 
     @app.exception_handler(QueueFullError)
-    async def queue_full(_: Request, error: QueueFullError):
-        return error_response(503, str(error))
+    async def queue_full(request: Request, error: QueueFullError):
+        return refuse(request, 503, str(error))
 
     @app.exception_handler(EngineDeadError)
-    async def engine_dead(_: Request, error: EngineDeadError):
-        return error_response(503, str(error))
+    async def engine_dead(request: Request, error: EngineDeadError):
+        return refuse(request, 503, str(error))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError):
-        return error_response(400, _describe(error), _param(error))
+    async def validation_error(request: Request, error: RequestValidationError):
+        return refuse(request, 400, _describe(error), _param(error))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException):
-        return error_response(error.status_code, str(error.detail))
+    async def http_error(request: Request, error: StarletteHTTPException):
+        # error.headers: Allow on a 405 (the methods the path takes), kept as Starlette sets it.
+        return refuse(request, error.status_code, str(error.detail), headers=error.headers)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, error: Exception):
+    async def internal_error(request: Request, error: Exception):
         logger.exception("unhandled error")
-        return error_response(500, f"internal error: {type(error).__name__}: {error}")
+        return refuse(request, 500, f"internal error: {type(error).__name__}: {error}")
 
     @app.get("/health")
     async def health():
@@ -124,37 +129,52 @@ class _Guard:
 
     def _refusal(self, scope: Scope) -> Response | None:
         headers = Headers(scope=scope)
-        if self.api_key is not None and scope["path"] != "/health":
+        path = scope["path"]
+        if self.api_key is not None and path != "/health":
             scheme, _, token = headers.get("authorization", "").partition(" ")
             # Bytes: compare_digest refuses str with non-ASCII characters.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     token.strip().encode(), self.api_key.encode()):
                 return error_response(401, "missing or wrong API key: send 'Authorization: "
-                                           "Bearer <key>'")
+                                           "Bearer <key>'", path=path,
+                                      headers={"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
-                return error_response(400, "invalid Content-Length header")
+                return error_response(400, "invalid Content-Length header", path=path)
             if int(length) > self.max_body_bytes:
                 return error_response(413, f"request body of {length} bytes is over the "
-                                           f"{self.max_body_bytes}-byte limit")
+                                           f"{self.max_body_bytes}-byte limit", path=path)
         elif headers.get("transfer-encoding", "").lower() == "chunked":
             return error_response(411, "send a Content-Length; chunked request bodies are not "
-                                       "accepted")
+                                       "accepted", path=path)
         return None
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic error's location as a field path: messages[0].content ("" for the body)."""
+    where = ""
+    for part in loc:
+        if part == "body" and not where:
+            continue
+        if isinstance(part, int):
+            where += f"[{part}]"
+        else:
+            where += f".{part}" if where else str(part)
+    return where
 
 
 def _describe(error: RequestValidationError) -> str:
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+        where = _where(item.get("loc", ()))
         parts.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
     return "; ".join(parts) or "invalid request"
 
 
 def _param(error: RequestValidationError) -> str | None:
     for item in error.errors():
-        loc = [str(p) for p in item.get("loc", ()) if p != "body"]
-        if loc:
-            return ".".join(loc)
+        where = _where(item.get("loc", ()))
+        if where:
+            return where
     return None

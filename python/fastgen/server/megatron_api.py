@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, Response
 from fastgen.config import SamplingParams
 from fastgen.engine.detokenizer import text_decoder
 from fastgen.outputs import RequestOutput
+from fastgen.server.body import read_json
 from fastgen.server.errors import APIError
 from fastgen.server.generation import CLIENT_CLOSED_REQUEST, Generation, Prompt
 from fastgen.tokenization import continuation_text
@@ -208,11 +209,7 @@ def _show(value: object, limit: int = 40) -> str:
 
 @router.put("/api")
 async def megatron_generate(request: Request) -> Response:
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, RecursionError) as error:  # bad JSON or encoding, absurd nesting
-        raise _refuse(f"the request body is not valid JSON: {error}") from None
-    req = MegatronRequest.parse(body)
+    req = MegatronRequest.parse(read_json(await request.body()))
     state = request.app.state
     tokenizer = state.engine.tokenizer
     prompts = [Prompt(prompt, _tokenize(tokenizer, prompt, req.add_bos))

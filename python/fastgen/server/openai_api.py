@@ -15,7 +15,6 @@ ValueError, or a pydantic error, and rendered by the app's handlers); a full que
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from fastgen.config import SamplingParams
 from fastgen.engine.async_engine import AsyncLLMEngine
+from fastgen.server.body import read_json_object
 from fastgen.server.errors import APIError
 from fastgen.server.generation import CLIENT_CLOSED_REQUEST, Generation, Prompt
 from fastgen.server.protocol import (
@@ -118,13 +118,7 @@ async def _accept(request: Request, model: type[BaseModel]):
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"the request body is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
+    data = read_json_object(await request.body())
     try:
         return model.model_validate(data)
     except ValidationError as error:

@@ -5,9 +5,10 @@ Fields follow OpenAI's API plus vLLM's sampling extras (top_k, min_p, repetition
 stop_token_ids, ignore_eos). Unknown fields are ignored, as OpenAI clients send extras (`user`,
 `metadata`, ...); fields OpenAI defines that change the output but that fastgen does not implement
 (`logit_bias`, `suffix`, `best_of`, tools, JSON response formats) are refused with a 400 rather
-than silently dropped. Types are checked here (a pydantic error becomes a 400 naming the field);
-values are checked by SamplingParams (its ValueError becomes a 400), except the few whose
-message would otherwise name the wrong field.
+than silently dropped. Types are checked here, strictly (pydantic's strict mode: `true` is not an
+int, `3.0` is not an int, `"yes"` is not a bool; an int is accepted where a number is), and a
+pydantic error becomes a 400 naming the field; values are checked by SamplingParams (its
+ValueError becomes a 400), except the few whose message would otherwise name the wrong field.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ CHAT_ROLES = ("system", "developer", "user", "assistant")
 _INT64 = 2 ** 63
 
 
+# Strict types (see the module's docstring); unknown fields ignored.
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -34,7 +39,7 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     """What both routes share: the model name, sampling, streaming."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = STRICT
 
     model: str | None = None  # None: the served model
     temperature: float | None = None
@@ -122,14 +127,14 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: str
     content: str | list[ContentPart] | None = None
