@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 # after every parallel region collapse decode on a CPU shared with other programs.
 _envs.bound_openmp_spinning()
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):
@@ -26,8 +26,8 @@ def __getattr__(name: str):
         from fastgen import outputs
 
         return getattr(outputs, name)
-    if name == "SamplingParams":
-        from fastgen.config import SamplingParams
+    if name in ("SamplingParams", "StructuredOutputs"):
+        from fastgen import config
 
-        return SamplingParams
+        return getattr(config, name)
     raise AttributeError(f"module 'fastgen' has no attribute {name!r}")

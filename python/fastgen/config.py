@@ -54,6 +54,48 @@ class LoadFormat(enum.Enum):
 QUANTIZATIONS = ("auto", "gguf", "int8", "none")
 
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for, as OpenAI's API
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value, either sign
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What a request's output must match, as vLLM's StructuredOutputsParams: exactly one of
+
+    - json: a JSON Schema (a dict, or its JSON text): the output is one JSON value valid
+      against it, written as json.dumps writes it (", " and ": " between items, no other
+      whitespace);
+    - json_object: True for any JSON object (OpenAI's JSON mode);
+    - regex: the output matches the regular expression (Rust regex syntax) in full;
+    - choice: the output is exactly one of these strings;
+    - grammar: a context-free grammar, in the EBNF (GBNF) of llama.cpp's grammars or in Lark.
+
+    The engine enforces it token by token (engine/structured_output.py); once the output is
+    complete and nothing may follow, the request ends with finish reason "stop". An invalid
+    schema, expression or grammar is a ValueError when the request is added."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        given = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None] + (["json_object"] if self.json_object
+                                                         else [])
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, json_object, regex, "
+                             f"choice, grammar; got {', '.join(given) or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, json_object, regex, choice or grammar."""
+        return next(name for name in ("json", "regex", "choice", "grammar")
+                    if getattr(self, name) is not None) if not self.json_object else "json_object"
 
 
 @dataclass
@@ -68,7 +110,10 @@ class SamplingParams:
        z = z / r if z > 0 else z * r. 1.0 is off; r > 1 discourages repeats.
     2. presence_penalty a and frequency_penalty f (OpenAI), over the output tokens only:
        z = z - a * (count > 0) - f * count, count = times the token was generated so far.
-    3. temperature == 0: argmax of the penalised logits. Otherwise z / temperature, then
+    3. logit_bias b (OpenAI): z[t] = z[t] + b[t] for each token id t it names (-100 to 100;
+       -100 in effect bans a token, 100 forces it).
+    4. structured_outputs: tokens the constraint does not allow next get z = -inf.
+    5. temperature == 0: argmax of the adjusted logits. Otherwise z / temperature, then
        min_p (keep tokens with p >= min_p * p_max), top_k, top_p, and a draw.
 
     logprobs = k asks for, per generated token, the sampled token's log-probability and the k
@@ -97,10 +142,20 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.logit_bias:
+            for token_id, bias in self.logit_bias.items():
+                if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got "
+                                     f"{token_id!r}")
+                if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                    raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, "
+                                     f"{MAX_LOGIT_BIAS:g}], got {bias} for token {token_id}")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.n < 1:
@@ -131,6 +186,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_logit_bias(self) -> bool:
+        return bool(self.logit_bias)
 
     @property
     def has_penalties(self) -> bool:

@@ -234,9 +234,9 @@ def eager_batches(engine: LLMEngine) -> list[tuple[int, bool]]:
     runner = engine.model_runner
     run, batches = runner._run_eager, []
 
-    def recorded(model_input: ModelInput):
+    def recorded(model_input: ModelInput, masks):
         batches.append((model_input.num_seqs, model_input.is_decode))
-        return run(model_input)
+        return run(model_input, masks)
 
     runner._run_eager = recorded
     return batches

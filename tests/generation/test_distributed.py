@@ -1,7 +1,12 @@
 """Data parallelism with torchrun on CPU (gloo): 2 processes on one machine, and 2 "nodes" of one
-process each meeting at a c10d rendezvous on loopback, write exactly the rows, and with the fixed
+process each meeting at node 0's address on loopback, write exactly the rows, and with the fixed
 seed exactly the responses, of a single-process run. The second node runs in its own folder, so
-its parts are not on rank 0's file system: rank 0 gets its rows over gloo."""
+its parts are not on rank 0's file system: rank 0 gets its rows over gloo.
+
+The nodes meet by torchrun's static rendezvous (--master-addr, --node-rank), as the README's
+multi-node commands do: under the c10d rendezvous each torchrun agent polls a store that one of
+the agents hosts until it exits, so the node that finishes first can take the store with it and
+fail the other node's torchrun (RendezvousConnectionError) after the job has succeeded."""
 
 import os
 import subprocess
@@ -53,17 +58,17 @@ def test_two_processes_on_one_machine(job, tmp_path):
 
 
 def run_two_nodes(model, data, tmp_path, extra_env=None, **keys) -> Path:
-    """The job on two torchrun "nodes" of one process each, meeting at a c10d rendezvous on
-    loopback, each in its own folder (so the parts of one are not on the other's file system).
-    Returns the one output file, written by whichever node holds rank 0."""
-    endpoint = f"127.0.0.1:{free_port()}"
+    """The job on two torchrun "nodes" of one process each, meeting at node 0 on loopback, each
+    in its own folder (so the parts of one are not on the other's file system). Returns the one
+    output file, written by the node holding rank 0."""
+    port = str(free_port())
     nodes = []
     for rank in range(2):
         folder = tmp_path / f"node{rank}"
         folder.mkdir()
         nodes.append(subprocess.Popen(
             [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "fastgen-test",
+             "--master-addr", "127.0.0.1", "--master-port", port,
              "-m", "fastgen.entrypoints.generate",
              *job_args(model, data, "out.parquet", **KEYS, **keys), "--keep-parts"],
             cwd=folder, stderr=subprocess.PIPE, text=True, env={**env(), **(extra_env or {})}))

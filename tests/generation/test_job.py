@@ -99,6 +99,36 @@ def test_bad_input_fails_in_one_line_before_loading_the_model(tmp_path, capsys, 
     assert message in err
 
 
+def test_a_json_schema_constrains_every_response(tiny_model, tmp_path, capsys):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "required": ["answer"], "additionalProperties": False,
+              "properties": {"answer": {"type": "integer"}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    data = write_parquet(gsm8k_table(4), tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    status, err = run_job(capsys, *job_args(tiny_model, data, out), "--json-schema",
+                          tmp_path / "schema.json", "rollout.response_length=24",
+                          "rollout.top_k=0", "rollout.top_p=1.0", "--save-details")
+    assert status == 0, err
+    for row in pq.read_table(out).to_pylist():
+        for response, reason in zip(row["responses"], row["finish_reasons"]):
+            if reason == "stop":
+                jsonschema.validate(json.loads(response), schema)
+            else:  # 24 tokens may not reach the end of a long integer
+                assert response.startswith('{"answer": ')
+    (tmp_path / "bad.json").write_text("{not json")
+    status, err = run_job(capsys, *job_args(tmp_path / "no-model", data, tmp_path / "o.parquet"),
+                          "--json-schema", tmp_path / "bad.json")
+    assert status == 1 and "bad.json is not JSON" in err and err.count("\n") == 1
+    (tmp_path / "invalid.json").write_text('{"type": "nonsense"}')
+    status, err = run_job(capsys, *job_args(tiny_model, data, tmp_path / "o.parquet"),
+                          "--json-schema", tmp_path / "invalid.json")
+    assert status == 1 and "nonsense" in err
+
+
 def test_command_line_errors_exit_2(tmp_path, capsys):
     status, err = run_job(capsys, "data.path=x.parquet", "data.output_path=o.parquet", "foo.bar=1")
     assert status == 2 and err == "fastgen-generate: error: unknown config key: foo.bar\n"

@@ -26,9 +26,9 @@ def slow_down(llm, step_delay: float) -> None:
     catch a request in flight."""
     run = llm.engine.model_runner.execute
 
-    def slow_run(batch):
+    def slow_run(batch, *masks):
         time.sleep(step_delay)
-        return run(batch)
+        return run(batch, *masks)
 
     llm.engine.model_runner.execute = slow_run
 

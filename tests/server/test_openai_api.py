@@ -309,8 +309,16 @@ BAD_COMPLETIONS = [
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
     ({"max_tokens": "many"}, "max_tokens"),
     ({"temperature": "hot"}, "temperature"),
-    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-    ({"best_of": 3}, "best_of"),
+    ({"logit_bias": {"five": 1.0}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": {"5": 150}}, "logit_bias values must be in [-100, 100]"),
+    ({"logit_bias": {"100000": 1}}, "outside the vocabulary"),
+    ({"best_of": 1, "n": 2}, "best_of must be at least n"),
+    ({"best_of": MAX_N + 1}, f"best_of must be at most {MAX_N}"),
+    ({"best_of": 3, "stream": True}, "cannot be streamed"),
+    ({"extra_body": {"guided_regex": "(("}}, "invalid structured output (regex)"),
+    ({"extra_body": {"guided_choice": []}}, "guided_choice"),
+    ({"extra_body": {"guided_grammar": "root ::= ("}}, "invalid structured output (grammar)"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["a"]}}}, "exactly one"),
 ]
 
 
@@ -338,7 +346,12 @@ BAD_CHATS = [
     ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 25}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "unknown type 'xml'"),
+    ({"response_format": {"type": "json_schema"}}, "needs a json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "bad", "schema": {"type": "nonsense"}}}}, "Invalid type: nonsense"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}},
+     "one structured output, not several: response_format, guided_regex"),
 ]
 
 
@@ -348,6 +361,85 @@ def test_bad_chat_requests_are_400(client, kwargs, message):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=MODEL_NAME, **kwargs)
     assert message in error.value.body["message"]
+
+
+# Structured outputs, logit_bias and best_of.
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 10},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+
+
+def test_json_schema_response_format_validates_on_both_routes(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                  "strict": True}}
+    out = chat(client, "Describe someone", response_format=fmt, n=3, seed=1, temperature=1.0,
+               max_tokens=80)
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    completion = complete(client, prompt="A person:", extra_body={"response_format": fmt},
+                          max_tokens=80, seed=2, temperature=1.0)  # vLLM's extra, there
+    jsonschema.validate(json.loads(completion.choices[0].text), PERSON)
+    plain = chat(client, "Describe someone", response_format={"type": "json_object"}, seed=3,
+                 temperature=1.0, max_tokens=120)
+    if plain.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(plain.choices[0].message.content), dict)
+    else:
+        assert plain.choices[0].message.content.startswith("{")
+
+
+def test_vllm_guided_fields_and_streaming(client):
+    import re
+
+    out = complete(client, prompt="Code:", max_tokens=20, seed=4, temperature=1.0,
+                   extra_body={"guided_regex": "[A-Z]{2}-[0-9]{3}"})
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", out.choices[0].text)
+    options = ["yes", "no", "maybe"]
+    for field in ({"guided_choice": options}, {"structured_outputs": {"choice": options}}):
+        out = chat(client, "Well?", n=4, seed=5, temperature=1.0, extra_body=field)
+        assert {c.message.content for c in out.choices} <= set(options)
+    grammar = 'root ::= "The answer is " [0-9]+ "."'
+    stream = chat(client, "Answer", stream=True, seed=6, temperature=1.0, max_tokens=30,
+                  extra_body={"guided_grammar": grammar})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert re.fullmatch(r"The answer is [0-9]+\.", text) or (
+        re.fullmatch(r"The answer is [0-9]*", text)), text
+    # Stop strings still stop a constrained output.
+    out = complete(client, prompt="Code:", max_tokens=20, seed=4, temperature=1.0, stop=["-"],
+                   extra_body={"guided_regex": "[A-Z]{2}-[0-9]{3}"})
+    assert re.fullmatch("[A-Z]{2}", out.choices[0].text) and out.choices[0].finish_reason == "stop"
+
+
+def test_logit_bias_forces_and_bans(client, server, offline):
+    forced = server.tokenizer.encode(" capital")[-1]
+    out = complete(client, prompt="Hi", max_tokens=3, temperature=1.0, seed=0, ignore_eos=True,
+                   logit_bias={str(forced): 100})
+    assert out.choices[0].text == server.tokenizer.decode([forced] * 3)
+    [greedy] = offline.generate(["Hi"], SamplingParams(max_tokens=1, temperature=0,
+                                                       ignore_eos=True), use_tqdm=False)
+    first = greedy.outputs[0].token_ids[0]
+    banned = complete(client, prompt="Hi", max_tokens=1, temperature=0, ignore_eos=True,
+                      logprobs=1, logit_bias={str(first): -100})
+    assert banned.choices[0].text != greedy.outputs[0].text
+    # logprobs stay the raw model's: the banned token is still the likeliest there.
+    assert list(banned.choices[0].logprobs.top_logprobs[0]) == [greedy.outputs[0].text]
+
+
+def test_best_of_returns_the_likeliest_samples(client):
+    kwargs = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1.0, "seed": 11}
+    pool = complete(client, n=5, logprobs=0, **kwargs)  # what best_of 5 draws (same seeds)
+    scores = sorted((sum(c.logprobs.token_logprobs), c.text) for c in pool.choices)[::-1]
+    best = complete(client, n=2, best_of=5, **kwargs)
+    assert [c.text for c in best.choices] == [text for _, text in scores[:2]]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert all(c.logprobs is None for c in best.choices)
+    assert best.usage.completion_tokens == pool.usage.completion_tokens  # all five generated
+    with_logprobs = complete(client, n=1, best_of=5, logprobs=1, **kwargs)
+    assert with_logprobs.choices[0].text == scores[0][1]
+    assert sum(with_logprobs.choices[0].logprobs.token_logprobs) == pytest.approx(scores[0][0])
 
 
 # Types are strict: no coercion of booleans, floats or strings into ints and booleans.

@@ -12,7 +12,11 @@ through the prefix cache. A step asks the scheduler for a batch (decode tokens a
 of any running or newly admitted sequences), flattens it into a ModelInput, has the model runner
 run it (it returns a ModelOutput and touches no engine state), lets the scheduler apply the output
 (tokens appended, stop tokens and max_tokens checked), then detokenizes the new tokens, checks
-stop strings and finishes the samples that stop. Both front ends drive this
+stop strings and finishes the samples that stop. A sample with structured outputs holds its
+grammar's matcher: the step starts filling the masks of the constrained rows on a worker thread
+as soon as its input is built (the sampler waits for them after the forward pass), and each
+sampled token advances the matcher, which ends the sample once its output is complete
+(engine/structured_output.py). Both front ends drive this
 same object: LLM.generate by calling step() until done, the server through AsyncLLMEngine, which
 calls it from one thread while requests arrive and leave at any time.
 
@@ -44,6 +48,7 @@ from fastgen.engine.model_input import build_model_input
 from fastgen.engine.model_runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
 from fastgen.engine.sequence import Sequence
+from fastgen.engine.structured_output import GrammarCompiler, MaskFiller, TokenMasks, advance
 from fastgen.outputs import CompletionOutput, FinishReason, RequestOutput, RequestOutputKind
 
 logger = logging.getLogger(__name__)
@@ -155,6 +160,9 @@ class LLMEngine:
                     self.kv_cache_capacity_tokens * runner.bytes_per_token / 2**30)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
+        self.vocab_size = self.loaded.hf_config.vocab_size  # the logits' width
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self._masks = MaskFiller(self.vocab_size)
         self.stats = EngineStats()
         self._requests: dict[int, _Request] = {}
         self._sample_of: dict[int, tuple[_Request, _Sample]] = {}  # by seq_id
@@ -166,6 +174,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stops the tensor-parallel workers (also done at exit); the engine cannot step after."""
+        self._masks.close()
         if self.driver is not None:
             self.driver.close()
 
@@ -198,8 +207,16 @@ class LLMEngine:
         return self.model_runner.num_blocks * self.block_size
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """ValueError when such a request could never run (what add_request would refuse)."""
+        """ValueError when such a request could never run (what add_request would refuse): too
+        long, a logit_bias token outside the vocabulary, an invalid structured output (compiled
+        here, and cached for add_request)."""
         self.scheduler.check(num_prompt_tokens, params.max_tokens)
+        bad = next((t for t in params.logit_bias or () if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary (0 to "
+                             f"{self.vocab_size - 1})")
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     prompt: str | None = None,
@@ -214,11 +231,15 @@ class LLMEngine:
         self.check_request(len(prompt_token_ids), params)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = min(params.max_tokens, room)
+        grammar = (None if params.structured_outputs is None
+                   else self.grammars.compile(params.structured_outputs))
         request = _Request(next(self._request_ids), [], prompt, prompt_token_ids, output_kind,
                            num_unfinished=params.n)
         eos = tuple(self.eos_token_ids)
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), prompt_token_ids, params, max_tokens, index, eos)
+            if grammar is not None:
+                seq.grammar = grammar.matcher()
             detokenizer = IncrementalDetokenizer(self.tokenizer, len(prompt_token_ids),
                                                  params.stop, self._decode)
             sample = _Sample(seq, detokenizer)
@@ -268,12 +289,13 @@ class LLMEngine:
         model_input = build_model_input(batch.seqs, batch.num_scheduled, self.block_size,
                                         self._gone_seq_ids)
         self._gone_seq_ids = []
+        masks = self._start_masks(batch.seqs, model_input.sampling.rows)
         if self.driver is None:
-            output = self.model_runner.execute(model_input)
+            output = self.model_runner.execute(model_input, masks)
         else:
             try:
                 self.driver.send(model_input)
-                output = self.model_runner.execute(model_input)
+                output = self.model_runner.execute(model_input, masks)
             except Exception as e:  # noqa: BLE001  (whatever failed, the ranks are out of step)
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise parallel.WorkerLostError(f"tensor-parallel step failed: {reason}") from e
@@ -287,11 +309,21 @@ class LLMEngine:
                 self._count_finished(request.samples[0].seq.finish_reason)
         return outputs
 
+    def _start_masks(self, seqs: list[Sequence], rows: list[int]) -> TokenMasks | None:
+        """Starts filling the masks of the step's constrained sampling rows (None when it has
+        none). rows: the batch index of each sampling row."""
+        constrained = [(r, seqs[b].grammar) for r, b in enumerate(rows)
+                       if seqs[b].grammar is not None]
+        if not constrained:
+            return None
+        return self._masks.start([r for r, _ in constrained], [m for _, m in constrained])
+
     def _advance(self, updates: list[tuple[Sequence, FinishReason | None]]) -> list[_Request]:
-        """Detokenizes each sequence's new token (the scheduler has appended it and checked stop
-        tokens and max_tokens), checks its stop strings, and finishes the samples that stop.
-        Returns the requests that advanced and want an output now (not those added FINAL_ONLY,
-        until they finish), each once, in batch order."""
+        """Advances each constrained sequence's grammar by its new token, detokenizes the token
+        (the scheduler has appended it and checked stop tokens and max_tokens), checks stop
+        strings, and finishes the samples that stop. Returns the requests that advanced and want
+        an output now (not those added FINAL_ONLY, until they finish), each once, in batch
+        order."""
         final_only = RequestOutputKind.FINAL_ONLY
         sample_of = self._sample_of
         reporting: dict[int, _Request] = {}
@@ -299,10 +331,15 @@ class LLMEngine:
         for seq, reason in updates:
             request, sample = sample_of[seq.seq_id]
             detokenizer = sample.detokenizer
+            complete = (seq.grammar is not None and seq.max_tokens > 0
+                        and advance(seq.grammar, seq.last_token_id))
             if seq.max_tokens == 0:
                 detokenizer.finish(seq.token_ids)  # a scored prompt: no text
-            elif detokenizer.step(seq.token_ids, reason is FinishReason.STOP, reason is not None):
+            elif detokenizer.step(seq.token_ids, reason is FinishReason.STOP,
+                                  reason is not None or complete):
                 reason = FinishReason.STOP  # a stop string, which comes before max_tokens
+            if complete and reason is None:
+                reason = FinishReason.STOP  # the structured output is whole
             if reason is not None:
                 finished.append((seq, reason))
                 request.num_unfinished -= 1

@@ -27,6 +27,7 @@ from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
 from fastgen.engine.decode_graphs import DecodeGraphs
 from fastgen.engine.model_input import ModelInput, ModelOutput, SamplingRows
 from fastgen.engine.sampler import Sampler, to_device, top_logprobs
+from fastgen.engine.structured_output import TokenMasks
 from fastgen.layers.attention import (AttentionMetadata, ForwardBatch, allocate_kv_caches,
                                       kv_cache_specs)
 from fastgen.outputs import Logprobs
@@ -89,18 +90,19 @@ class ModelRunner:
     # One step.
 
     @torch.inference_mode()
-    def execute(self, model_input: ModelInput) -> ModelOutput:
+    def execute(self, model_input: ModelInput, masks: TokenMasks | None = None) -> ModelOutput:
         """Feeds the input's tokens (writing their keys and values into the cache) and samples a
-        token for each sampling row."""
+        token for each sampling row. masks: the structured-output masks of the constrained
+        sampling rows (being filled while the forward pass runs; waited for after it)."""
         for seq_id in model_input.finished_seq_ids:
             self._generators.pop(seq_id, None)
         sampling = model_input.sampling
         if self.decode_graphs is not None and self.decode_graphs.accepts(model_input):
-            tokens, logprobs = self._sample(self.decode_graphs.run(model_input), sampling)
+            tokens, logprobs = self._sample(self.decode_graphs.run(model_input), sampling, masks)
             return ModelOutput(tokens, logprobs, [])
-        return self._run_eager(model_input)
+        return self._run_eager(model_input, masks)
 
-    def _run_eager(self, model_input: ModelInput) -> ModelOutput:
+    def _run_eager(self, model_input: ModelInput, masks: TokenMasks | None) -> ModelOutput:
         sampling = model_input.sampling
         input_ids = self._tensor(model_input.input_ids, torch.int64)
         positions = self._tensor(model_input.positions, torch.int64)
@@ -125,7 +127,7 @@ class ModelRunner:
         else:
             logits = self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
         logits = logits.float()  # [R, V]
-        tokens, logprobs = self._sample(logits[:len(sampling)], sampling)
+        tokens, logprobs = self._sample(logits[:len(sampling)], sampling, masks)
         scored = [top_logprobs(logits[first:first + len(row.targets)],
                                self._tensor(row.targets, torch.int64),
                                [row.num_logprobs] * len(row.targets))
@@ -149,13 +151,14 @@ class ModelRunner:
         )
         return ForwardBatch(meta, self.kv_caches)
 
-    def _sample(self, logits: torch.Tensor,
-                sampling: SamplingRows) -> tuple[list[int], list[Logprobs | None]]:
-        """logits: [R, V] float32 -> the rows' tokens and (where asked) logprobs."""
+    def _sample(self, logits: torch.Tensor, sampling: SamplingRows,
+                masks: TokenMasks | None) -> tuple[list[int], list[Logprobs | None]]:
+        """logits: [R, V] float32 -> the rows' tokens and (where asked) logprobs, those of the
+        raw distribution (before penalties, bias and masks)."""
         params = sampling.params
         generators = [None if seed is None else self._generator(seq_id, seed)
                       for seq_id, seed in zip(sampling.seq_ids, sampling.seeds)]
-        tokens = self.sampler(logits, params, generators, sampling.histories)  # [R]
+        tokens = self.sampler(logits, params, generators, sampling.histories, masks)  # [R]
         logprobs = (top_logprobs(logits, tokens, [p.logprobs for p in params])
                     if any(p.logprobs is not None for p in params) else [None] * len(params))
         return tokens.tolist(), logprobs

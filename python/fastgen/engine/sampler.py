@@ -3,7 +3,9 @@ once.
 
 Repetition, presence and frequency penalties come first (SamplingParams gives the formulas), as
 one scatter over the batch's token ids, built only for a batch where some row uses one so the
-common path costs nothing more. Greedy rows (temperature 0) then take the argmax. Sampled rows are
+common path costs nothing more; then logit_bias (one scatter-add) and the structured-output masks
+of the constrained rows (tokens their grammar does not allow next get -inf), likewise only where
+some row has them. Greedy rows (temperature 0) then take the argmax. Sampled rows are
 scaled by 1 / temperature, cut to their min-p, top-k and top-p (nucleus) sets, and drawn with the
 exponential race:
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.config import SamplingParams
+from fastgen.engine.structured_output import TokenMasks
 
 
 @dataclass
@@ -61,13 +64,18 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
-                 histories: list[TokenHistory] | None = None) -> torch.Tensor:
+                 histories: list[TokenHistory] | None = None,
+                 masks: TokenMasks | None = None) -> torch.Tensor:
         """logits: [B, V] float32 -> [B] int64 token ids. histories (one per row) are needed
-        only when some row has a penalty."""
+        only when some row has a penalty; masks, the constrained rows' allowed tokens."""
         if any(p.has_penalties for p in params):
             if histories is None:
                 raise ValueError("penalties need each row's token history")
             logits = apply_penalties(logits, params, histories)
+        if any(p.has_logit_bias for p in params):
+            logits = apply_logit_bias(logits, params)
+        if masks is not None and masks.rows:
+            logits = apply_token_bitmask(logits, masks.rows, masks.bitmask())
         greedy = [p.temperature == 0 for p in params]
         if all(greedy):
             return argmax_rows(logits)
@@ -193,6 +201,40 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     presence = column([p.presence_penalty for p in params])
     frequency = column([p.frequency_penalty for p in params])
     return logits - presence * (counts > 0) - frequency * counts
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """z[row, t] + logit_bias[t] for each token id t a row's bias names (ids beyond the
+    vocabulary are refused when the request is added). logits: [B, V] -> [B, V] (a new
+    tensor)"""
+    rows, token_ids, biases = [], [], []
+    for row, p in enumerate(params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            rows.append(row)
+            token_ids.append(token_id)
+            biases.append(bias)
+    device = logits.device
+    flat = (to_device(rows, torch.long, device) * logits.shape[-1]
+            + to_device(token_ids, torch.long, device))  # [N] into logits.view(-1)
+    out = logits.clone()
+    out.view(-1).index_add_(0, flat, to_device(biases, logits.dtype, device))
+    return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int],
+                        bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf for each token a row's bitmask does not allow: token t of rows[r] is allowed when
+    bit t % 32 of bitmask[r, t // 32] is set. logits: [B, V], bitmask: [R, ceil(V / 32)] int32
+    (CPU) -> [B, V] (a new tensor)"""
+    batch, vocab = logits.shape
+    device = logits.device
+    bits = bitmask.to(device, non_blocking=True)  # [R, W]
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((bits[:, :, None] >> shifts) & 1).view(len(rows), -1)[:, :vocab].bool()  # [R, V]
+    out = logits.clone()
+    index = to_device(rows, torch.long, device)
+    out[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return out
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:

@@ -59,6 +59,9 @@ class Sequence:
         # Per prompt token from the second on, filled chunk by chunk (see prompt_logprobs).
         self.prompt_logprobs: list[Logprobs] | None = (
             [] if params.prompt_logprobs is not None else None)
+        # With structured outputs: its grammar's matcher, advanced by each sampled token
+        # (engine/structured_output.py); else None.
+        self.grammar = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -5,6 +5,7 @@ traceback."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -46,13 +47,15 @@ def run_cli(prog: str, parse: Callable[[], Parsed], run: Callable[[Parsed], int]
 
 
 def leave_now(status: int) -> NoReturn:
-    """Ends a torchrun rank whose work is done (its output written, its peers told) without
-    the interpreter's shutdown. That shutdown destroys torch.distributed's gloo process group
-    from a static destructor while the group's C++ threads may still hold Python objects; a
-    thread that then needs the GIL of a finalizing interpreter is unwound out of a noexcept
-    frame, and the process aborts ("terminate called without an active exception", SIGABRT),
-    which fails the whole torchrun job after its work succeeded. It happened about once in 20
-    two-rank jobs here."""
+    """Ends a torchrun rank whose work is done: the atexit handlers run (rank 0's engine tells
+    its tensor-parallel workers to stop), output is flushed, and the process exits without the
+    interpreter's shutdown. That shutdown destroys torch.distributed's gloo process group from a
+    static destructor while the group's C++ threads may still hold Python objects; a thread
+    that then needs the GIL of a finalizing interpreter is unwound out of a noexcept frame, and
+    the process aborts ("terminate called without an active exception", SIGABRT), which fails
+    the whole torchrun job after its work succeeded. It happened about once in 20 two-rank jobs
+    here."""
+    atexit._run_exitfuncs()  # while the interpreter is whole, as a normal exit would
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     logging.shutdown()

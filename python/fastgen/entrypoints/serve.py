@@ -118,7 +118,10 @@ def _serve(parsed: tuple[argparse.Namespace, EngineConfig]) -> int:
             logging.getLogger(PROG).warning("listening on %s without --api-key: anyone who can "
                                             "reach this port can use the model", host)
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
-        _run_beside(engine, server, sock)
+        try:
+            _run_beside(engine, server, sock)
+        finally:
+            llm.engine.close()  # its tensor-parallel workers stop too
     finally:
         sock.close()
     if engine.dead is not None:  # a tensor-parallel worker was lost: nothing left to serve with

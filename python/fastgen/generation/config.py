@@ -93,6 +93,8 @@ KEYS: tuple[Key, ...] = (
     Key("rollout.ignore_eos", "--ignore-eos", bool, False, "always generate response_length tokens"),
     Key("rollout.seed", "--seed", int, 0,
         "row i's sample j draws from seed + i * n_samples + j, whatever the process layout"),
+    Key("rollout.json_schema", "--json-schema", str, None,
+        "a JSON Schema file: every response is JSON valid against it (structured outputs)"),
     engine_key("rollout.dtype", "dtype"),
     engine_key("rollout.gpu_memory_utilization", "gpu_memory_utilization"),
     engine_key("rollout.cpu_kv_cache_gib", "cpu_kv_cache_gib"),

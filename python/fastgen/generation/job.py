@@ -11,6 +11,7 @@ responses do not depend on the batch size, the number of processes, or where a j
 from __future__ import annotations
 
 import io
+import json
 import sys
 import time
 from collections import deque
@@ -30,7 +31,8 @@ DETAIL_COLUMNS = ("response_token_ids", "finish_reasons", "prompt_tokens", "resp
 RESULT_KEYS = ("data.prompt_key", "data.n_samples", "data.truncation", "data.chat_template",
                "model.path", "rollout.temperature", "rollout.top_k", "rollout.top_p",
                "rollout.do_sample", "rollout.prompt_length", "rollout.response_length",
-               "rollout.ignore_eos", "rollout.seed", "rollout.dtype", "rollout.max_model_len")
+               "rollout.ignore_eos", "rollout.seed", "rollout.dtype", "rollout.max_model_len",
+               "rollout.json_schema")
 
 
 @dataclass
@@ -105,8 +107,9 @@ def _has_cuda() -> bool:
 
 def _run(config: JobConfig, layout: Layout, group: Group) -> Summary | None:
     work = WorkDir(work_dir_for(config.output_path))
-    prompts, error = None, None
+    prompts, constraint, error = None, None, None
     try:  # everything checkable without the model, on every rank before any is loaded
+        constraint = read_json_schema(config["rollout.json_schema"])
         prompts = read_prompts(config.data_path, config["data.prompt_key"])
         if layout.is_main:
             work.prepare(manifest(config, prompts))
@@ -136,13 +139,16 @@ def _run(config: JobConfig, layout: Layout, group: Group) -> Summary | None:
     from fastgen.entrypoints.llm import LLM
 
     llm = LLM.from_engine_config(config.engine_config())
+    if constraint is not None:
+        llm.engine.grammars.compile(constraint)  # an invalid schema fails now, not mid-job
     shard = layout.shard(len(prompts))
     done = covered_rows(work.parts())
     pending = [row for row in shard if row not in done]
     if layout.is_main and done:
         say(f"resuming: {len(done)} rows already in {work.path}, skipped")
     try:
-        stats = _generate(llm, config, prompts, pending, work, layout, len(shard) - len(pending))
+        stats = _generate(llm, config, prompts, pending, work, layout, len(shard) - len(pending),
+                          constraint)
     finally:
         llm.engine.close()  # the group's workers, if any, go on to the gathers
     payload = _to_ipc(work.read_rows(shard))
@@ -200,8 +206,24 @@ def _batches(rows: list[int], size: int) -> list[list[int]]:
     return batches
 
 
+def read_json_schema(path: str | None):
+    """The StructuredOutputs of a JSON Schema file (None without one); ValueError naming the file
+    when it cannot be read or is not JSON."""
+    if path is None:
+        return None
+    from fastgen.config import StructuredOutputs
+
+    try:
+        schema = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"rollout.json_schema: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"rollout.json_schema: {path} is not JSON: {e}") from None
+    return StructuredOutputs(json=schema)
+
+
 def _generate(llm, config: JobConfig, prompts: Prompts, pending: list[int], work: WorkDir,
-              layout: Layout, resumed: int) -> ShardStats:
+              layout: Layout, resumed: int, constraint) -> ShardStats:
     from fastgen.config import SamplingParams
     from fastgen.outputs import RequestOutputKind
 
@@ -231,7 +253,7 @@ def _generate(llm, config: JobConfig, prompts: Prompts, pending: list[int], work
                         n=n, max_tokens=config["rollout.response_length"],
                         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                         ignore_eos=config["rollout.ignore_eos"],
-                        seed=config["rollout.seed"] + row * n)
+                        seed=config["rollout.seed"] + row * n, structured_outputs=constraint)
                     request_id = engine.add_request(ids, params,
                                                     output_kind=RequestOutputKind.FINAL_ONLY)
                     owner[request_id] = (batch, row)

@@ -38,6 +38,8 @@ from fastgen.server.render import (
     Choices,
     CompletionChoices,
     event_stream,
+    keep_best,
+    usage,
     whole_answer,
 )
 from fastgen.tokenization import Conversation, render_chat
@@ -54,14 +56,19 @@ async def create_completion(request: Request):
     prompts = [Prompt(p, tokenizer.encode(p)) if isinstance(p, str) else Prompt(None, p)
                for p in body.prompts()]
     max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    # echo with logprobs shows the prompt's logprobs too (how clients score a text).
-    params = body.sampling_params(max_tokens, body.logprobs,
-                                  body.logprobs if body.echo else None)
+    # echo with logprobs shows the prompt's logprobs too (how clients score a text). best_of
+    # draws best_of samples, each with its sampled tokens' logprobs, to rank them by.
+    n, best_of = (1 if body.n is None else body.n), body.num_candidates
+    logprobs = body.logprobs if best_of == n or body.logprobs is not None else 0
+    params = body.sampling_params(max_tokens, logprobs, body.logprobs if body.echo else None,
+                                  n=best_of)
     for i, prompt in enumerate(prompts):
         _check_prompt(engine, prompt.token_ids, params,
                       "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     generation = _start(request, "completions", prompts, params, arrival)
-    choices = CompletionChoices(tokenizer, prompts, params.n, body.echo, body.logprobs)
+    choices = CompletionChoices(tokenizer, prompts, n, body.echo, body.logprobs)
+    if best_of > n:
+        return await _best_answer(request, generation, choices, n, body.logprobs is not None)
     return await _answer(request, body, generation, choices)
 
 
@@ -101,6 +108,21 @@ async def _answer(request: Request, body: CompletionRequest | ChatCompletionRequ
     if await generation.finish(request.receive) is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(whole_answer(generation, head, choices))
+
+
+async def _best_answer(request: Request, generation: Generation, choices: Choices, n: int,
+                       keep_logprobs: bool) -> Response:
+    """best_of: of each prompt's samples, the n with the highest cumulative logprob (of their
+    sampled tokens, in the raw model distribution), most likely first; the usage counts every
+    sample generated."""
+    head = {"id": f"{choices.id_prefix}-{uuid.uuid4().hex}", "object": choices.kind,
+            "created": int(time.time()), "model": request.app.state.model_name}
+    finals = await generation.finish(request.receive)
+    if finals is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    spent = usage(generation)
+    generation.finals = [keep_best(out, n, keep_logprobs) for out in finals]
+    return JSONResponse({**whole_answer(generation, head, choices), "usage": spent})
 
 
 # Checks, before anything is queued.

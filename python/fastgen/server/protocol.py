@@ -2,10 +2,11 @@
 translation into SamplingParams.
 
 Fields follow OpenAI's API plus vLLM's sampling extras (top_k, min_p, repetition_penalty,
-stop_token_ids, ignore_eos). Unknown fields are ignored, as OpenAI clients send extras (`user`,
-`metadata`, ...); fields OpenAI defines that change the output but that fastgen does not implement
-(`logit_bias`, `suffix`, `best_of`, tools, JSON response formats) are refused with a 400 rather
-than silently dropped. Types are checked here, strictly (pydantic's strict mode: `true` is not an
+stop_token_ids, ignore_eos) and vLLM's structured-output fields (`structured_outputs`, and the
+older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`), which like OpenAI's
+`response_format` become one StructuredOutputs. Unknown fields are ignored, as OpenAI clients send
+extras (`user`, `metadata`, ...); fields OpenAI defines that change the output but that fastgen
+does not implement (`suffix`) are refused with a 400 rather than silently dropped. Types are checked here, strictly (pydantic's strict mode: `true` is not an
 int, `3.0` is not an int, `"yes"` is not a bool; an int is accepted where a number is), and a
 pydantic error becomes a 400 naming the field; values are checked by SamplingParams (its
 ValueError becomes a 400), except the few whose message would otherwise name the wrong field.
@@ -17,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fastgen.config import MAX_LOGPROBS, SamplingParams
+from fastgen.config import MAX_LOGPROBS, SamplingParams, StructuredOutputs
 
 MAX_N = 64  # samples per prompt: beyond this a request is a denial of service, not a use case
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -36,8 +37,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = STRICT
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema."""
+
+    model_config = STRICT
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's `structured_outputs` object (its other keys, backend options, are ignored)."""
+
+    model_config = STRICT
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class _SamplingRequest(BaseModel):
-    """What both routes share: the model name, sampling, streaming."""
+    """What both routes share: the model name, sampling, streaming, structured outputs."""
 
     model_config = STRICT
 
@@ -56,19 +87,67 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias, -100 to 100
     user: str | None = None  # accepted and ignored
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def constraint(self) -> StructuredOutputs | None:
+        """The one structured output the request asks for, however it asks (None for none);
+        ValueError for two at once or an unknown response_format type."""
+        asked: dict[str, StructuredOutputs] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            if fmt.type == "json_object":
+                asked["response_format"] = StructuredOutputs(json_object=True)
+            elif fmt.type == "json_schema":
+                if fmt.json_schema is None:
+                    raise ValueError("response_format: json_schema needs a json_schema object "
+                                     "with the schema")
+                asked["response_format"] = StructuredOutputs(json=fmt.json_schema.schema_)
+            else:
+                raise ValueError(f"response_format: unknown type {fmt.type!r}; use text, "
+                                 f"json_object or json_schema")
+        field = self.structured_outputs
+        if field is not None:
+            asked["structured_outputs"] = _structured("structured_outputs", json=field.json_,
+                                                      json_object=bool(field.json_object),
+                                                      regex=field.regex, choice=field.choice,
+                                                      grammar=field.grammar)
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"),
+                           ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                asked[name] = _structured(name, **{kind: value})
+        if len(asked) > 1:
+            raise ValueError(f"ask for one structured output, not several: {', '.join(asked)}")
+        return next(iter(asked.values()), None)
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with integer token ids; ValueError naming a key that is not one."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            bias[int(key)] = value
+        return bias
+
     def sampling_params(self, max_tokens: int, logprobs: int | None = None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
-        """ValueError for a value out of range or a field fastgen does not implement."""
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
-        n = 1 if self.n is None else self.n
+                        prompt_logprobs: int | None = None, n: int | None = None,
+                        constraint: StructuredOutputs | None = None) -> SamplingParams:
+        """ValueError for a value out of range. n: samples to draw (default: the request's);
+        constraint: the structured output (default: constraint())."""
+        n = (1 if self.n is None else self.n) if n is None else n
         if n > MAX_N:
             raise ValueError(f"n must be at most {MAX_N} (the server's cap on samples per "
                              f"prompt), got {n}")
@@ -88,6 +167,8 @@ class _SamplingRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            logit_bias=self.token_bias(),
+            structured_outputs=self.constraint() if constraint is None else constraint,
         )
 
 
@@ -105,8 +186,21 @@ class CompletionRequest(_SamplingRequest):
     def check_supported(self) -> None:
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ValueError("best_of is not supported by this server (use n)")
+        n = 1 if self.n is None else self.n
+        if self.best_of is not None:
+            if self.best_of < n:
+                raise ValueError(f"best_of must be at least n ({n}), got {self.best_of}")
+            if self.best_of > MAX_N:
+                raise ValueError(f"best_of must be at most {MAX_N}, got {self.best_of}")
+            if self.stream and self.best_of > n:
+                raise ValueError("best_of cannot be streamed: the best samples are known only "
+                                 "once all have finished")
+
+    @property
+    def num_candidates(self) -> int:
+        """Samples drawn per prompt: best_of, of which the n likeliest are returned."""
+        n = 1 if self.n is None else self.n
+        return n if self.best_of is None else self.best_of
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of prompts (strings or token id lists); ValueError for any
@@ -176,16 +270,12 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         if not self.messages:
             raise ValueError("messages must hold at least one message")
         if self.tools:
             raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not "
-                             f"supported by this server (only 'text')")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
 
@@ -201,6 +291,14 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def conversation(self) -> list[dict[str, str]]:
         return [m.for_template(f"messages[{i}]") for i, m in enumerate(self.messages)]
+
+
+def _structured(field: str, **kind) -> StructuredOutputs:
+    """StructuredOutputs(**kind), its ValueError naming the request's field."""
+    try:
+        return StructuredOutputs(**kind)
+    except ValueError as error:
+        raise ValueError(f"{field}: {error}") from None
 
 
 def _is_token_id(value) -> bool:

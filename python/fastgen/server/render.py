@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from fastapi.responses import StreamingResponse
 
-from fastgen.outputs import Logprobs, RequestOutput
+from fastgen.outputs import CompletionOutput, Logprobs, RequestOutput
 from fastgen.server.errors import error_body
 from fastgen.server.generation import Generation, Prompt
 from fastgen.tokenization import TokenText
@@ -83,6 +83,19 @@ def whole_pieces(finals: list[RequestOutput], n: int) -> list[Piece]:
     return [Piece(i * n + s.index, s.text, s.token_ids, s.logprobs, s.finish_reason.value,
                   out.prompt_logprobs)
             for i, out in enumerate(finals) for s in out.outputs]
+
+
+def keep_best(out: RequestOutput, n: int, keep_logprobs: bool) -> RequestOutput:
+    """The n samples of out with the highest cumulative logprob (the sum over their tokens of
+    the sampled token's logprob), most likely first, numbered 0 .. n - 1; without their
+    logprobs unless keep_logprobs."""
+    def score(sample: CompletionOutput) -> float:
+        return sum(entry[t] for t, entry in zip(sample.token_ids, sample.logprobs or ()))
+
+    best = sorted(out.outputs, key=score, reverse=True)[:n]
+    kept = [replace(s, index=i, logprobs=s.logprobs if keep_logprobs else None)
+            for i, s in enumerate(best)]
+    return replace(out, outputs=kept)
 
 
 def usage(generation: Generation) -> dict[str, int]:
