@@ -144,6 +144,12 @@ class SamplingParams:
     n: int = 1
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputs | None = None
+    # Megatron-LM's: the k-th generated token (from 0) samples with top_p * top_p_decay ** k,
+    # never below top_p_bound (0: off); and after a token ending in ":" no token starting with
+    # a newline.
+    top_p_decay: float = 0.0
+    top_p_bound: float = 0.0
+    prevent_newline_after_colon: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -168,6 +174,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if not 0 <= self.top_p_decay <= 1 or not 0 <= self.top_p_bound <= 1:
+            raise ValueError(f"top_p_decay and top_p_bound must be in [0, 1], got "
+                             f"{self.top_p_decay} and {self.top_p_bound}")
+        if self.top_p_decay and self.top_p is None:
+            raise ValueError("top_p_decay needs top_p")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1] (or None for off), got {self.min_p}")
         if not self.repetition_penalty > 0:
@@ -190,6 +201,12 @@ class SamplingParams:
     @property
     def has_logit_bias(self) -> bool:
         return bool(self.logit_bias)
+
+    def top_p_at(self, num_output_tokens: int) -> float | None:
+        """The top_p the next token samples with, num_output_tokens having been generated."""
+        if not self.top_p_decay or self.top_p is None:
+            return self.top_p
+        return max(self.top_p * self.top_p_decay ** num_output_tokens, self.top_p_bound)
 
     @property
     def has_penalties(self) -> bool:

@@ -37,17 +37,25 @@ class ChatPrompt:
     token_ids: list[int]  # text tokenized without adding special tokens again
 
 
-def render_chat_prompt(tokenizer, conversation: Conversation) -> ChatPrompt:
-    """The conversation through the chat template (add_generation_prompt=True), as text and as
-    token ids. Raises what the tokenizer raises (see the header)."""
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+def render_chat_prompt(tokenizer, conversation: Conversation, tools: list[dict] | None = None,
+                       add_generation_prompt: bool = True,
+                       continue_final_message: bool = False) -> ChatPrompt:
+    """The conversation through the chat template, as text and as token ids. tools: OpenAI's
+    function definitions, for templates that render them (transformers' `tools=`);
+    add_generation_prompt: open the assistant's turn; continue_final_message: leave the last
+    message open instead (a prefilled answer). Raises what the tokenizer raises (see the
+    header)."""
+    text = tokenizer.apply_chat_template(conversation, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message)
     return ChatPrompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
-def render_chat(tokenizer, conversation: Conversation) -> list[int]:
+def render_chat(tokenizer, conversation: Conversation, tools: list[dict] | None = None,
+                **options) -> list[int]:
     """The prompt token ids of a conversation: render_chat_prompt's, for callers that need no
     text."""
-    return render_chat_prompt(tokenizer, conversation).token_ids
+    return render_chat_prompt(tokenizer, conversation, tools, **options).token_ids
 
 
 # Continuation text.

@@ -164,7 +164,7 @@ BAD_BODIES = [
     ({"prompts": ["a", ""]}, "add_BOS"),
     ({"prompts": ["a"], "stop_on_eol": "no"}, "stop_on_eol"),
     ({"prompts": ["a"], "stop_on_double_eol": None}, "stop_on_double_eol"),
-    ({"prompts": ["a"], "prevent_newline_after_colon": True}, "not supported"),
+    ({"prompts": ["a"], "prevent_newline_after_colon": 1}, "prevent_newline_after_colon"),
     ({"prompts": ["a"], "random_seed": -3}, "random_seed"),
     ({"prompts": ["a"], "random_seed": "42"}, "random_seed"),
     ({"prompts": ["a"], "no_log": 0}, "no_log"),
@@ -245,3 +245,103 @@ def test_sampling_params_follow_megatron():
     assert (params.temperature, params.top_k, params.top_p, params.seed) == (1.0, None, 0.9, None)
     assert params.stop == ["\n"] and params.max_tokens == 64
     assert (params.logprobs, params.prompt_logprobs) == (0, 0)
+
+
+# Megatron's POST /completions.
+
+def post_completions(server, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/completions", json=body, timeout=60)
+
+
+def test_completions_greedy_matches_put_api(server):
+    """temperature 0 is greedy; one choice per prompt, in Megatron's shape, equal to PUT /api's
+    greedy tokens (which are checked against transformers above)."""
+    out = post_completions(server, {"prompt": PROMPTS[:2], "max_tokens": TOKENS,
+                                    "temperature": 0})
+    assert out.status_code == 200, out.text
+    choices = out.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and list(out.json()) == ["choices"]
+    reference = put(server, {"prompts": PROMPTS[:2], "tokens_to_generate": TOKENS,
+                             "top_k": 1, "stop_on_double_eol": True}).json()
+    for choice, prompt, text, tokens in zip(choices, PROMPTS, reference["text"],
+                                            reference["tokens"]):
+        assert choice["text"] == text[len(prompt):]
+        logprobs = choice["logprobs"]
+        assert set(logprobs) == {"token_logprobs", "tokens", "text_offset", "top_logprobs"}
+        generated = tokens[len(encode(server, prompt)):]
+        assert logprobs["tokens"] == server.tokenizer.batch_decode([[t] for t in generated])
+        assert len(logprobs["token_logprobs"]) == len(logprobs["text_offset"]) == len(generated)
+        assert logprobs["text_offset"][0] == 0 and logprobs["top_logprobs"] is None
+        assert all(v <= 0 for v in logprobs["token_logprobs"])
+
+
+def test_completions_echo_scores_the_prompt(server, hf_model):
+    prompt = PROMPTS[0]
+    out = post_completions(server, {"prompt": prompt, "max_tokens": 0, "echo": True,
+                                    "logprobs": 2}).json()["choices"][0]
+    assert out["text"] == prompt
+    ids = encode(server, prompt)
+    logprobs = out["logprobs"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert_logits_close(torch.tensor(logprobs["token_logprobs"][1:]), hf_logprobs(hf_model, ids),
+                        torch.float32)
+    assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"][1:])
+    assert len(logprobs["tokens"]) == len(ids)
+
+
+def test_completions_cut_the_text_at_stop_strings(server):
+    whole = post_completions(server, {"prompt": "Numbers: 0 1 2", "max_tokens": 10,
+                                      "temperature": 0}).json()["choices"][0]["text"]
+    cut_at = whole[len(whole) // 2:][:2] or whole[-1:]
+    cut = post_completions(server, {"prompt": "Numbers: 0 1 2", "max_tokens": 10,
+                                    "temperature": 0, "stop": cut_at}).json()["choices"][0]
+    assert cut["text"] == whole[:whole.find(cut_at)]
+    assert "".join(cut["logprobs"]["tokens"]).startswith(cut["text"])
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"prompt": "a"}, "max_tokens is required"),
+    ({"prompt": "a", "max_tokens": 4, "n": 2}, "n > 1 not supported"),
+    ({"prompt": "a", "max_tokens": 4, "best_of": 3}, "best_of > 1 not supported"),
+    ({"prompt": "a", "max_tokens": 0}, "echo=False not supported"),
+    ({"prompt": "a", "max_tokens": 0, "echo": True, "logprobs": 11}, "logprobs > 10"),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+    ({"prompt": 5, "max_tokens": 1}, "prompt must be"),
+    ({"prompt": [1, 10**7], "max_tokens": 1}, "outside the vocabulary"),
+    ({"prompt": "a", "max_tokens": 10**6}, "context"),
+    ({"prompt": "a", "max_tokens": 1, "stop": [""]}, "stop"),
+])
+def test_completions_refusals_are_400s_with_megatrons_message(server, body, fragment):
+    response = post_completions(server, body)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["message"] == response.json()["error"]["message"]
+
+
+# top_p_decay / top_p_bound and prevent_newline_after_colon, applied.
+
+def test_top_p_decay_shrinks_top_p_token_by_token(server, tiny_model_path):
+    """top_p 0.99 decaying by 0.001 a token: from the second token on the nucleus is one token,
+    so the rest of the answer is the greedy continuation of the first (and without the decay it
+    is not)."""
+    from fastgen import SamplingParams
+    from tests.engine.test_continuous_batching import make_llm
+
+    prompt = PROMPTS[1]
+    ids = encode(server, prompt)
+    body = {"prompts": [prompt], "tokens_to_generate": 8, "top_p": 0.99, "random_seed": 3}
+    decayed = put(server, {**body, "top_p_decay": 0.001, "top_p_bound": 1e-9}).json()
+    generated = decayed["tokens"][0][len(ids):]
+    offline = make_llm(tiny_model_path)
+    [greedy] = offline.generate([ids + generated[:1]], SamplingParams(
+        max_tokens=7, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert greedy.outputs[0].token_ids[:len(generated) - 1] == generated[1:]
+    fixed = put(server, body).json()["tokens"][0][len(ids):]
+    assert fixed[:1] == generated[:1] and fixed != generated  # same seed, no decay: it wanders
+
+
+def test_sampling_params_carry_megatrons_decay_and_colon_rule():
+    req = MegatronRequest.parse({"prompts": ["a"], "top_p": 0.8, "top_p_decay": 0.5,
+                                 "top_p_bound": 0.3, "prevent_newline_after_colon": True})
+    params = req.sampling_params(0)
+    assert params.prevent_newline_after_colon
+    assert [params.top_p_at(k) for k in range(3)] == [0.8, 0.4, 0.3]

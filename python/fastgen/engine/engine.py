@@ -44,7 +44,7 @@ from fastgen.distributed import SINGLE_RANK
 from fastgen.engine import parallel
 from fastgen.engine.block_manager import BlockManager
 from fastgen.engine.detokenizer import IncrementalDetokenizer, text_decoder
-from fastgen.engine.model_input import build_model_input
+from fastgen.engine.model_input import NewlineAfterColon, build_model_input
 from fastgen.engine.model_runner import ModelRunner
 from fastgen.engine.scheduler import Scheduler
 from fastgen.engine.sequence import Sequence
@@ -163,6 +163,7 @@ class LLMEngine:
         self.vocab_size = self.loaded.hf_config.vocab_size  # the logits' width
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._masks = MaskFiller(self.vocab_size)
+        self._newline_after_colon: NewlineAfterColon | None = None  # on first use
         self.stats = EngineStats()
         self._requests: dict[int, _Request] = {}
         self._sample_of: dict[int, tuple[_Request, _Sample]] = {}  # by seq_id
@@ -233,6 +234,8 @@ class LLMEngine:
         max_tokens = min(params.max_tokens, room)
         grammar = (None if params.structured_outputs is None
                    else self.grammars.compile(params.structured_outputs))
+        if params.prevent_newline_after_colon and self._newline_after_colon is None:
+            self._newline_after_colon = NewlineAfterColon.of(self.tokenizer, self.vocab_size)
         request = _Request(next(self._request_ids), [], prompt, prompt_token_ids, output_kind,
                            num_unfinished=params.n)
         eos = tuple(self.eos_token_ids)
@@ -287,7 +290,7 @@ class LLMEngine:
             stats.prefix_cache_queried_tokens += len(seq)
             stats.prefix_cache_hit_tokens += seq.num_cached_tokens
         model_input = build_model_input(batch.seqs, batch.num_scheduled, self.block_size,
-                                        self._gone_seq_ids)
+                                        self._gone_seq_ids, self._newline_after_colon)
         self._gone_seq_ids = []
         masks = self._start_masks(batch.seqs, model_input.sampling.rows)
         if self.driver is None:

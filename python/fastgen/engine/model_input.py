@@ -24,6 +24,28 @@ from fastgen.outputs import Logprobs
 
 
 @dataclass(frozen=True)
+class NewlineAfterColon:
+    """Megatron's prevent_newline_after_colon for one tokenizer: after any token whose text ends
+    with ":", none whose text starts with a newline."""
+
+    colon_ids: frozenset[int]
+    newline_ids: list[int]
+
+    @classmethod
+    def of(cls, tokenizer, vocab_size: int) -> NewlineAfterColon:
+        from fastgen.tokenization import TokenText
+
+        text = TokenText(tokenizer)
+        ids = range(min(vocab_size, len(tokenizer)))
+        token_bytes = [text.bytes(i) for i in ids]
+        return cls(frozenset(i for i in ids if token_bytes[i].endswith(b":")),
+                   [i for i in ids if token_bytes[i].startswith((b"\n", b"\r\n"))])
+
+    def banned_after(self, token_id: int) -> list[int]:
+        return self.newline_ids if token_id in self.colon_ids else []
+
+
+@dataclass(frozen=True)
 class SamplingRows:
     """The sequences that sample a token this step (those whose fed tokens reach their end),
     column by column."""
@@ -33,6 +55,10 @@ class SamplingRows:
     params: list[SamplingParams]   # [R]
     seeds: list[int | None]        # [R] the seed of its own random stream, else None
     histories: list[TokenHistory] | None = None  # [R] prompt and output so far, for penalties
+    # [R] each row's top_p this step, where some row's decays (SamplingParams.top_p_at)
+    top_p: list[float | None] | None = None
+    # [R] token ids a row may not sample this step (prevent_newline_after_colon), where some has
+    banned: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -94,9 +120,12 @@ class ModelOutput:
 
 
 def build_model_input(seqs: list[Sequence], num_scheduled: list[int], block_size: int,
-                      finished_seq_ids: list[int] | None = None) -> ModelInput:
+                      finished_seq_ids: list[int] | None = None,
+                      newline_after_colon: NewlineAfterColon | None = None) -> ModelInput:
     """Packs each sequence's next num_scheduled[b] tokens (after its cached ones) back to back.
-    A sequence samples when they reach its end and it generates (max_tokens > 0)."""
+    A sequence samples when they reach its end and it generates (max_tokens > 0).
+    newline_after_colon: the tokenizer's colon and newline tokens, needed when a sequence has
+    prevent_newline_after_colon."""
     bs = block_size
     input_ids: list[int] = []
     positions: list[int] = []
@@ -135,7 +164,15 @@ def build_model_input(seqs: list[Sequence], num_scheduled: list[int], block_size
     params = [s.params for s in sampling_seqs]
     histories = ([TokenHistory(s.token_ids, s.num_prompt_tokens) for s in sampling_seqs]
                  if any(p.has_penalties for p in params) else None)
+    top_p = ([s.params.top_p_at(s.num_output_tokens) for s in sampling_seqs]
+             if any(p.top_p_decay for p in params) else None)
+    banned = None
+    if any(p.prevent_newline_after_colon for p in params):
+        if newline_after_colon is None:
+            raise ValueError("prevent_newline_after_colon needs the tokenizer's token classes")
+        banned = [newline_after_colon.banned_after(s.last_token_id)
+                  if s.params.prevent_newline_after_colon else [] for s in sampling_seqs]
     sampling = SamplingRows(rows, [s.seq_id for s in sampling_seqs], params,
-                            [s.seed for s in sampling_seqs], histories)
+                            [s.seed for s in sampling_seqs], histories, top_p, banned)
     return ModelInput(input_ids, positions, slots, cu_seqlens_q, seq_lens, tables,
                       max(num_scheduled), sampling, prompt_rows, list(finished_seq_ids or ()))

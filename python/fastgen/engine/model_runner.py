@@ -158,7 +158,8 @@ class ModelRunner:
         params = sampling.params
         generators = [None if seed is None else self._generator(seq_id, seed)
                       for seq_id, seed in zip(sampling.seq_ids, sampling.seeds)]
-        tokens = self.sampler(logits, params, generators, sampling.histories, masks)  # [R]
+        tokens = self.sampler(logits, params, generators, sampling.histories, masks,
+                              sampling.top_p, sampling.banned)  # [R]
         logprobs = (top_logprobs(logits, tokens, [p.logprobs for p in params])
                     if any(p.logprobs is not None for p in params) else [None] * len(params))
         return tokens.tolist(), logprobs

@@ -65,15 +65,20 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None],
                  histories: list[TokenHistory] | None = None,
-                 masks: TokenMasks | None = None) -> torch.Tensor:
+                 masks: TokenMasks | None = None, top_p: list[float | None] | None = None,
+                 banned: list[list[int]] | None = None) -> torch.Tensor:
         """logits: [B, V] float32 -> [B] int64 token ids. histories (one per row) are needed
-        only when some row has a penalty; masks, the constrained rows' allowed tokens."""
+        only when some row has a penalty; masks: the constrained rows' allowed tokens; top_p:
+        each row's this step (default: its params'); banned: token ids each row may not
+        sample."""
         if any(p.has_penalties for p in params):
             if histories is None:
                 raise ValueError("penalties need each row's token history")
             logits = apply_penalties(logits, params, histories)
         if any(p.has_logit_bias for p in params):
             logits = apply_logit_bias(logits, params)
+        if banned is not None and any(banned):
+            logits = apply_bans(logits, banned)
         if masks is not None and masks.rows:
             logits = apply_token_bitmask(logits, masks.rows, masks.bitmask())
         greedy = [p.temperature == 0 for p in params]
@@ -85,7 +90,7 @@ class Sampler:
         if any(p.min_p is not None for p in params):
             scaled = apply_min_p(scaled, [p.min_p for p in params])
         top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
+        top_p = [p.top_p for p in params] if top_p is None else top_p
         sampled_k = [k for k, g in zip(top_k, greedy) if not g]
         if all(k is not None for k in sampled_k) and max(sampled_k) < logits.shape[-1]:
             # Every sampled row keeps at most K tokens: work on the K candidates alone (no sort
@@ -218,6 +223,17 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
             + to_device(token_ids, torch.long, device))  # [N] into logits.view(-1)
     out = logits.clone()
     out.view(-1).index_add_(0, flat, to_device(biases, logits.dtype, device))
+    return out
+
+
+def apply_bans(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
+    """-inf at the token ids each row may not sample. logits: [B, V] -> [B, V] (a new tensor)"""
+    rows = [row for row, ids in enumerate(banned) for _ in ids]
+    token_ids = [t for ids in banned for t in ids]
+    device = logits.device
+    out = logits.clone()
+    out[to_device(rows, torch.long, device), to_device(token_ids, torch.long, device)] = \
+        float("-inf")
     return out
 
 

@@ -1,5 +1,6 @@
-"""Megatron-LM's text generation API, `PUT /api` (its `MegatronGenerate.put`), served by the same
-AsyncLLMEngine as the OpenAI routes, so existing Megatron clients can point at fastgen.
+"""Megatron-LM's text generation API, `PUT /api` (its `MegatronGenerate.put`) and its OpenAI-like
+`POST /completions` (below), served by the same AsyncLLMEngine as the OpenAI routes, so existing
+Megatron clients can point at fastgen.
 
     PUT /api {"prompts": ["The capital of France is"], "tokens_to_generate": 16, "top_k": 1}
     -> {"text": [prompt + generation], "tokens": [[prompt + generated ids]],
@@ -24,11 +25,15 @@ float). Megatron's sampling mapped onto fastgen's:
 - `logprobs` are those of the raw model distribution (before temperature and filters), as
   Megatron's: one per token after the first, prompt tokens included.
 
-Accepted and validated but without effect: `top_p_decay` and `top_p_bound` (fastgen's sampler
-keeps top_p fixed during a request; Megatron shrinks it by the decay after every token, down to
-the bound), `length_penalty` (beam search only) and `no_log` (fastgen logs no prompts).
-Refused: `prevent_newline_after_colon: true` (it needs a logits hook fastgen's sampler lacks),
-`beam_width` (no beam search), and the retired `max_len` / `sentences`, with Megatron's hints.
+- `top_p_decay` / `top_p_bound`: as Megatron, top_p shrinks by the decay after every token,
+  never below the bound (SamplingParams.top_p_at).
+- `prevent_newline_after_colon`: after a token whose text ends with ":", no token whose text
+  starts with a newline may come (Megatron bans its one "\n" token after its one ":" token; a
+  BPE vocabulary has many of each).
+
+Accepted and validated but without effect: `length_penalty` (beam search only) and `no_log`
+(fastgen logs no prompts). Refused: `beam_width` (no beam search), and the retired `max_len` /
+`sentences`, with Megatron's hints.
 Megatron's `top_n_logprobs` response field is never produced: its `/api` has no way to ask.
 """
 
@@ -77,6 +82,7 @@ class MegatronRequest:
     add_bos: bool = False
     stop_on_eol: bool = False
     stop_on_double_eol: bool = False
+    prevent_newline_after_colon: bool = False
     random_seed: int | None = None
     stop_token: int | None = None
     length_penalty: float = 1.0
@@ -139,8 +145,7 @@ class MegatronRequest:
             raise _refuse("empty prompts require add_BOS=true")
         stop_on_double_eol = fields.boolean("stop_on_double_eol")
         stop_on_eol = fields.boolean("stop_on_eol")
-        if fields.boolean("prevent_newline_after_colon"):
-            raise _refuse("prevent_newline_after_colon=true is not supported by fastgen")
+        prevent_newline_after_colon = fields.boolean("prevent_newline_after_colon")
         random_seed = fields.integer("random_seed", None, "an integer >= 0")
         if random_seed is not None and not 0 <= random_seed <= MAX_SEED:
             raise _refuse(f"random_seed must be an integer in [0, {MAX_SEED}], got "
@@ -153,8 +158,8 @@ class MegatronRequest:
             raise _refuse(f"stop_token must be a token id (an integer >= 0), got {stop_token}")
         length_penalty = fields.number("length_penalty", 1.0, "a number")
         return cls(prompts, tokens_to_generate, logprobs, temperature, top_k, top_p, top_p_decay,
-                   top_p_bound, add_bos, stop_on_eol, stop_on_double_eol, random_seed,
-                   stop_token, length_penalty)
+                   top_p_bound, add_bos, stop_on_eol, stop_on_double_eol,
+                   prevent_newline_after_colon, random_seed, stop_token, length_penalty)
 
     def sampling_params(self, index: int) -> SamplingParams:
         """The engine's parameters for prompt `index`."""
@@ -165,6 +170,9 @@ class MegatronRequest:
             temperature=0.0 if greedy else self.temperature,
             top_k=self.top_k if self.top_k > 1 else None,
             top_p=self.top_p if self.top_p > 0 else None,
+            top_p_decay=self.top_p_decay if self.top_p > 0 else 0.0,
+            top_p_bound=self.top_p_bound,
+            prevent_newline_after_colon=self.prevent_newline_after_colon,
             seed=None if self.random_seed is None else self.random_seed + index,
             stop=stop,
             stop_token_ids=[] if self.stop_token is None else [self.stop_token],
@@ -265,3 +273,159 @@ def _response(tokenizer, req: MegatronRequest, outputs: list[RequestOutput]) -> 
         response["logprobs"] = logprobs
     response["segments"] = segments
     return response
+
+
+# POST /completions: Megatron's OpenAI-like completions (megatron/inference/endpoints/).
+
+MAX_COMPLETION_LOGPROBS = 10  # Megatron's limit on top logprobs
+
+
+@dataclass(frozen=True)
+class MegatronCompletionRequest:
+    """A validated `POST /completions` body. As Megatron: one choice per prompt (n and best_of
+    must be 1), temperature 0 is greedy, generation also stops after the token completing a
+    blank line ("\\n\\n", kept in the text), and the text is cut at the first `stop` string;
+    max_tokens 0 scores the prompts and needs echo."""
+
+    prompts: list[str] | list[list[int]]
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    logprobs: int = 0
+    echo: bool = False
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, body: object) -> MegatronCompletionRequest:
+        if not isinstance(body, dict):
+            raise _refuse("the request body must be a JSON object")
+        fields = _Fields(body)
+        prompts = _completion_prompts(body.get("prompt"))
+        if "max_tokens" not in body:
+            raise _refuse("max_tokens is required")
+        max_tokens = fields.integer("max_tokens", None, "an integer >= 0")
+        if max_tokens < 0:
+            raise _refuse(f"max_tokens must be an integer >= 0, got {max_tokens}")
+        temperature = fields.number("temperature", 1.0, "a number >= 0")
+        if not 0 <= temperature <= MAX_TEMPERATURE:
+            raise _refuse(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}")
+        top_k = fields.integer("top_k", 0, f"an integer in [0, {MAX_TOP_K}]")
+        if not 0 <= top_k <= MAX_TOP_K:
+            raise _refuse(f"top_k must be in [0, {MAX_TOP_K}] (0 is off), got {top_k}")
+        top_p = fields.number("top_p", 1.0, "a number in [0, 1]")
+        if not 0 <= top_p <= 1:
+            raise _refuse(f"top_p must be in [0, 1], got {top_p}")
+        logprobs = fields.integer("logprobs", 0, f"an integer in [0, {MAX_COMPLETION_LOGPROBS}]")
+        if not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise _refuse(f"logprobs > {MAX_COMPLETION_LOGPROBS} is not supported, got "
+                          f"{logprobs}")
+        echo = fields.boolean("echo")
+        if max_tokens == 0 and not echo:
+            raise _refuse("echo=False not supported when max_tokens=0")
+        for name in ("n", "best_of"):
+            if fields.integer(name, 1, "1") != 1:
+                raise _refuse(f"{name} > 1 not supported")
+        seed = fields.integer("seed", None, "an integer")
+        if seed is not None and seed < 0:
+            seed = None  # Megatron's -1: no seed
+        elif seed is not None and seed > MAX_SEED:
+            raise _refuse(f"seed must be at most {MAX_SEED}, got {seed}")
+        stop = body.get("stop", [])
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise _refuse("stop must be a string or a list of non-empty strings")
+        return cls(prompts, max_tokens, temperature, top_k, top_p, logprobs, echo, seed,
+                   tuple(stop))
+
+    def sampling_params(self, index: int) -> SamplingParams:
+        greedy = self.temperature == 0 or self.top_k == 1
+        return SamplingParams(
+            max_tokens=self.max_tokens, temperature=0.0 if greedy else self.temperature,
+            top_k=self.top_k if self.top_k > 1 else None,
+            top_p=self.top_p if 0 < self.top_p < 1 else None,
+            seed=None if self.seed is None else self.seed + index,
+            stop=["\n\n", *self.stop], logprobs=self.logprobs,
+            prompt_logprobs=self.logprobs if self.echo else None)
+
+
+def _completion_prompts(prompt: object) -> list[str] | list[list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
+                                                 for t in p) for p in prompt):
+            return prompt
+    raise _refuse("prompt must be a string, a list of strings, a list of token ids or a list "
+                  "of token id lists")
+
+
+@router.post("/completions")
+async def megatron_completions(request: Request) -> Response:
+    req = MegatronCompletionRequest.parse(read_json(await request.body()))
+    state = request.app.state
+    engine = state.engine
+    tokenizer = engine.tokenizer
+    prompts = [Prompt(p, tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str)
+               else Prompt(None, p) for p in req.prompts]
+    vocab_size = engine.engine.vocab_size
+    for prompt in prompts:
+        if not prompt.token_ids:
+            raise _refuse("a prompt is empty")
+        bad = next((t for t in prompt.token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise _refuse(f"prompt: token id {bad} is outside the vocabulary (0 to "
+                          f"{vocab_size - 1})")
+    _check_lengths([p.token_ids for p in prompts], req.max_tokens, state.max_model_len)
+    generation = Generation(engine, state.metrics, "megatron", prompts,
+                            [req.sampling_params(i) for i in range(len(prompts))],
+                            time.monotonic())
+    outputs = await generation.finish(request.receive)
+    if outputs is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return JSONResponse({"choices": [_completion_choice(tokenizer, req, i, out)
+                                     for i, out in enumerate(outputs)]})
+
+
+def _completion_choice(tokenizer, req: MegatronCompletionRequest, index: int,
+                       out: RequestOutput) -> dict:
+    """Megatron's choice: the text (the prompt first with echo) cut at the first stop string,
+    and logprobs over its tokens: token_logprobs (None for the first prompt token), tokens
+    (each decoded alone), text_offset, top_logprobs ({token text: logprob} per token when
+    logprobs > 0, None otherwise)."""
+    decode = text_decoder(tokenizer)
+    prompt_ids, generated = out.prompt_token_ids, out.token_ids
+    generated_text = continuation_text(decode, prompt_ids, generated)  # "\n\n" kept
+    cuts = [generated_text.find(s) for s in req.stop if s in generated_text]
+    if cuts:
+        generated_text = generated_text[:min(cuts)]
+    token_ids = list(generated)
+    entries: list = list(out.logprobs or [None] * len(generated))
+    text = generated_text
+    if req.echo:
+        prompt_text = out.prompt if out.prompt is not None else tokenizer.decode(prompt_ids)
+        text = prompt_text + generated_text
+        token_ids = prompt_ids + token_ids
+        entries = list(out.prompt_logprobs or [None] * len(prompt_ids)) + entries
+    strings = tokenizer.batch_decode([[t] for t in token_ids])
+    offsets, position = [], 0
+    for string in strings:
+        offsets.append(position)
+        position += len(string)
+    # Only the tokens whose text starts inside the (cut) text.
+    keep = sum(1 for offset in offsets if offset < len(text)) if text else 0
+    token_ids, entries, strings, offsets = (token_ids[:keep], entries[:keep], strings[:keep],
+                                            offsets[:keep])
+    top = None
+    if req.logprobs:
+        top = [None if e is None else {tokenizer.decode([t]): v
+                                       for t, v in list(e.items())[:req.logprobs]}
+               for e in entries]
+    return {"index": index, "text": text, "logprobs": {
+        "token_logprobs": [None if e is None else e[t] for t, e in zip(token_ids, entries)],
+        "tokens": strings, "text_offset": offsets, "top_logprobs": top}}

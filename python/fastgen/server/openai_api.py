@@ -32,6 +32,8 @@ from fastgen.server.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
 )
 from fastgen.server.render import (
     ChatChoices,
@@ -88,6 +90,38 @@ async def create_chat_completion(request: Request):
     generation = _start(request, "chat_completions", [Prompt(None, token_ids)], params, arrival)
     return await _answer(request, body, generation,
                          ChatChoices(engine.tokenizer, params.n, body.top_logprobs or 0))
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    """vLLM's /tokenize: {count, max_model_len, tokens, token_strs}."""
+    body: TokenizeRequest = await _accept(request, TokenizeRequest)
+    tokenizer = request.app.state.engine.tokenizer
+    if body.messages is not None:
+        ids = _render_chat(tokenizer, body.conversation(),
+                           add_generation_prompt=body.add_generation_prompt,
+                           continue_final_message=body.continue_final_message)
+        if body.add_special_tokens:  # the template writes its own; vLLM adds BOS on request
+            ids = tokenizer.build_inputs_with_special_tokens(ids)
+    else:
+        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens
+                               is not False)
+    strings = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": request.app.state.max_model_len,
+            "tokens": ids, "token_strs": strings}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    """vLLM's /detokenize: {prompt} (special tokens kept, as vLLM)."""
+    body: DetokenizeRequest = await _accept(request, DetokenizeRequest)
+    engine: AsyncLLMEngine = request.app.state.engine
+    vocab_size = engine.engine.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"tokens: token id {bad} is outside the vocabulary (0 to "
+                            f"{vocab_size - 1})", "tokens")
+    return {"prompt": engine.tokenizer.decode(body.tokens)}
 
 
 def _start(request: Request, endpoint: str, prompts: list[Prompt], params: SamplingParams,
@@ -181,12 +215,13 @@ def _room(engine: AsyncLLMEngine, num_prompt_tokens: int) -> int:
     return max(capacity - num_prompt_tokens, 1)
 
 
-def _render_chat(tokenizer, conversation: Conversation) -> list[int]:
+def _render_chat(tokenizer, conversation: Conversation, tools: list[dict] | None = None,
+                 **options) -> list[int]:
     """render_chat, its errors as 400s."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model has no chat template; use /v1/completions")
     try:
-        return render_chat(tokenizer, conversation)
+        return render_chat(tokenizer, conversation, tools, **options)
     except Exception as error:  # noqa: BLE001  (jinja's TemplateError, or a template's raise)
         raise APIError(400, f"the chat template refused these messages: {error}",
                        "messages") from None

@@ -307,3 +307,43 @@ def _is_token_id(value) -> bool:
 
 def _or(value, default):
     return default if value is None else value
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, vLLM's two forms: `prompt` (text, with the tokenizer's special tokens
+    unless add_special_tokens is false) or `messages` (through the chat template, as
+    /v1/chat/completions renders them)."""
+
+    model_config = STRICT
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must hold at least one message")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be "
+                             "true")
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [m.for_template(f"messages[{i}]") for i, m in enumerate(self.messages or [])]
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids back to text."""
+
+    model_config = STRICT
+
+    model: str | None = None
+    tokens: list[int]
+
+    def check_supported(self) -> None:
+        pass
