@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastgen import LLM, SamplingParams, StructuredOutputs
 from fastgen.outputs import FinishReason
+from fastgen.tokenization import render_chat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
 from bench.common import Timer, add_output_options, cpu_name, run_metadata, save_json
@@ -37,17 +38,16 @@ def decode_rate(llm: LLM, batch: int, max_tokens: int, constraint, trials: int,
                 device: str) -> dict:
     """Generated tokens per second of `batch` copies of the prompt, each sampling max_tokens
     tokens (temperature 0.8, a seed per request), best and median of `trials`."""
-    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
-                                               add_generation_prompt=True)
+    prompt = render_chat(llm.tokenizer, [{"role": "user", "content": PROMPT}])
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=i, ignore_eos=True,
                              structured_outputs=constraint) for i in range(batch)]
     clock = Timer(device)
     llm.generate([prompt] * batch, params, use_tqdm=False)  # warm-up: graphs, compiled grammar
     rates, texts = [], []
     for _ in range(trials):
-        clock.start()
+        start = clock.now()
         outs = llm.generate([prompt] * batch, params, use_tqdm=False)
-        seconds = clock.stop()
+        seconds = clock.now() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         assert all(o.outputs[0].finish_reason is FinishReason.LENGTH for o in outs)
         rates.append(tokens / seconds)
@@ -94,7 +94,7 @@ def main() -> None:
     results.update(unconstrained=plain, constrained=constrained, unconstrained_again=plain_again,
                    slowdown=1 - constrained["tokens_per_s_best"] / best_plain)
     compile_ = results["compile"]
-    print(f"{results['device_name']} ({results['cpu']}), {args.model} {args.dtype}, batch "
+    print(f"{results['device_name']}, {args.model} {args.dtype}, batch "
           f"{args.batch} x {args.max_tokens} tokens")
     print(f"  unconstrained: {plain['tokens_per_s_best']:.1f} tok/s (again: "
           f"{plain_again['tokens_per_s_best']:.1f})")

@@ -75,15 +75,15 @@ class GrammarCompiler:
         self._lock = threading.Lock()
 
     def compile(self, spec: StructuredOutputs) -> Grammar:
-        """The spec's grammar (cached); ValueError naming what is wrong with it."""
-        text = self._grammar_text(spec)
+        """The spec's grammar (cached by the spec's text); ValueError naming what is wrong."""
+        key = _key(spec)
         with self._lock:
-            grammar = self._cache.get(text)
+            grammar = self._cache.get(key)
             if grammar is not None:
-                self._cache.move_to_end(text)
+                self._cache.move_to_end(key)
                 return grammar
-            grammar = self._compile(spec.kind, text)
-            self._cache[text] = grammar
+            grammar = self._compile(spec.kind, self._grammar_text(spec))
+            self._cache[key] = grammar
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
             return grammar
@@ -185,6 +185,18 @@ class MaskFiller:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _key(spec: StructuredOutputs) -> str:
+    """The cache key of a spec: its kind and its text (a schema given as a dict or as JSON text
+    the same key)."""
+    value = getattr(spec, spec.kind) if spec.kind != "json_object" else True
+    if spec.kind == "json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return f"json-text:{value}"  # invalid: _grammar_text names the problem
+    return f"{spec.kind}:{json.dumps(value, sort_keys=True)}"
 
 
 def _first_lines(message: str, limit: int = 3) -> str:
