@@ -335,7 +335,8 @@ def test_bad_completion_requests_are_400(client, kwargs, message):
 BAD_CHATS = [
     ({"messages": []}, "at least one message"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "unknown role 'wizard'"),
-    ({"messages": [{"role": "tool", "content": "hi", "tool_call_id": "1"}]}, "unknown role"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [{"id": "1", "function": {
+        "name": "f", "arguments": "{}"}}]}]}, "only assistant messages make tool calls"),
     ({"messages": [{"role": "user"}]}, "needs content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "http://x"}}]}]}, "only text"),
@@ -345,7 +346,16 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "word " * 300}]}, "maximum context length"),
     ({"top_logprobs": 3}, "top_logprobs needs logprobs"),
     ({"logprobs": True, "top_logprobs": 25}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "not among the tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0]: a tool is"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
+     "parameters must be a JSON schema object"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+     "tool_choice must be"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "cannot be combined"),
     ({"response_format": {"type": "xml"}}, "unknown type 'xml'"),
     ({"response_format": {"type": "json_schema"}}, "needs a json_schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fastgen.config import EngineConfig
     from fastgen.engine.async_engine import AsyncLLMEngine
     from fastgen.server.app import DEFAULT_MAX_BODY_BYTES
+    from fastgen.server.tools import TOOL_CALL_PARSERS
 
     waiting = inspect.signature(AsyncLLMEngine).parameters["max_waiting_requests"].default
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {waiting})")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSERS,
+                   help="how tool calls are read from the model's output: hermes, llama3_json, "
+                        "mistral, or auto (from the chat template; default)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                    help="for fastgen's and uvicorn's logs (default: info)")
     return EngineConfig.add_cli_args(p)
@@ -107,6 +111,7 @@ def _serve(parsed: tuple[argparse.Namespace, EngineConfig]) -> int:
         engine = AsyncLLMEngine(llm.engine, max_waiting_requests=args.max_waiting_requests)
         name = args.served_model_name or config.model
         app = build_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                        tool_call_parser=args.tool_call_parser,
                         start_engine=False)
         host, port = sock.getsockname()[:2]
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fastgen.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from fastgen.server.errors import APIError, error_response
 from fastgen.server.metrics import ServerMetrics
+from fastgen.server.tools import TOOL_CALL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,14 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20  # 8 MiB: far more than any context's worth of 
 
 
 def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, start_engine: bool = True) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, start_engine: bool = True,
+              tool_call_parser: str = "auto") -> FastAPI:
     """start_engine: the app's lifespan runs the engine on a thread of its own; False when the
-    caller runs engine.run_forever() itself (fastgen-serve, on its main thread)."""
+    caller runs engine.run_forever() itself (fastgen-serve, on its main thread).
+    tool_call_parser: how tool calls are read from outputs (server/tools.py)."""
+    if tool_call_parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose one of: "
+                         f"{', '.join(TOOL_CALL_PARSERS)}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -49,6 +55,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     app.state.engine = engine
     app.state.model_name = model_name
     app.state.max_model_len = engine.engine.max_model_len
+    app.state.tool_call_parser = tool_call_parser
     app.state.metrics = metrics = ServerMetrics(engine)
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)

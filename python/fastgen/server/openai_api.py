@@ -44,6 +44,7 @@ from fastgen.server.render import (
     usage,
     whole_answer,
 )
+from fastgen.server.tools import parser_for
 from fastgen.tokenization import Conversation, render_chat
 
 router = APIRouter()
@@ -79,17 +80,29 @@ async def create_chat_completion(request: Request):
     arrival = time.monotonic()
     body: ChatCompletionRequest = await _accept(request, ChatCompletionRequest)
     engine: AsyncLLMEngine = request.app.state.engine
-    token_ids = _render_chat(engine.tokenizer, body.conversation())
+    tools = body.tool_use()
+    token_ids = _render_chat(engine.tokenizer, body.conversation(),
+                             tools.shown if tools is not None else None)
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
         max_tokens = _room(engine, len(token_ids))
     elif max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-    params = body.sampling_params(max_tokens, body.num_logprobs)
+    constraint = body.constraint()
+    forced = tools.constraint() if tools is not None else None
+    if forced is not None and constraint is not None:
+        raise APIError(400, f"tool_choice {tools.mode} forces the output's format; it cannot be "
+                            f"combined with response_format or another structured output",
+                       "tool_choice")
+    params = body.sampling_params(max_tokens, body.num_logprobs, constraint=forced or constraint)
     _check_prompt(engine, token_ids, params, "messages")
     generation = _start(request, "chat_completions", [Prompt(None, token_ids)], params, arrival)
+    parser = (None if tools is None else
+              parser_for(request.app.state.tool_call_parser,
+                         getattr(engine.tokenizer, "chat_template", None)))
     return await _answer(request, body, generation,
-                         ChatChoices(engine.tokenizer, params.n, body.top_logprobs or 0))
+                         ChatChoices(engine.tokenizer, params.n, body.top_logprobs or 0, tools,
+                                     parser))
 
 
 @router.post("/tokenize")

@@ -19,10 +19,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from fastgen.config import MAX_LOGPROBS, SamplingParams, StructuredOutputs
+from fastgen.server.tools import ToolUse, message_for_template
 
 MAX_N = 64  # samples per prompt: beyond this a request is a denial of service, not a use case
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _INT64 = 2 ** 63
 
@@ -227,25 +228,45 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = STRICT
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant message made (OpenAI's shape), sent back in the conversation."""
+
+    model_config = STRICT
+
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
 
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None             # tool
 
-    def for_template(self, where: str) -> dict[str, str]:
+    def for_template(self, where: str) -> dict:
         """The message as a chat template reads it; ValueError naming `where` (messages[i])
         for a role or content this server cannot render."""
         if self.role not in CHAT_ROLES:
             raise ValueError(f"{where}.role: unknown role {self.role!r}; use one of: "
-                             f"{', '.join(CHAT_ROLES)} (tool messages are not supported)")
-        if self.tool_calls:
-            raise ValueError(f"{where}.tool_calls: tool calls are not supported by this server")
-        if self.content is None:
+                             f"{', '.join(CHAT_ROLES)}")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"{where}.tool_calls: only assistant messages make tool calls")
+        if self.content is None and not self.tool_calls:
             raise ValueError(f"{where}.content: a message needs content")
-        if isinstance(self.content, str):
+        if self.content is None:
+            text = ""
+        elif isinstance(self.content, str):
             text = self.content
         else:
             kinds = sorted({part.type for part in self.content if part.type != "text"})
@@ -255,9 +276,13 @@ class ChatMessage(BaseModel):
             text = "\n".join(part.text or "" for part in self.content)
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         role = "system" if self.role == "developer" else self.role
-        message = {"role": role, "content": text}
+        message: dict = {"role": role, "content": text}
         if self.name:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -269,13 +294,14 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None  # None: what the context leaves after the prompt
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def check_supported(self) -> None:
         if not self.messages:
             raise ValueError("messages must hold at least one message")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
+        self.tool_use()  # ValueError for bad tools or tool_choice
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
 
@@ -289,8 +315,12 @@ class ChatCompletionRequest(_SamplingRequest):
         """SamplingParams.logprobs: top_logprobs alternatives (0 for the sampled token alone)."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [m.for_template(f"messages[{i}]") for i, m in enumerate(self.messages)]
+    def conversation(self) -> list[dict]:
+        return [message_for_template(m.for_template(f"messages[{i}]"))
+                for i, m in enumerate(self.messages)]
+
+    def tool_use(self) -> ToolUse | None:
+        return ToolUse.of(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
 def _structured(field: str, **kind) -> StructuredOutputs:

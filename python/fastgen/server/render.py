@@ -29,6 +29,7 @@ from fastapi.responses import StreamingResponse
 from fastgen.outputs import CompletionOutput, Logprobs, RequestOutput
 from fastgen.server.errors import error_body
 from fastgen.server.generation import Generation, Prompt
+from fastgen.server.tools import ToolParser, ToolUse
 from fastgen.tokenization import TokenText
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps to the same value
@@ -53,12 +54,15 @@ class ChoiceState:
     started: bool = False   # a piece went out (echo puts the prompt before the first only)
     ended: bool = False     # its finish reason went out: nothing more follows
     text_offset: int = 0    # completions' logprobs: characters of token text before the next
+    text: str = ""          # chat with tools: the choice's text so far
+    sent: int = 0           # chat with tools: how much of it went out as content
 
-    def after(self, piece: Piece, text_offset: int | None = None) -> ChoiceState:
+    def after(self, piece: Piece, text_offset: int | None = None, text: str = "",
+              sent: int = 0) -> ChoiceState:
         """The state once `piece` has gone out (text_offset: where the next token's text
-        starts, when the piece moved it)."""
+        starts, when the piece moved it; text, sent: a chat choice with tools)."""
         return ChoiceState(True, piece.finish_reason is not None,
-                           self.text_offset if text_offset is None else text_offset)
+                           self.text_offset if text_offset is None else text_offset, text, sent)
 
 
 def stream_pieces(index: int, out: RequestOutput, n: int,
@@ -197,26 +201,60 @@ class CompletionChoices(Choices):
 class ChatChoices(Choices):
     """Choices of /v1/chat/completions: `message` when whole, `delta` when streamed (after an
     opening chunk per choice with the role); logprobs as
-    {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}. With tools
+    (server/tools.py), a choice's calls are taken out of its text: `message.tool_calls` and
+    finish_reason "tool_calls"; streamed, content goes out as far as it cannot begin a call, and
+    the calls go out whole with the choice's last piece."""
 
     id_prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, tokenizer, n: int, num_top: int):
+    def __init__(self, tokenizer, n: int, num_top: int, tools: ToolUse | None = None,
+                 parser: ToolParser | None = None):
         super().__init__(tokenizer, n)
         self._num_top = num_top
+        self._tools = tools
+        self._parser = parser
 
     def opening(self) -> list[dict]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None} for i in range(self.n)]
 
     def whole(self, piece: Piece) -> dict:
-        return {"index": piece.index, "message": {"role": "assistant", "content": piece.text},
-                "logprobs": self._logprobs(piece), "finish_reason": piece.finish_reason}
+        message, reason = {"role": "assistant", "content": piece.text}, piece.finish_reason
+        if self._tools is not None:
+            content, calls = self._tools.parse(piece.text, self._parser)
+            if calls:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [call.as_openai() for call in calls]}
+                reason = "tool_calls"
+        return {"index": piece.index, "message": message, "logprobs": self._logprobs(piece),
+                "finish_reason": reason}
 
     def chunk(self, piece: Piece, state: ChoiceState) -> tuple[dict, ChoiceState]:
-        return ({"index": piece.index, "delta": {"content": piece.text} if piece.text else {},
-                 "logprobs": self._logprobs(piece), "finish_reason": piece.finish_reason},
-                state.after(piece))
+        if self._tools is None:
+            return ({"index": piece.index,
+                     "delta": {"content": piece.text} if piece.text else {},
+                     "logprobs": self._logprobs(piece), "finish_reason": piece.finish_reason},
+                    state.after(piece))
+        text, reason, delta = state.text + piece.text, piece.finish_reason, {}
+        if reason is None:
+            sent = max(state.sent, len(text) - self._tools.holds_back(text, self._parser))
+            if sent > state.sent:
+                delta["content"] = text[state.sent:sent]
+        else:
+            sent = len(text)
+            content, calls = self._tools.parse(text, self._parser)
+            if calls:
+                already = text[:state.sent]
+                rest = content[len(already):] if content and content.startswith(already) else ""
+                if rest:
+                    delta["content"] = rest
+                delta["tool_calls"] = [call.as_openai(i) for i, call in enumerate(calls)]
+                reason = "tool_calls"
+            elif len(text) > state.sent:
+                delta["content"] = text[state.sent:]
+        return ({"index": piece.index, "delta": delta, "logprobs": self._logprobs(piece),
+                 "finish_reason": reason}, state.after(piece, text=text, sent=sent))
 
     def _logprobs(self, piece: Piece) -> dict | None:
         if piece.logprobs is None:
