@@ -44,3 +44,30 @@ def test_oversized_bodies_are_refused(guarded):
                           headers={"Authorization": "Bearer s3cret",
                                    "Content-Type": "application/json"})
     assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+
+def test_openapi_declares_every_routes_bodies_and_responses(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    components = schema["components"]["schemas"]
+    paths = schema["paths"]
+    bodies = {"/v1/completions": "CompletionRequest", "/v1/chat/completions":
+              "ChatCompletionRequest", "/tokenize": "TokenizeRequest",
+              "/detokenize": "DetokenizeRequest", "/completions": "MegatronCompletionRequest"}
+    for path, model in bodies.items():
+        ref = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{model}" and model in components
+    put = paths["/api"]["put"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert {"prompts", "tokens_to_generate", "add_BOS"} <= set(
+        components[put.rsplit("/", 1)[1]]["properties"])
+    chat = components["ChatCompletionRequest"]["properties"]
+    assert {"messages", "tools", "tool_choice", "response_format", "logit_bias"} <= set(chat)
+    assert set(components["CompletionRequest"]["required"]) == {"prompt"}
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            assert "200" in operation["responses"] and "400" in operation["responses"], path
+    assert "text/event-stream" in paths["/v1/chat/completions"]["post"]["responses"]["200"][
+        "content"]
+    metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    error = paths["/tokenize"]["post"]["responses"]["400"]["content"]["application/json"]
+    assert error["schema"]["$ref"] == "#/components/schemas/ErrorResponse"

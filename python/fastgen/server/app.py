@@ -110,10 +110,11 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    from fastgen.server import megatron_api, openai_api
+    from fastgen.server import megatron_api, openai_api, openapi
 
     app.include_router(openai_api.router)
     app.include_router(megatron_api.router)
+    openapi.install(app)
     return app
 
 
