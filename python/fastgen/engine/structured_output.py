@@ -55,7 +55,6 @@ def bitmask_width(vocab_size: int) -> int:
 class Grammar:
     """A compiled constraint: `matcher()` gives a fresh matcher at its start."""
 
-    kind: str
     _template: object  # llguidance.LLMatcher, never advanced
 
     def matcher(self):
@@ -99,7 +98,7 @@ class GrammarCompiler:
         if matcher.is_error():
             raise ValueError(f"invalid structured output ({kind}): "
                              f"{_first_lines(matcher.get_error())}")
-        return Grammar(kind, matcher)
+        return Grammar(matcher)
 
     def _grammar_text(self, spec: StructuredOutputs) -> str:
         """llguidance's grammar text for the spec; ValueError for one it cannot even parse."""

@@ -41,6 +41,15 @@ class Prompt:
     token_ids: list[int]
 
 
+def check_token_ids(engine: AsyncLLMEngine, token_ids: list[int], where: str) -> None:
+    """ValueError naming `where` for a token id outside the model's vocabulary."""
+    vocab_size = engine.engine.vocab_size
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{where}: token id {bad} is outside the vocabulary (0 to "
+                         f"{vocab_size - 1})")
+
+
 class _ClientGone(Exception):
     """The client of a non-streaming request disconnected."""
 

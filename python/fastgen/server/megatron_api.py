@@ -52,7 +52,13 @@ from fastgen.engine.detokenizer import text_decoder
 from fastgen.outputs import RequestOutput
 from fastgen.server.body import read_json
 from fastgen.server.errors import APIError
-from fastgen.server.generation import CLIENT_CLOSED_REQUEST, Generation, Prompt
+from fastgen.server.generation import (
+    CLIENT_CLOSED_REQUEST,
+    Generation,
+    Prompt,
+    check_token_ids,
+)
+from fastgen.server.protocol import split_prompts
 from fastgen.tokenization import continuation_text
 
 router = APIRouter()
@@ -302,7 +308,10 @@ class MegatronCompletionRequest:
         if not isinstance(body, dict):
             raise _refuse("the request body must be a JSON object")
         fields = _Fields(body)
-        prompts = _completion_prompts(body.get("prompt"))
+        try:
+            prompts = split_prompts(body.get("prompt"))
+        except ValueError as error:
+            raise _refuse(str(error)) from None
         if "max_tokens" not in body:
             raise _refuse("max_tokens is required")
         max_tokens = fields.integer("max_tokens", None, "an integer >= 0")
@@ -350,21 +359,6 @@ class MegatronCompletionRequest:
             prompt_logprobs=self.logprobs if self.echo else None)
 
 
-def _completion_prompts(prompt: object) -> list[str] | list[list[int]]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return prompt
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [prompt]
-        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
-                                                 for t in p) for p in prompt):
-            return prompt
-    raise _refuse("prompt must be a string, a list of strings, a list of token ids or a list "
-                  "of token id lists")
-
-
 @router.post("/completions")
 async def megatron_completions(request: Request) -> Response:
     req = MegatronCompletionRequest.parse(read_json(await request.body()))
@@ -373,14 +367,10 @@ async def megatron_completions(request: Request) -> Response:
     tokenizer = engine.tokenizer
     prompts = [Prompt(p, tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str)
                else Prompt(None, p) for p in req.prompts]
-    vocab_size = engine.engine.vocab_size
     for prompt in prompts:
         if not prompt.token_ids:
             raise _refuse("a prompt is empty")
-        bad = next((t for t in prompt.token_ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise _refuse(f"prompt: token id {bad} is outside the vocabulary (0 to "
-                          f"{vocab_size - 1})")
+        check_token_ids(engine, prompt.token_ids, "prompt")
     _check_lengths([p.token_ids for p in prompts], req.max_tokens, state.max_model_len)
     generation = Generation(engine, state.metrics, "megatron", prompts,
                             [req.sampling_params(i) for i in range(len(prompts))],

@@ -27,7 +27,12 @@ from fastgen.config import SamplingParams
 from fastgen.engine.async_engine import AsyncLLMEngine
 from fastgen.server.body import read_json_object
 from fastgen.server.errors import APIError
-from fastgen.server.generation import CLIENT_CLOSED_REQUEST, Generation, Prompt
+from fastgen.server.generation import (
+    CLIENT_CLOSED_REQUEST,
+    Generation,
+    Prompt,
+    check_token_ids,
+)
 from fastgen.server.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     ChatCompletionRequest,
@@ -129,11 +134,7 @@ async def detokenize(request: Request):
     """vLLM's /detokenize: {prompt} (special tokens kept, as vLLM)."""
     body: DetokenizeRequest = await _accept(request, DetokenizeRequest)
     engine: AsyncLLMEngine = request.app.state.engine
-    vocab_size = engine.engine.vocab_size
-    bad = next((t for t in body.tokens if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"tokens: token id {bad} is outside the vocabulary (0 to "
-                            f"{vocab_size - 1})", "tokens")
+    check_token_ids(engine, body.tokens, "tokens")
     return {"prompt": engine.tokenizer.decode(body.tokens)}
 
 
@@ -147,14 +148,19 @@ def _start(request: Request, endpoint: str, prompts: list[Prompt], params: Sampl
 async def _answer(request: Request, body: CompletionRequest | ChatCompletionRequest,
                   generation: Generation, choices: Choices) -> Response:
     """The answer, streamed or whole."""
-    head = {"id": f"{choices.id_prefix}-{uuid.uuid4().hex}", "object": choices.kind,
-            "created": int(time.time()), "model": request.app.state.model_name}
+    head = _head(request, choices)
     if body.stream:
         return event_stream(generation, {**head, "object": choices.chunk_kind}, choices,
                             body.include_usage)
     if await generation.finish(request.receive) is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(whole_answer(generation, head, choices))
+
+
+def _head(request: Request, choices: Choices) -> dict:
+    """An answer's id, object, created and model."""
+    return {"id": f"{choices.id_prefix}-{uuid.uuid4().hex}", "object": choices.kind,
+            "created": int(time.time()), "model": request.app.state.model_name}
 
 
 async def _best_answer(request: Request, generation: Generation, choices: Choices, n: int,
@@ -201,11 +207,10 @@ def _check_prompt(engine: AsyncLLMEngine, token_ids: list[int], params: Sampling
     llm_engine = engine.engine
     if not token_ids:
         raise APIError(400, f"{where} is empty", where)
-    vocab_size = llm_engine.loaded.hf_config.vocab_size
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"{where}: token id {bad} is outside the vocabulary "
-                            f"(0 to {vocab_size - 1})", where)
+    try:
+        check_token_ids(engine, token_ids, where)
+    except ValueError as error:
+        raise APIError(400, str(error), where) from None
     context = llm_engine.max_model_len
     num_prompt, max_tokens = len(token_ids), params.max_tokens
     if num_prompt + max_tokens > context:

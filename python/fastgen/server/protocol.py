@@ -204,21 +204,7 @@ class CompletionRequest(_SamplingRequest):
         return n if self.best_of is None else self.best_of
 
     def prompts(self) -> list[str] | list[list[int]]:
-        """The prompt as a list of prompts (strings or token id lists); ValueError for any
-        other shape."""
-        prompt = self.prompt
-        if isinstance(prompt, str):
-            return [prompt]
-        if isinstance(prompt, list) and prompt:
-            if all(isinstance(p, str) for p in prompt):
-                return prompt
-            if all(_is_token_id(t) for t in prompt):
-                return [prompt]
-            if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p)
-                   for p in prompt):
-                return prompt
-        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a "
-                         "list of token id lists, none of them empty")
+        return split_prompts(self.prompt)
 
 
 class ContentPart(BaseModel):
@@ -329,6 +315,22 @@ def _structured(field: str, **kind) -> StructuredOutputs:
         return StructuredOutputs(**kind)
     except ValueError as error:
         raise ValueError(f"{field}: {error}") from None
+
+
+def split_prompts(prompt: object) -> list[str] | list[list[int]]:
+    """A completions `prompt` (a string, a list of strings, a list of token ids, or a list of
+    token id lists) as a list of prompts; ValueError for any other shape."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        if all(_is_token_id(t) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
+            return prompt
+    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a "
+                     "list of token id lists, none of them empty")
 
 
 def _is_token_id(value) -> bool:
