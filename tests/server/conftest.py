@@ -52,19 +52,20 @@ def tiny_model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def start_server(tiny_model_path):
     """start_server(**options) -> RunningServer; options go to build_app (api_key,
-    max_body_bytes), max_waiting_requests to the AsyncLLMEngine, step_delay (seconds added to
+    max_body_bytes, tool_call_parser, ui), max_waiting_requests to the AsyncLLMEngine, step_delay (seconds added to
     every engine step: a slow model, for tests that must catch a request in flight) to the
     model runner, model_path (default: the tiny model) and anything else to LLM()."""
     started = []
 
     def start(api_key=None, max_body_bytes=None, max_waiting_requests=1024, step_delay=0.0,
-              model_path=None, tool_call_parser="auto", **llm_options):
+              model_path=None, tool_call_parser="auto", ui=True, **llm_options):
         llm = make_llm(model_path or tiny_model_path, **llm_options)
         if step_delay:
             slow_down(llm, step_delay)
         engine = AsyncLLMEngine(llm.engine, max_waiting_requests=max_waiting_requests)
         options = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
         options["tool_call_parser"] = tool_call_parser
+        options["ui"] = ui
         app = build_app(engine, MODEL_NAME, api_key=api_key, **options)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))

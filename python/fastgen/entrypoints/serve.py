@@ -4,11 +4,12 @@
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2", "prompt": "The sky is", "max_tokens": 16}'
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, PUT /api (Megatron-LM),
-GET /health, GET /metrics (Prometheus). Binds 127.0.0.1 unless told otherwise; with --api-key (or
-FASTGEN_API_KEY) every route but /health needs `Authorization: Bearer <key>`. The engine options
-are fastgen-run's, from the one list EngineConfig.add_cli_args declares (defaults as in LLM());
-the flags here are the server's own.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, PUT /api and POST
+/completions (Megatron-LM), GET /health, GET /metrics (Prometheus), and a chat page at / (open it
+in a browser; --no-ui turns it off). Binds 127.0.0.1 unless told otherwise; with --api-key (or
+FASTGEN_API_KEY) every route but /health and the chat page needs `Authorization: Bearer <key>`
+(the page asks for it). The engine options are fastgen-run's, from the one list
+EngineConfig.add_cli_args declares (defaults as in LLM()); the flags here are the server's own.
 
 A bad flag or value, a model that cannot be loaded, or a port that cannot be bound prints one
 line, `fastgen-serve: error: ...`, on stderr and exits with status 1 (2 for unusable arguments).
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSERS,
                    help="how tool calls are read from the model's output: hermes, llama3_json, "
                         "mistral, or auto (from the chat template; default)")
+    p.add_argument("--no-ui", action="store_true",
+                   help="do not serve the chat page at / (default: serve it)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                    help="for fastgen's and uvicorn's logs (default: info)")
     return EngineConfig.add_cli_args(p)
@@ -111,11 +114,12 @@ def _serve(parsed: tuple[argparse.Namespace, EngineConfig]) -> int:
         engine = AsyncLLMEngine(llm.engine, max_waiting_requests=args.max_waiting_requests)
         name = args.served_model_name or config.model
         app = build_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                        tool_call_parser=args.tool_call_parser,
+                        tool_call_parser=args.tool_call_parser, ui=not args.no_ui,
                         start_engine=False)
         host, port = sock.getsockname()[:2]
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        print(f"{PROG}: serving {name!r} at {url} (OpenAI API under /v1, Megatron-LM at "
+        page = "" if args.no_ui else f"chat page at {url}/, "
+        print(f"{PROG}: serving {name!r} at {url} ({page}OpenAI API under /v1, Megatron-LM at "
               f"PUT /api, metrics at /metrics; context {llm.max_model_len} tokens, KV cache "
               f"{llm.engine.block_manager.num_blocks} blocks of {config.cache.block_size})",
               file=sys.stderr, flush=True)

@@ -1,10 +1,12 @@
 """The FastAPI app: one AsyncLLMEngine behind the OpenAI-compatible routes (openai_api.py) and
-Megatron-LM's `PUT /api` (megatron_api.py), plus /health, /v1/models and /metrics.
+Megatron-LM's `PUT /api` (megatron_api.py), plus /health, /v1/models, /metrics and the chat page
+at / (chat_page.py).
 
 Shared state lives on `app.state`: `engine` (AsyncLLMEngine), `model_name` (the name clients
 must send as "model"), `max_model_len`, `metrics` (ServerMetrics: routes time their requests with
 `metrics.request(endpoint, ...)`). Cross-cutting rules are enforced here, once:
-- `api_key`: every path but /health needs `Authorization: Bearer <key>` (401 otherwise);
+- `api_key`: every path but /health and the chat page's files needs `Authorization: Bearer
+  <key>` (401 otherwise);
 - `max_body_bytes`: larger request bodies get 413 before they are read into memory;
 - any error is OpenAI's error JSON (errors.py): validation failures are 400, not FastAPI's 422.
 """
@@ -22,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastgen.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
+from fastgen.server import chat_page
 from fastgen.server.errors import APIError, error_response
 from fastgen.server.metrics import ServerMetrics
 from fastgen.server.tools import TOOL_CALL_PARSERS
@@ -33,10 +36,11 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20  # 8 MiB: far more than any context's worth of 
 
 def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, start_engine: bool = True,
-              tool_call_parser: str = "auto") -> FastAPI:
+              tool_call_parser: str = "auto", ui: bool = True) -> FastAPI:
     """start_engine: the app's lifespan runs the engine on a thread of its own; False when the
     caller runs engine.run_forever() itself (fastgen-serve, on its main thread).
-    tool_call_parser: how tool calls are read from outputs (server/tools.py)."""
+    tool_call_parser: how tool calls are read from outputs (server/tools.py).
+    ui: serve the chat page at / (False: / is a 404, as for fastgen-serve --no-ui)."""
     if tool_call_parser not in TOOL_CALL_PARSERS:
         raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose one of: "
                          f"{', '.join(TOOL_CALL_PARSERS)}")
@@ -58,7 +62,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     app.state.tool_call_parser = tool_call_parser
     app.state.metrics = metrics = ServerMetrics(engine)
 
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes,
+                       open_paths=chat_page.PATHS if ui else ())
 
     def refuse(request: Request, status: int, message: str, param: str | None = None,
                headers: dict[str, str] | None = None):
@@ -115,6 +120,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     app.include_router(openai_api.router)
     app.include_router(megatron_api.router)
     openapi.install(app)
+    if ui:
+        chat_page.install(app)
     return app
 
 
@@ -123,9 +130,11 @@ class _Guard:
     @app.middleware("http") (BaseHTTPMiddleware): that one relays every response through a
     queue, and a route behind it can no longer see its client disconnect."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
+                 open_paths: tuple[str, ...] = ()):
         self.app = app
         self.api_key = api_key
+        self.open_paths = frozenset(("/health", *open_paths))  # no key needed
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,7 +147,7 @@ class _Guard:
     def _refusal(self, scope: Scope) -> Response | None:
         headers = Headers(scope=scope)
         path = scope["path"]
-        if self.api_key is not None and path != "/health":
+        if self.api_key is not None and path not in self.open_paths:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             # Bytes: compare_digest refuses str with non-ASCII characters.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
