@@ -1,8 +1,9 @@
 """Structured outputs through the engine on the tiny random Llama, sampling at temperature 1 (a
 random model left alone writes anything, so every valid output below is the constraint's doing):
-each kind of constraint holds on every sample, with n > 1, with and without step graphs;
-unconstrained requests batched beside constrained ones are untouched; a constraint that cannot
-finish within max_tokens ends with "length"; invalid ones are ValueErrors before anything runs.
+each kind of constraint holds on every sample, with n > 1, with and without step graphs (and,
+marked gpu, under CUDA graphs); unconstrained requests batched beside constrained ones are
+untouched; a constraint that cannot finish within max_tokens ends with "length"; invalid ones are
+ValueErrors before anything runs.
 The masking kernel and logit_bias are checked against plain loops, on an odd vocabulary."""
 
 import json
@@ -12,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 
-from fastgen import SamplingParams, StructuredOutputs
+from fastgen import LLM, SamplingParams, StructuredOutputs
 from fastgen.engine.sampler import apply_logit_bias, apply_token_bitmask
 from fastgen.engine.structured_output import bitmask_width
 from fastgen.outputs import FinishReason
@@ -35,8 +36,16 @@ def model_path(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-structured"))
 
 
-@pytest.fixture(scope="module", params=["graphs", "eager"])
-def llm(request, model_path):
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module", params=["graphs", "eager", pytest.param("cuda", marks=ON_CUDA)])
+def llm(request, model_path, tmp_path_factory):
+    """CPU step graphs, eager, and CUDA graphs (the masks filled beside captured decode steps)."""
+    if request.param == "cuda":  # head size 64: one the CUDA attention kernels take
+        folder = save_tiny_llama(tmp_path_factory.mktemp("tiny-structured-cuda"), hidden_size=128,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+        return LLM(str(folder), dtype="float32", device="cuda", max_num_seqs=32)
     return make_llm(model_path, enforce_eager=request.param == "eager")
 
 

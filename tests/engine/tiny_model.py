@@ -40,18 +40,20 @@ def build_tokenizer(vocab_size: int = 384):
                                    chat_template=CHAT_TEMPLATE)
 
 
-def save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """An HF Llama folder (config, safetensors, tokenizer, generation config) at path."""
+def save_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
+    """An HF Llama folder (config, safetensors, tokenizer, generation config) at path;
+    overrides: LlamaConfig fields to change (head_dim=64 and the like for the CUDA kernels)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                         initializer_range=0.25)
+    fields = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                  initializer_range=0.25)
+    config = LlamaConfig(**{**fields, **overrides})
     return _save(LlamaForCausalLM, config, tokenizer, path, seed)
 
 
