@@ -188,8 +188,11 @@ def test_gguf_file_runs_quantized_like_transformers(tmp_path, case):
                            llama3_factors(inv, 8.0, 1.0, 4.0, 64))
 
     if experts := getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
-        moe = loaded.model.model.layers[0].mlp.experts  # float: fused_moe has no quantized path
-        assert moe.w13.shape[0] == experts and moe.w13.dtype == torch.float32
+        moe = loaded.model.model.layers[0].mlp.experts  # each expert on its quantized blocks
+        for weight in (moe.w13, moe.w2):
+            assert isinstance(weight, quantization.QuantizedExperts)
+            assert len(weight.experts) == experts
+            assert {seg.name for e in weight.experts for seg in e.packed.segments} == {qtype}
 
     prompt = torch.randint(0, VOCAB, (21,), generator=torch.Generator().manual_seed(2)).tolist()
     tokens, expected = hf_greedy(model, prompt, 6)

@@ -12,7 +12,7 @@ from fastgen.loader import load_model
 from fastgen.ops.tolerances import QUANT_LOGIT_TOLERANCES
 from fastgen.quantization.formats import quantize_int8_per_channel
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 from tests.models.harness import (
     VOCAB,
@@ -59,3 +59,41 @@ def test_int8_with_random_weights_builds(tmp_path):
                                      quantization="int8", load_format="random"))
     harness = PagedHarness(loaded.model, max_seqs=1, max_len=8, dtype=torch.bfloat16)
     assert torch.isfinite(harness.prefill([[3, 4, 5]])[0]).all()
+
+
+MOE = Qwen3MoeConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     moe_intermediate_size=96, num_experts=6, num_experts_per_tok=2,
+                     norm_topk_prob=True, tie_word_embeddings=False)
+
+
+def test_int8_experts_of_a_moe_checkpoint_match_transformers(tmp_path):
+    """Every expert's gate, up and down quantized per output channel, packed expert by expert
+    and run through the quantized kernels (fastgen.layers.moe); the router stays float."""
+    save_tiny_model(MOE, tmp_path)
+    loaded = load_model(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu",
+                                     quantization="int8"))
+    moe = loaded.model.model.layers[0].mlp
+    for weight in (moe.experts.w13, moe.experts.w2):
+        assert isinstance(weight, quantization.QuantizedExperts) and len(weight.experts) == 6
+        assert {s.name for e in weight.experts for s in e.packed.segments} == {"Q8_0"}
+    assert not isinstance(moe.gate.weight, quantization.QuantizedParameter)
+
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+
+    def int8(rows: torch.Tensor) -> torch.Tensor:
+        return quantize_int8_per_channel(rows)[1].dequantize()
+
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, out, in]
+                param.copy_(torch.stack([int8(expert) for expert in param]))
+            elif param.dim() == 2 and not name.endswith(("embed_tokens.weight", "lm_head.weight",
+                                                          "mlp.gate.weight")):
+                param.copy_(int8(param))  # the linear layers
+    prompt = torch.randint(0, VOCAB, (19,), generator=torch.Generator().manual_seed(4)).tolist()
+    tokens, expected = hf_greedy(hf_model, prompt, 8)
+    ours = paged_logits(loaded.model, prompt, tokens)
+    torch.testing.assert_close(ours, expected[:-1], **QUANT_LOGIT_TOLERANCES["Q8_0"])
+    assert ours[len(prompt) - 1:].argmax(-1).tolist() == tokens

@@ -183,3 +183,21 @@ def test_cuda_quant_linear_and_dequantize(name, tokens, dtype, _):
     assert ((out.double() - exact).abs() <= bound).all()
     same_dtype = ops.quant_linear(x.cuda(), tiles, qtype, n, bias.cuda()).cpu()
     assert same_dtype.dtype == dtype
+
+
+def test_quantized_experts_dequantize_to_gguf_values():
+    """QuantizedExperts.dense (CUDA's experts, for fused_moe) holds gguf's own dequantization of
+    each expert's quantized rows, and float rows as they are, in place."""
+    from fastgen.quantization import QuantizedExperts
+
+    experts = QuantizedExperts(3, 40, 64, "gguf")
+    want = torch.empty(3, 40, 64)
+    for e, name in enumerate(("Q8_0", "Q4_1", "Q4_0")):
+        kind = gguf.GGMLQuantizationType[name]
+        data = quantized_rows(name, 24, 64, seed=e)
+        floats = torch.randn(16, 64, generator=torch.Generator().manual_seed(e))
+        experts.experts[e].store(floats, 24)
+        experts.experts[e].store(QuantizedTensor(int(kind), torch.from_numpy(data), 64), 0)
+        want[e, :24] = torch.from_numpy(gguf.quants.dequantize(data, kind))
+        want[e, 24:] = floats
+    torch.testing.assert_close(experts.dense(torch.float32), want, rtol=0, atol=0)

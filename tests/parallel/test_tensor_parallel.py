@@ -123,3 +123,28 @@ def test_default_model_tp3_generates_what_one_process_does():
     folder = default_model_dir()
     assert_same_generation(generate(folder, 3), generate(folder, 1),
                            atol=2 * QUANT_LOGIT_TOLERANCES["Q4_1"]["atol"])
+
+
+def test_quantized_experts_tp2_generate_what_one_process_does(tmp_path):
+    """Experts that stay quantized (fastgen.layers.moe): a qwen3moe GGUF file's Q8_0 experts with
+    each rank keeping its whole blocks of every expert's intermediate dimension, or whole
+    experts on each rank (expert parallelism). The ranks' partial sums round
+    differently and the activations' int8 digits follow their inputs' last bits, so the logprobs
+    agree to the quantized path's tolerance (twice its logit bound)."""
+    import torch
+    from fastgen.ops.tolerances import QUANT_LOGIT_TOLERANCES
+    from transformers import AutoModelForCausalLM
+
+    from tests.models.harness import randomized
+    from tests.models.test_gguf_archs import CASES, write_gguf
+
+    arch, config, qtype = CASES["qwen3moe_q8_0"]
+    config = replace(config, moe_intermediate_size=64)  # 32 per rank: one Q8_0 block
+    torch.manual_seed(0)
+    model = randomized(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
+    path = tmp_path / "moe.gguf"
+    write_gguf(path, arch, model, qtype)
+    atol = 2 * QUANT_LOGIT_TOLERANCES[qtype]["atol"]
+    one_process = generate(path, 1)
+    assert_same_generation(generate(path, 2), one_process, atol=atol)
+    assert_same_generation(generate(path, 2, enable_expert_parallel=True), one_process, atol=atol)

@@ -15,6 +15,14 @@ router runs on every rank (it is replicated), so every rank sees every token's c
 expert is split by its intermediate dimension either way, and its partial sum joins the routed
 experts' before that single all-reduce.
 
+Quantized experts (a GGUF file's, or --quantization int8's): w13 and w2 are QuantizedExperts,
+each expert's rows kept as the file stores them and packed on their own; on the CPU each expert
+with tokens routed to it multiplies them through quantized_linear (fastgen's streaming kernel for
+few tokens, dequantize + oneDNN for many), expert by expert. That loop reads the routing in
+Python, so such a model's decode step is not captured as a step graph and runs eagerly. On CUDA
+they are dequantized to the model's dtype at load for the fused_moe kernel (whose grouped GEMM
+has no quantized path) and CUDA graphs.
+
 Routing variants are a MoERouting value (the families differ only there): softmax or sigmoid
 scores, renormalised or not, group-limited selection, a scale, and whether the router weight
 multiplies the expert's output (Mixtral, Qwen, DeepSeek) or its input (Llama 4).
@@ -29,11 +37,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastgen import ops
+from fastgen import ops, quantization
 from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
 from fastgen.layers.linear import ReplicatedLinear
 from fastgen.layers.mlp import GatedMLP
-from fastgen.layers.parameter import ShardId, check_shape, weight_parameter
+from fastgen.layers.parameter import ShardId, check_shape, set_weight_attrs, weight_parameter
+from fastgen.quantization import QuantizedExperts, quantized_linear
 
 
 @dataclass(frozen=True)
@@ -81,10 +90,19 @@ class FusedMoE(nn.Module):
             self.split = tp.size
         self.first_expert = tp.rank * self.local_experts if self.expert_parallel else 0
         inter, local = self.intermediate_size, self.local_experts
-        self.w13 = weight_parameter((local, 2 * inter, hidden_size), self._load_w13,
-                                    [(shard, e) for e in range(num_experts) for shard in (0, 1)])
-        self.w2 = weight_parameter((local, hidden_size, inter), self._load_w2,
-                                   [(None, e) for e in range(num_experts)])
+        w13_shards = [(shard, e) for e in range(num_experts) for shard in (0, 1)]
+        w2_shards = [(None, e) for e in range(num_experts)]
+        method = quantization.current_method()
+        self.params_dtype = torch.get_default_dtype()
+        if method is None:
+            self.w13 = weight_parameter((local, 2 * inter, hidden_size), self._load_w13,
+                                        w13_shards)
+            self.w2 = weight_parameter((local, hidden_size, inter), self._load_w2, w2_shards)
+        else:
+            self.w13 = QuantizedExperts(local, 2 * inter, hidden_size, method)
+            self.w2 = QuantizedExperts(local, hidden_size, inter, method)
+            set_weight_attrs(self.w13, self._load_w13, w13_shards)
+            set_weight_attrs(self.w2, self._load_w2, w2_shards)
         if correction_bias:
             self.e_score_correction_bias = nn.Parameter(
                 torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)  # [E]
@@ -105,8 +123,44 @@ class FusedMoE(nn.Module):
             local = ids - self.first_expert
             mine = (local >= 0) & (local < self.local_experts)
             ids = torch.where(mine, local, -1).to(torch.int32)
-        out = ops.fused_moe(x, self.w13, self.w2, weights, ids, r.weight_on_input)
+        if isinstance(self.w13, QuantizedExperts):
+            out = self._quantized_experts(x, weights, ids)
+        else:
+            out = ops.fused_moe(x, self.w13, self.w2, weights, ids, r.weight_on_input)
         return self.tp.all_reduce(out) if reduce_results else out
+
+    def _quantized_experts(self, x: torch.Tensor, weights: torch.Tensor,
+                           ids: torch.Tensor) -> torch.Tensor:
+        """fused_moe's sum over packed experts, one expert at a time (the pairs sorted by expert
+        with moe_align); accumulated in float32.   x: [T, H]; weights, ids: [T, k] -> [T, H]"""
+        k = ids.shape[1]
+        pairs_by_expert, offsets, _ = ops.moe_align(ids, self.local_experts)
+        bounds = offsets.tolist()
+        flat_weights = weights.reshape(-1)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for e in range(self.local_experts):
+            if bounds[e] == bounds[e + 1]:
+                continue
+            pairs = pairs_by_expert[bounds[e]:bounds[e + 1]].long()
+            tokens = pairs // k
+            w = flat_weights[pairs].unsqueeze(1)  # [n, 1]
+            xe = x[tokens]
+            if self.routing.weight_on_input:
+                xe = (xe.float() * w).to(x.dtype)
+            h = ops.silu_and_mul(quantized_linear(xe, self.w13.experts[e].packed))
+            y = quantized_linear(h, self.w2.experts[e].packed, out_dtype=torch.float32)
+            out.index_add_(0, tokens, y if self.routing.weight_on_input else y * w)
+        return out.to(x.dtype)
+
+    def process_weights_after_loading(self) -> None:
+        if not isinstance(self.w13, QuantizedExperts):
+            return
+        if self.w13.device.type == "cpu":
+            self.w13.finalize(self.params_dtype)
+            self.w2.finalize(self.params_dtype)
+        else:  # for fused_moe and CUDA graphs (see the module docstring)
+            self.w13 = nn.Parameter(self.w13.dense(self.params_dtype), requires_grad=False)
+            self.w2 = nn.Parameter(self.w2.dense(self.params_dtype), requires_grad=False)
 
     def correction_bias(self) -> torch.Tensor | None:
         """The per-expert selection bias [E] float32 (DeepSeek-V3), or None."""
@@ -140,23 +194,18 @@ class FusedMoE(nn.Module):
             if shard_id is not None or loaded.dim() != 3 or loaded.shape[0] != self.num_experts:
                 raise ValueError(f"fused expert tensor has shape {tuple(loaded.shape)}, expected "
                                  f"({self.num_experts}, {2 * inter * self.split}, "
-                                 f"{param.shape[2]})")
+                                 f"{param.shape[2] if param.dim() == 3 else param.in_features})")
             gate, up = self._local_experts(loaded).chunk(2, dim=1)
             for index, part in enumerate((gate, up)):
-                target = param.data.narrow(1, index * inter, inter)
                 part = self._rank_rows(part, 1)
-                check_shape(target, part)
-                target.copy_(part)
+                for expert in range(self.local_experts):
+                    _store(param, expert, part[expert], index * inter)
             return
         if shard_id not in (0, 1):
             raise ValueError(f"expert gate/up shard must be 0 (gate) or 1 (up), got {shard_id!r}")
         expert = self._local_expert(expert_id)
-        if expert is None:
-            return
-        target = param.data[expert].narrow(0, shard_id * inter, inter)  # [I, H]
-        part = self._rank_rows(loaded, 0)
-        check_shape(target, part)
-        target.copy_(part)
+        if expert is not None:
+            _store(param, expert, self._rank_rows(loaded, 0), shard_id * inter)  # [I, H]
 
     def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None,
                  expert_id: int | None = None) -> None:
@@ -165,15 +214,27 @@ class FusedMoE(nn.Module):
                 raise ValueError(f"fused expert tensor has shape {tuple(loaded.shape)}, expected "
                                  f"{self.num_experts} experts along dim 0")
             part = self._rank_rows(self._local_experts(loaded), 2)
-            check_shape(param, part)
-            param.data.copy_(part)
+            for expert in range(self.local_experts):
+                _store(param, expert, part[expert], 0)
             return
         expert = self._local_expert(expert_id)
-        if expert is None:
-            return
-        part = self._rank_rows(loaded, 1)  # [H, I]
-        check_shape(param.data[expert], part)
-        param.data[expert].copy_(part)
+        if expert is not None:
+            _store(param, expert, self._rank_rows(loaded, 1), 0)  # [H, I]
+
+
+def _store(param: nn.Parameter, expert: int, rows, offset: int) -> None:
+    """Rows [offset, offset + n) of one expert's weight: copied (checked against the rows they
+    land on), or kept for packing by quantized experts (QuantizedTensor rows as the file has
+    them)."""
+    if isinstance(param, QuantizedExperts):
+        param.experts[expert].store(rows, offset)
+        return
+    if isinstance(rows, quantization.QuantizedTensor):
+        rows = rows.dequantize()
+    target = param.data[expert]
+    target = target.narrow(0, offset, min(rows.shape[0], target.shape[0] - offset))
+    check_shape(target, rows)
+    target.copy_(rows)
 
 
 class SparseMoEBlock(nn.Module):
@@ -190,7 +251,9 @@ class SparseMoEBlock(nn.Module):
         """router_fp32: the router's weight kept, and its logits computed, in float32 whatever
         the model's dtype (DeepSeek's, as transformers keeps it)."""
         super().__init__()
-        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, tp=tp)
+        with quantization.building(None):  # the router stays float (a file's quantized one is
+            # dequantized at load): near-ties between experts' scores decide the routing
+            self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, tp=tp)
         self.router_fp32 = router_fp32
         if router_fp32:
             self.gate.float()

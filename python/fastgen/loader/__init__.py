@@ -162,8 +162,9 @@ def _init_random(model: nn.Module, seed: int) -> None:
     for name, param in model.named_parameters():
         generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         if isinstance(param, quantization.QuantizedParameter):  # int8: drawn dense, then packed
-            rows = torch.empty(param.out_features, param.in_features, device=param.device)
-            param.store(rows.normal_(0.0, RANDOM_WEIGHT_STD, generator=generator), 0)
+            for weight in getattr(param, "experts", [param]):  # a MoE layer's: each expert's
+                rows = torch.empty(weight.out_features, weight.in_features, device=param.device)
+                weight.store(rows.normal_(0.0, RANDOM_WEIGHT_STD, generator=generator), 0)
         elif "norm" in name.split(".")[-2]:
             param.fill_(1.0)
         elif name.endswith(".bias"):

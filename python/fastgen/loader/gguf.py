@@ -13,8 +13,8 @@ quantized rows too, losslessly; qwen files are not permuted).
 By default (quantization "gguf") the engine reads the tensors straight from the file with
 iter_gguf_quantized: quantized ones stay quantized (fastgen.quantization.QuantizedTensor) and the
 layers pack them for fastgen's kernels. Experts (ffn_{gate,up,down}_exps, one [E, rows, cols]
-tensor each) are split into Hugging Face's per-expert tensors and dequantized: fused_moe has no
-quantized path yet, so a MoE file's expert weights take --dtype's bytes in memory.
+tensor each) are split into Hugging Face's per-expert tensors, their quantized rows kept as they
+are (fastgen.layers.moe packs them expert by expert).
 """
 
 from __future__ import annotations
@@ -322,10 +322,10 @@ def iter_gguf_quantized(gguf_path: Path, hf_config) -> Iterator[tuple[str, torch
             continue
         name = hf_name(tensor.name, arch)
         qtype = int(tensor.tensor_type)
-        if "{e}" in name:  # experts: float, for fused_moe (see the module docstring)
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if "{e}" in name and qtype in FORMATS:  # [E, rows, row bytes]: each expert's rows
+            values = np.array(tensor.data)
             for name, part in _split_experts(name, values):
-                yield name, torch.from_numpy(np.ascontiguousarray(part))
+                yield name, QuantizedTensor(qtype, torch.from_numpy(part), int(tensor.shape[0]))
             continue
         if qtype in FORMATS:
             values = np.array(tensor.data)  # [N, row bytes], copied out of the memory map

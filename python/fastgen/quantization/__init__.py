@@ -169,6 +169,44 @@ class QuantizedParameter(nn.Parameter):
         self.packed = packed
 
 
+class QuantizedExperts(QuantizedParameter):
+    """A mixture-of-experts layer's E weights of one kind ([E, O, I]: every expert's gate + up,
+    or every expert's down), each expert its own QuantizedParameter (`experts[e]`), loaded,
+    packed and multiplied on its own (fastgen.layers.moe)."""
+
+    def __new__(cls, num_experts: int, out_features: int, in_features: int, method: str):
+        param = super().__new__(cls, out_features, in_features, method)
+        param.experts = [QuantizedParameter(out_features, in_features, method)
+                         for _ in range(num_experts)]
+        return param
+
+    def __repr__(self) -> str:
+        what = self.experts[0].packed.types() if self.experts and self.experts[0].packed else \
+            "unloaded"
+        return (f"QuantizedExperts({len(self.experts)} x [{self.out_features}, "
+                f"{self.in_features}], {what})")
+
+    def finalize(self, dtype: torch.dtype) -> None:
+        for expert in self.experts:
+            expert.finalize(dtype)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """What was stored, dequantized, before finalize: [E, O, I] in dtype."""
+        out = torch.empty(len(self.experts), self.out_features, self.in_features, dtype=dtype,
+                          device=self.device)
+        for e, expert in enumerate(self.experts):
+            covered = 0
+            for offset, rows in expert.pending:
+                values = rows.dequantize() if isinstance(rows, QuantizedTensor) else rows
+                out[e].narrow(0, offset, values.shape[0]).copy_(values)
+                covered += values.shape[0]
+            if covered != self.out_features:
+                raise ValueError(f"expert {e}'s weight got {covered} of its {self.out_features} "
+                                 f"rows")
+            expert.pending = []
+        return out
+
+
 def _kind(rows) -> int | None:
     return rows.qtype if isinstance(rows, QuantizedTensor) else None
 
@@ -272,15 +310,16 @@ def describe(model: nn.Module) -> str:
     total = 0
     seen: set[int] = set()
     for param in model.parameters():
-        if isinstance(param, QuantizedParameter) and param.packed and id(param) not in seen:
-            seen.add(id(param))
-            for seg in param.packed.segments:
-                counts[seg.name] = counts.get(seg.name, 0) + seg.rows * param.in_features
-            total += param.packed.nbytes
+        for weight in getattr(param, "experts", [param]):
+            if isinstance(weight, QuantizedParameter) and weight.packed and id(weight) not in seen:
+                seen.add(id(weight))
+                for seg in weight.packed.segments:
+                    counts[seg.name] = counts.get(seg.name, 0) + seg.rows * weight.in_features
+                total += weight.packed.nbytes
     parts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in sorted(counts.items()))
     return f"quantized weights: {parts} ({total / 2**20:.1f} MiB packed)"
 
 
 __all__ = ["BY_NAME", "DENSE_TYPES", "FORMATS", "METHODS", "TILE_ROWS", "PackedWeight",
-           "QuantizedParameter", "QuantizedTensor", "Segment", "building", "current_method",
+           "QuantizedExperts", "QuantizedParameter", "QuantizedTensor", "Segment", "building", "current_method",
            "dequantized_rows", "describe", "quantized_linear"]
