@@ -15,8 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from fastgen import LLM, SamplingParams, quantization
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for bench.* imports
@@ -87,7 +85,6 @@ def main() -> None:
             results["runs"][name] = run
             llm.engine.close()
             del llm
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
     float_run, int8_run = results["runs"]["float"], results["runs"]["int8"]
     print(f"{results['cpu']}; {args.layers} layers, {args.experts} experts of "
           f"{args.expert_size}, top {args.top_k}, hidden {args.hidden}")

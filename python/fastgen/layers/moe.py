@@ -39,9 +39,9 @@ from torch import nn
 
 from fastgen import ops, quantization
 from fastgen.distributed import SINGLE_RANK, TensorParallelGroup
-from fastgen.layers.linear import ReplicatedLinear
+from fastgen.layers.linear import ReplicatedLinear, store_rows
 from fastgen.layers.mlp import GatedMLP
-from fastgen.layers.parameter import ShardId, check_shape, set_weight_attrs, weight_parameter
+from fastgen.layers.parameter import ShardId, set_weight_attrs, weight_parameter
 from fastgen.quantization import QuantizedExperts, quantized_linear
 
 
@@ -223,18 +223,10 @@ class FusedMoE(nn.Module):
 
 
 def _store(param: nn.Parameter, expert: int, rows, offset: int) -> None:
-    """Rows [offset, offset + n) of one expert's weight: copied (checked against the rows they
-    land on), or kept for packing by quantized experts (QuantizedTensor rows as the file has
-    them)."""
-    if isinstance(param, QuantizedExperts):
-        param.experts[expert].store(rows, offset)
-        return
-    if isinstance(rows, quantization.QuantizedTensor):
-        rows = rows.dequantize()
-    target = param.data[expert]
-    target = target.narrow(0, offset, min(rows.shape[0], target.shape[0] - offset))
-    check_shape(target, rows)
-    target.copy_(rows)
+    """Rows [offset, offset + n) of one expert's weight, through the linear layers' store_rows
+    (copied and checked, or kept for packing by quantized experts)."""
+    store_rows(param.experts[expert] if isinstance(param, QuantizedExperts) else param.data[expert],
+               rows, offset)
 
 
 class SparseMoEBlock(nn.Module):
