@@ -180,6 +180,8 @@ void attend_split(const Problem<c10::BFloat16>& pb, const DecodeSplit& split, Sc
   const bf16* value_rows[kKeyTile];
   for (int64_t j0 = split.k_begin; j0 < split.k_end; j0 += kKeyTile) {
     const int64_t num_keys = std::min(kKeyTile, split.k_end - j0);
+    const int64_t ahead = j0 + kPrefetchTiles * kKeyTile;
+    prefetch_page_rows(pb, block_table, ahead, std::min(ahead + kKeyTile, split.k_end));
     for (int64_t j = 0; j < num_keys; ++j) slots[j] = pb.slot(block_table, j0 + j);
     for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
       for (int64_t j = 0; j < num_keys; ++j) {
@@ -206,7 +208,8 @@ void attend_split(const Problem<c10::BFloat16>& pb, const DecodeSplit& split, Sc
 void decode_bf16(const Problem<c10::BFloat16>& problem, const DecodePlan& plan, SplitStates states) {
   for_each_task(
       static_cast<int64_t>(plan.splits.size()), [&] { return Scratch(problem.num_heads, problem.value_dim); },
-      [&](int64_t task, Scratch& s) { attend_split(problem, plan.splits[task], s, states); });
+      [&](int64_t task, Scratch& s) { attend_split(problem, plan.splits[task], s, states); },
+      [&](int64_t task) { prefetch_split_start(problem, plan.splits[task]); });
 }
 
 }  // namespace fastgen::cpu::attention_kernels

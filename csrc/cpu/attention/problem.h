@@ -24,6 +24,7 @@ namespace fastgen::cpu::attention_kernels {
 
 constexpr int64_t kLanes = vec::kWidth;  // prefill rows per vector; an item's rows are padded to it
 constexpr int64_t kKeyTile = 32;         // keys converted, scored and softmaxed together
+constexpr int64_t kPrefetchTiles = 4;    // decode: key tiles asked for ahead of the one scored
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
