@@ -65,6 +65,12 @@ FASTGEN_DECLARE_OPS
 // roofline, so there is no CUDA kernel; on the CPU torch's small-M bf16 GEMM is too slow.
 void linear(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
             const std::optional<at::Tensor>& bias);
+// CPU-only: the routed experts' sum (fused_moe) over block-quantized experts (GGUF
+// ffn_*_exps, int8); on CUDA the experts are dequantized at load and go through fused_moe.
+void quant_fused_moe(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, int64_t w13_qtype,
+                     const at::Tensor& w2, int64_t w2_qtype, int64_t inter,
+                     const at::Tensor& topk_weights, const at::Tensor& topk_ids, bool weight_on_input,
+                     int64_t max_stream_tokens);
 }  // namespace fastgen::cpu
 
 #ifdef FASTGEN_WITH_CUDA

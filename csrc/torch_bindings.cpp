@@ -87,6 +87,15 @@ TORCH_LIBRARY(fastgen, m) {
   // out[i] = row rows[i] of the packed W (every row in order without rows), as
   // gguf.quants.dequantize computes it. out: [R, K] float; rows: [R] int64
   m.def("quant_dequantize(Tensor! out, Tensor packed, int qtype, Tensor? rows) -> ()");
+  // fused_moe's sum over block-quantized experts, CPU only: w13 [E, ceil(2I / 16), H / SB, chunk]
+  // and w2 [E, ceil(H / 16), I / SB, chunk] uint8 are every expert's quant_linear tiles, stacked
+  // (types w13_qtype, w2_qtype); inter = I. An expert with up to max_stream_tokens rows streams
+  // its weights through quant_linear's kernel, one with more is dequantized and goes through
+  // oneDNN. The gate/up output and the activation are rounded to x's dtype, the down output kept
+  // in float32, and the k slots combined as fused_moe combines them.
+  m.def("quant_fused_moe(Tensor! out, Tensor x, Tensor w13, int w13_qtype, Tensor w2, int w2_qtype, "
+        "int inter, Tensor topk_weights, Tensor topk_ids, bool weight_on_input, "
+        "int max_stream_tokens) -> ()");
   // Mixture-of-experts routing, in float32, per token: scores = softmax(router_logits) over the
   // E experts, or sigmoid(router_logits) (scoring "softmax" | "sigmoid"); selection keys = scores
   // + correction_bias (when given: DeepSeek-V3, it selects only); with num_groups, the experts
@@ -177,6 +186,7 @@ TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
   FASTGEN_IMPL_OPS(m, fastgen::cpu)
   // CPU-only ops (no CUDA kernel: see ops.h).
   m.impl("linear", &fastgen::cpu::linear);
+  m.impl("quant_fused_moe", &fastgen::cpu::quant_fused_moe);
   m.impl("shm_all_reduce", &fastgen::cpu::shm_all_reduce);
   m.impl("shm_all_gather", &fastgen::cpu::shm_all_gather);
 }

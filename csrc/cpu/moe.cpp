@@ -24,6 +24,10 @@
 // With many tokens per active expert (prefill) the GEMMs are compute-bound: each active
 // expert's gathered tokens go through at::linear (oneDNN / MKL, AMX where present) and the same
 // combine. The switch is stream_max_tokens_per_expert (see there for how it was measured).
+//
+// quant_fused_moe is the same sum over block-quantized experts (GGUF ffn_*_exps, int8): each
+// active expert's gathered rows go through cpu/quant.h's kernel (up to max_stream_tokens rows)
+// or its weight dequantized and at::linear (more), expert by expert, then the same combine.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -41,6 +45,7 @@
 #include "cpu/activation.h"
 #include "cpu/dot_tile.h"
 #include "cpu/moe.h"
+#include "cpu/quant.h"
 #include "cpu/vec.h"
 #include "ops.h"
 
@@ -427,14 +432,32 @@ void check_expert_ids(const char* op, const at::Tensor& topk_ids, int64_t num_ex
   }
 }
 
-// The prefill path: every active expert's gathered tokens through at::linear (y: [P, H] fp32, by
-// pair index), then the combine.
-template <typename T>
-void fused_moe_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,
-                    const at::Tensor& w2, const at::Tensor& topk_weights,
-                    const at::Tensor& topk_ids, const at::Tensor& sorted_ids,
-                    const std::vector<Segment>& segments, bool weight_on_input) {
-  const int64_t num_tokens = x.size(0), hidden = x.size(1), inter = w2.size(2);
+// The pairs of topk_ids [T, k] sorted by expert (moe_align with tiles of 1) and the active
+// experts' runs of them: fused_moe's and quant_fused_moe's dispatch.
+struct Dispatch {
+  at::Tensor sorted_ids;               // [T * k] int32
+  std::vector<int32_t> expert_offsets; // [E + 1]
+  std::vector<Segment> segments;       // the active experts' runs
+};
+
+Dispatch dispatch_pairs(const at::Tensor& topk_ids, int64_t num_experts) {
+  const int64_t num_pairs = topk_ids.numel();
+  Dispatch d{at::empty({num_pairs}, topk_ids.options()), std::vector<int32_t>(num_experts + 1), {}};
+  std::vector<int32_t> tile_experts(num_pairs);
+  moe_align_launch(d.sorted_ids.data_ptr<int32_t>(), d.expert_offsets.data(), tile_experts.data(),
+                   topk_ids.data_ptr<int32_t>(), num_pairs, num_experts, 1);
+  d.segments = active_segments(d.expert_offsets.data(), num_experts);
+  return d;
+}
+
+// Every active expert's gathered rows (scaled by the router weight first when weight_on_input)
+// through mlp(seg, xs) -> its output [c, H] float32, kept by pair index, then the combine: the
+// expert-at-a-time path of fused_moe (prefill) and quant_fused_moe.
+template <typename T, typename MlpFn>
+void experts_one_by_one(at::Tensor& out, const at::Tensor& x, const at::Tensor& topk_weights,
+                        const at::Tensor& topk_ids, const at::Tensor& sorted_ids,
+                        const std::vector<Segment>& segments, bool weight_on_input, MlpFn mlp) {
+  const int64_t num_tokens = x.size(0), hidden = x.size(1);
   const int64_t top_k = topk_weights.size(1), num_pairs = num_tokens * top_k;
   at::Tensor y = at::empty({num_pairs, hidden}, x.options().dtype(at::kFloat));
   const at::Tensor pair_weights = topk_weights.view({num_pairs});
@@ -445,14 +468,26 @@ void fused_moe_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,
       const at::Tensor scales = pair_weights.index_select(0, pairs).unsqueeze(1);  // [c, 1]
       xs = xs.to(at::kFloat).mul(scales).to(x.scalar_type());
     }
+    y.index_copy_(0, pairs, mlp(seg, xs));  // [c, H]
+  }
+  moe_combine_launch<T>(out.data_ptr<T>(), y.data_ptr<float>(), topk_weights.data_ptr<float>(),
+                        topk_ids.data_ptr<int32_t>(), num_tokens, hidden, top_k, weight_on_input);
+}
+
+// The prefill path: every active expert's gathered tokens through at::linear (oneDNN / MKL).
+template <typename T>
+void fused_moe_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13,
+                    const at::Tensor& w2, const at::Tensor& topk_weights,
+                    const at::Tensor& topk_ids, const at::Tensor& sorted_ids,
+                    const std::vector<Segment>& segments, bool weight_on_input) {
+  const int64_t inter = w2.size(2);
+  experts_one_by_one<T>(out, x, topk_weights, topk_ids, sorted_ids, segments, weight_on_input,
+                        [&](const Segment& seg, const at::Tensor& xs) {
     const at::Tensor gate_up = at::linear(xs, w13[seg.expert]);  // [c, 2I]
     at::Tensor act = at::empty({seg.count, inter}, x.options());
     silu_and_mul_launch<T>(act.data_ptr<T>(), gate_up.data_ptr<T>(), seg.count, inter, gate_up.stride(0));
-    y.index_copy_(0, pairs, at::linear(act, w2[seg.expert]).to(at::kFloat));  // [c, H]
-  }
-  moe_combine_launch<T>(out.data_ptr<T>(), y.data_ptr<float>(), topk_weights.data_ptr<float>(),
-                        topk_ids.data_ptr<int32_t>(),
-                        num_tokens, hidden, top_k, weight_on_input);
+    return at::linear(act, w2[seg.expert]).to(at::kFloat);
+  });
 }
 
 }  // namespace
@@ -487,14 +522,9 @@ void fused_moe(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, cons
   check_fused_moe_args(out, x, w13, w2, topk_weights, topk_ids);
   const int64_t num_tokens = x.size(0), hidden = x.size(1), inter = w2.size(2);
   const int64_t num_experts = w13.size(0), top_k = topk_ids.size(1);
-  const int64_t num_pairs = num_tokens * top_k;
   check_expert_ids(op, topk_ids, num_experts);
   if (num_tokens == 0) return;
-  at::Tensor sorted_ids = at::empty({num_pairs}, topk_ids.options());
-  std::vector<int32_t> expert_offsets(num_experts + 1), tile_experts(num_pairs);
-  moe_align_launch(sorted_ids.data_ptr<int32_t>(), expert_offsets.data(), tile_experts.data(),
-                   topk_ids.data_ptr<int32_t>(), num_pairs, num_experts, 1);
-  const std::vector<Segment> segments = active_segments(expert_offsets.data(), num_experts);
+  const auto [sorted_ids, expert_offsets, segments] = dispatch_pairs(topk_ids, num_experts);
   const int64_t active = static_cast<int64_t>(segments.size());
   if (active == 0) {  // every pair skipped (expert parallelism: all routed to other ranks)
     out.zero_();
@@ -512,6 +542,97 @@ void fused_moe(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, cons
       fused_moe_gemm<scalar_t>(out, x, w13, w2, topk_weights, topk_ids, sorted_ids, segments,
                                weight_on_input);
     }
+  });
+}
+
+// ---- quantized experts ------------------------------------------------------------------------
+
+namespace {
+
+// One packed expert stack [E, ceil(n / 16), K / SB, chunk_bytes] (core/quant_format.h's tiles of
+// every expert, stacked) as the quantized kernels read it.
+void check_packed_experts(const char* op, const char* name, const at::Tensor& w, int64_t qtype,
+                          int64_t num_experts, int64_t n, int64_t k) {
+  TORCH_CHECK(quant::is_supported(qtype), op, ": ", name, "_qtype ", qtype,
+              " is not a supported GGML type (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  const quant::Format f = quant::format_of(static_cast<quant::QType>(qtype));
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 4 && w.is_contiguous(),
+              op, ": ", name, " must be a contiguous uint8 CPU tensor [E, tiles, blocks, chunk]");
+  TORCH_CHECK(k % f.super_elems == 0, op, ": ", name, "'s input size ", k, " is not a multiple of ",
+              quant::name_of(static_cast<quant::QType>(qtype)), "'s ", f.super_elems);
+  const int64_t want[4] = {num_experts, (n + quant::kTileRows - 1) / quant::kTileRows, k / f.super_elems,
+                           f.chunk_bytes()};
+  for (int d = 0; d < 4; ++d) {
+    TORCH_CHECK(w.size(d) == want[d], op, ": ", name, " has shape ", w.sizes(), ", expected [", want[0],
+                ", ", want[1], ", ", want[2], ", ", want[3], "] for ", num_experts, " experts of [", n,
+                ", ", k, "] in ", quant::name_of(static_cast<quant::QType>(qtype)));
+  }
+}
+
+// rows [c, n] of T (or float) = x [c, k] @ W_e^T for expert e's packed W: streamed through the
+// quantized kernel for up to max_stream rows, else dequantized to T and through at::linear.
+template <typename T, typename OutT>
+void expert_linear(OutT* rows, const at::Tensor& x, const at::Tensor& stack, int64_t e,
+                   quant::QType q, int64_t n, int64_t max_stream) {
+  const int64_t c = x.size(0), k = x.size(1);
+  const uint8_t* packed = stack[e].data_ptr<uint8_t>();
+  if (c <= max_stream) {
+    quant_linear_launch<T, OutT>(rows, n, x.data_ptr<T>(), k, packed, q, nullptr, c, n, k, false);
+    return;
+  }
+  at::Tensor w = at::empty({n, k}, x.options());
+  quant_dequantize_launch<T>(w.data_ptr<T>(), packed, q, nullptr, n, k);
+  const at::Tensor y = at::linear(x, w);  // [c, n] of T, as quantized_linear's prefill path
+  if constexpr (std::is_same_v<OutT, T>) {
+    std::copy_n(y.data_ptr<T>(), c * n, rows);
+  } else {
+    const at::Tensor yf = y.to(at::kFloat);
+    std::copy_n(yf.data_ptr<float>(), c * n, rows);
+  }
+}
+
+}  // namespace
+
+void quant_fused_moe(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, int64_t w13_qtype,
+                     const at::Tensor& w2, int64_t w2_qtype, int64_t inter,
+                     const at::Tensor& topk_weights, const at::Tensor& topk_ids, bool weight_on_input,
+                     int64_t max_stream_tokens) {
+  constexpr const char* op = "quant_fused_moe";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() && at::isFloatingType(x.scalar_type()),
+              op, ": x must be a contiguous [T, H] float CPU tensor");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.is_contiguous(), op,
+              ": out must be contiguous, of x's shape and dtype");
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt && topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) &&
+                  topk_ids.is_contiguous(),
+              op, ": topk_ids must be contiguous int32 [T, k]");
+  TORCH_CHECK(topk_weights.scalar_type() == at::kFloat && topk_weights.sizes() == topk_ids.sizes() &&
+                  topk_weights.is_contiguous(),
+              op, ": topk_weights must be contiguous float32 of topk_ids' shape");
+  TORCH_CHECK(inter > 0, op, ": inter must be positive");
+  const int64_t num_tokens = x.size(0), hidden = x.size(1);
+  const int64_t num_experts = w13.size(0);
+  check_packed_experts(op, "w13", w13, w13_qtype, num_experts, 2 * inter, hidden);
+  check_packed_experts(op, "w2", w2, w2_qtype, num_experts, hidden, inter);
+  check_expert_ids(op, topk_ids, num_experts);
+  if (num_tokens == 0) return;
+  const auto [sorted_ids, expert_offsets, segments] = dispatch_pairs(topk_ids, num_experts);
+  if (segments.empty()) {  // every pair skipped (expert parallelism: all routed to other ranks)
+    out.zero_();
+    return;
+  }
+  const auto q13 = static_cast<quant::QType>(w13_qtype), q2 = static_cast<quant::QType>(w2_qtype);
+  FASTGEN_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
+    using T = scalar_t;
+    experts_one_by_one<T>(out, x, topk_weights, topk_ids, sorted_ids, segments, weight_on_input,
+                          [&](const Segment& seg, const at::Tensor& xs) {
+      at::Tensor gate_up = at::empty({seg.count, 2 * inter}, x.options());
+      expert_linear<T, T>(gate_up.data_ptr<T>(), xs, w13, seg.expert, q13, 2 * inter, max_stream_tokens);
+      at::Tensor act = at::empty({seg.count, inter}, x.options());
+      silu_and_mul_launch<T>(act.data_ptr<T>(), gate_up.data_ptr<T>(), seg.count, inter, 2 * inter);
+      at::Tensor ys = at::empty({seg.count, hidden}, x.options().dtype(at::kFloat));
+      expert_linear<T, float>(ys.data_ptr<float>(), act, w2, seg.expert, q2, hidden, max_stream_tokens);
+      return ys;
+    });
   });
 }
 

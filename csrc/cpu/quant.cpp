@@ -460,17 +460,60 @@ void linear_tiles(OutT* out, int64_t out_stride, const uint8_t* packed, const Qu
   });
 }
 
+// A row's G codes of a group are G / 4 words spread over the group's code vectors (lane r of a
+// vector = row r's 4 bytes): in element order, the vectors' lo (and, with 4-bit codes, hi)
+// halves. transpose_words turns those W = G / 4 vectors of 16 lanes into rows: log2(W) perfect
+// shuffles of the W x 16 word matrix (each rotates the word index's bits by one), after which
+// word w of row r is word r * W + w of the concatenated vectors.
+template <int W>
+FASTGEN_VNNI inline void transpose_words(__m512i* v) {
+  static_assert(W == 4 || W == 8, "groups of 16 or 32 codes");
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int round = 0; round < (W == 8 ? 3 : 2); ++round) {
+    __m512i out[W];
+    for (int j = 0; j < W / 2; ++j) {
+      out[2 * j] = _mm512_permutex2var_epi32(v[j], lo, v[j + W / 2]);
+      out[2 * j + 1] = _mm512_permutex2var_epi32(v[j], hi, v[j + W / 2]);
+    }
+    for (int j = 0; j < W; ++j) v[j] = out[j];
+  }
+}
+
+// 16 weights (weight_value's arithmetic, lane by lane) stored as OutT, rounded to nearest even.
+template <QType Q, typename OutT>
+FASTGEN_VNNI inline void store_weights(OutT* dst, __m128i codes8, __m512 s, __m512 o) {
+  const __m512i codes = _mm512_cvtepu8_epi32(codes8);
+  __m512 w;
+  if constexpr (Q == QType::Q4_0 || Q == QType::Q8_0 || Q == QType::Q6_K) {
+    constexpr int bias = Q == QType::Q4_0 ? 8 : Q == QType::Q8_0 ? 128 : 32;
+    w = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(bias))));
+  } else {
+    w = _mm512_add_ps(_mm512_mul_ps(s, _mm512_cvtepi32_ps(codes)), o);
+  }
+  if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
+    const __m512i bits = _mm512_castps_si512(w);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  } else if constexpr (std::is_same_v<OutT, c10::Half>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    _mm512_storeu_ps(dst, w);
+  }
+}
+
 // Rows row0 .. row0 + rows - 1 (one tile) of W into out (rows k apart), as dequantize_rows
-// computes them, 16 rows x 8 codes per vector: each 128-bit quarter of the unpacked codes is 4
-// rows x 4 codes, scaled with its rows' (s, o) and stored as 4 elements of each row.
+// computes them: per group, the codes are transposed into rows in registers (transpose_words)
+// and each row's G weights are written as G / 16 vectors of 16, straight into out.
 template <QType Q, typename OutT>
 FASTGEN_VNNI void dequantize_tile_vnni(OutT* out, const uint8_t* tile, int rows, int64_t k) {
   constexpr Format F = format_of(Q);
-  constexpr int kEpv = F.elems_per_vector();
+  constexpr int G = F.group_elems;
+  constexpr int W = G / 4;              // words of a row's group
+  constexpr int kPieces = G / 16;       // 16-code pieces of a row's group
   const int64_t chunks = k / F.super_elems;
-  // A chunk's 16 rows are built here, 4 elements at a time, and leave as whole row segments:
-  // the scattered 8-byte stores went straight to `out` before, at half the speed.
-  alignas(64) OutT rows_buf[kTileRows][F.super_elems];
   for (int64_t c = 0; c < chunks; ++c) {
     const uint8_t* chunk = tile + c * F.chunk_bytes();
     const uint8_t* sc = chunk + quant::scales_offset(F);
@@ -479,60 +522,35 @@ FASTGEN_VNNI void dequantize_tile_vnni(OutT* out, const uint8_t* tile, int rows,
     for (int g = 0; g < F.groups(); ++g) {
       __m512 s, o;
       group_scales_vnni<Q>(sc, g, d, dmin, s, o);
+      alignas(64) float s_rows[kTileRows], o_rows[kTileRows];
+      _mm512_store_ps(s_rows, s);
+      _mm512_store_ps(o_rows, o);
+      __m512i words[W];
       for (int v = 0; v < F.vectors_per_group(); ++v) {
-        const int vi = g * F.vectors_per_group() + v;
         __m512i lo, hi;
-        unpack_vector<Q>(chunk, vi, lo, hi);
-        const int64_t e = c * F.super_elems + vi * kEpv;
-        for (int quarter = 0; quarter < 4; ++quarter) {
-          const __m512i pick = _mm512_set_epi32(
-              4 * quarter + 3, 4 * quarter + 3, 4 * quarter + 3, 4 * quarter + 3,
-              4 * quarter + 2, 4 * quarter + 2, 4 * quarter + 2, 4 * quarter + 2,
-              4 * quarter + 1, 4 * quarter + 1, 4 * quarter + 1, 4 * quarter + 1,
-              4 * quarter, 4 * quarter, 4 * quarter, 4 * quarter);
-          const __m512 sq = _mm512_permutexvar_ps(pick, s), oq = _mm512_permutexvar_ps(pick, o);
-          for (int half = 0; half < (F.code_bits == 8 ? 1 : 2); ++half) {
-            const __m512i codes = _mm512_cvtepu8_epi32(
-                quarter == 0 ? _mm512_extracti32x4_epi32(half ? hi : lo, 0)
-                : quarter == 1 ? _mm512_extracti32x4_epi32(half ? hi : lo, 1)
-                : quarter == 2 ? _mm512_extracti32x4_epi32(half ? hi : lo, 2)
-                               : _mm512_extracti32x4_epi32(half ? hi : lo, 3));
-            __m512 w;  // weight_value's arithmetic, lane by lane
-            if constexpr (Q == QType::Q4_0 || Q == QType::Q8_0 || Q == QType::Q6_K) {
-              constexpr int bias = Q == QType::Q4_0 ? 8 : Q == QType::Q8_0 ? 128 : 32;
-              w = _mm512_mul_ps(sq, _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(bias))));
-            } else {
-              w = _mm512_add_ps(_mm512_mul_ps(sq, _mm512_cvtepi32_ps(codes)), oq);
-            }
-            alignas(64) uint16_t halves[16];  // bf16 / fp16 bits, rounded to nearest even
-            alignas(64) float lanes[16];
-            if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
-              const __m512i bits = _mm512_castps_si512(w);
-              const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-              const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-              _mm256_store_si256(reinterpret_cast<__m256i*>(halves),
-                                 _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-            } else if constexpr (std::is_same_v<OutT, c10::Half>) {
-              _mm256_store_si256(reinterpret_cast<__m256i*>(halves),
-                                 _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            } else {
-              _mm512_store_ps(lanes, w);
-            }
-            for (int i = 0; i < 4; ++i) {
-              const int r = 4 * quarter + i;
-              OutT* dst = rows_buf[r] + (e - c * F.super_elems) + 4 * half;
-              if constexpr (std::is_same_v<OutT, float>) {
-                std::memcpy(dst, lanes + 4 * i, 16);
-              } else {
-                std::memcpy(dst, halves + 4 * i, 8);
-              }
-            }
-          }
+        unpack_vector<Q>(chunk, g * F.vectors_per_group() + v, lo, hi);
+        if constexpr (F.code_bits == 8) {
+          words[v] = lo;
+        } else {
+          words[2 * v] = lo, words[2 * v + 1] = hi;
         }
       }
-    }
-    for (int r = 0; r < rows; ++r) {
-      std::memcpy(out + r * k + c * F.super_elems, rows_buf[r], sizeof(rows_buf[r]));
+      transpose_words<W>(words);
+      OutT* dst = out + c * F.super_elems + g * G;
+      _Pragma("GCC unroll 16")
+      for (int r = 0; r < kTileRows; ++r) {  // unrolled: every lane below is a constant
+        if (r == rows) break;
+        const __m512 sr = _mm512_set1_ps(s_rows[r]), orow = _mm512_set1_ps(o_rows[r]);
+        for (int p = 0; p < kPieces; ++p) {
+          const int lane = r * kPieces + p;  // 128-bit lane of the transposed words
+          const __m512i vec = words[lane / 4];
+          const __m128i codes8 = lane % 4 == 0 ? _mm512_castsi512_si128(vec)
+                                 : lane % 4 == 1 ? _mm512_extracti32x4_epi32(vec, 1)
+                                 : lane % 4 == 2 ? _mm512_extracti32x4_epi32(vec, 2)
+                                                 : _mm512_extracti32x4_epi32(vec, 3);
+          store_weights<Q>(dst + r * k + p * 16, codes8, sr, orow);
+        }
+      }
     }
   }
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, MixtralConfig
 
 from fastgen import LLM, SamplingParams, ops
 from fastgen.engine.decode_graphs import cpu_capture_sizes
@@ -109,7 +109,9 @@ LLAMA = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
 FAMILIES = {"llama": LLAMA, "qwen2": QWEN["qwen2"], "qwen3": QWEN["qwen3"],
             "mixtral": MOE["mixtral"], "qwen2_moe": MOE["qwen2_moe"],
             "llama4": LLAMA4["llama4_text"], "deepseek_v2_lite": DEEPSEEK["v2_lite"],
-            "deepseek_v3": DEEPSEEK["v3"]}
+            "deepseek_v3": DEEPSEEK["v3"],
+            # int8 needs input sizes that are multiples of 32 (the experts' intermediate here)
+            "mixtral_i64": MixtralConfig(**{**MOE["mixtral"].to_diff_dict(), "intermediate_size": 64})}
 
 
 def greedy(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list]]:
@@ -119,15 +121,17 @@ def greedy(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list]]:
     return [(o.token_ids, o.logprobs) for o in (out.outputs[0] for out in outs)]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_decoding_with_step_graphs_is_bitwise_enforce_eager(family, tmp_path):
+@pytest.mark.parametrize("family,quantization",
+                         [(f, None) for f in FAMILIES] + [("llama", "int8"), ("mixtral_i64", "int8")])
+def test_decoding_with_step_graphs_is_bitwise_enforce_eager(family, quantization, tmp_path):
+    """(int8: quantized linear layers, and quantized experts through ops.quant_fused_moe.)"""
     save_tiny_model(FAMILIES[family], tmp_path)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 2, 30)]
     runs = {}
     for eager in (True, False):
         llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gib=0.01,
-                  enforce_eager=eager)
+                  enforce_eager=eager, quantization=quantization)
         runs[eager] = greedy(llm, prompts)
     graphs = llm.engine.model_runner.decode_graphs
     assert runs[False] == runs[True]

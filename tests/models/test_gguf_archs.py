@@ -193,6 +193,7 @@ def test_gguf_file_runs_quantized_like_transformers(tmp_path, case):
             assert isinstance(weight, quantization.QuantizedExperts)
             assert len(weight.experts) == experts
             assert {seg.name for e in weight.experts for seg in e.packed.segments} == {qtype}
+            assert weight.stacked.shape[0] == experts  # one quant_fused_moe call per layer
 
     prompt = torch.randint(0, VOCAB, (21,), generator=torch.Generator().manual_seed(2)).tolist()
     tokens, expected = hf_greedy(model, prompt, 6)

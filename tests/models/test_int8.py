@@ -68,8 +68,8 @@ MOE = Qwen3MoeConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2
 
 
 def test_int8_experts_of_a_moe_checkpoint_match_transformers(tmp_path):
-    """Every expert's gate, up and down quantized per output channel, packed expert by expert
-    and run through the quantized kernels (fastgen.layers.moe); the router stays float."""
+    """Every expert's gate, up and down quantized per output channel, packed and stacked, and run
+    through the quantized kernels (ops.quant_fused_moe); the router stays float."""
     save_tiny_model(MOE, tmp_path)
     loaded = load_model(EngineConfig(model=str(tmp_path), dtype="float32", device="cpu",
                                      quantization="int8"))
@@ -77,6 +77,7 @@ def test_int8_experts_of_a_moe_checkpoint_match_transformers(tmp_path):
     for weight in (moe.experts.w13, moe.experts.w2):
         assert isinstance(weight, quantization.QuantizedExperts) and len(weight.experts) == 6
         assert {s.name for e in weight.experts for s in e.packed.segments} == {"Q8_0"}
+        assert weight.stacked_qtype == 8 and weight.stacked.shape[0] == 6  # quant_fused_moe's
     assert not isinstance(moe.gate.weight, quantization.QuantizedParameter)
 
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,

@@ -201,3 +201,62 @@ def test_quantized_experts_dequantize_to_gguf_values():
         want[e, :24] = torch.from_numpy(gguf.quants.dequantize(data, kind))
         want[e, 24:] = floats
     torch.testing.assert_close(experts.dense(torch.float32), want, rtol=0, atol=0)
+
+
+def moe_reference(x, w13, w2, weights, ids, weight_on_input):
+    """fused_moe in float64 over dequantized experts w13 [E, 2I, H], w2 [E, H, I]."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    inter = w2.shape[2]
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e, w = int(ids[t, j]), float(weights[t, j])
+            if e < 0:
+                continue
+            h = w13[e].double() @ (x[t].double() * (w if weight_on_input else 1.0))
+            y = w2[e].double() @ (torch.nn.functional.silu(h[:inter]) * h[inter:])
+            out[t] += y if weight_on_input else w * y
+    return out
+
+
+@pytest.mark.parametrize("types,hidden,inter", [(("Q4_1", "Q8_0"), 96, 64),
+                                                (("Q4_K", "Q6_K"), 256, 256)])
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # 40: past max_stream_tokens, dequantize + oneDNN
+@pytest.mark.parametrize("weight_on_input", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_fused_moe(types, hidden, inter, tokens, weight_on_input, dtype):
+    """quant_fused_moe over stacked packed experts against float64 fused_moe of gguf's
+    dequantized experts, both of its paths (streamed, dequantized), with a skipped (-1) slot."""
+    num_experts, k = 5, 2
+    stacks, dense = [], []
+    for name, n, kk in ((types[0], 2 * inter, hidden), (types[1], hidden, inter)):
+        per_expert = [packed(name, n, kk, seed=10 * len(stacks) + e) for e in range(num_experts)]
+        stacks.append((per_expert[0][0], torch.stack([p[1] for p in per_expert])))
+        dense.append(torch.stack([p[2] for p in per_expert]))
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(tokens)]).int()
+    ids[0, 1] = -1
+    weights = torch.rand(tokens, k, generator=g)
+    (q13, w13), (q2, w2) = stacks
+    got = ops.quant_fused_moe(x, w13, q13, w2, q2, inter, weights, ids, weight_on_input,
+                              max_stream_tokens=8)
+    want = moe_reference(x.float(), dense[0], dense[1], weights, ids, weight_on_input)
+    tol = (2e-3 if dtype == torch.float32 else 3e-2) * want.abs().max().item()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+
+
+def test_quant_fused_moe_bad_arguments_are_errors():
+    qtype, w, _ = packed("Q8_0", 64, 32)
+    w13 = torch.stack([w, w])  # 2 experts of [2I = 64, H = 32]
+    _, w2, _ = packed("Q8_0", 32, 32)
+    w2 = torch.stack([w2, w2])
+    x, weights = torch.randn(3, 32), torch.rand(3, 1)
+    ids = torch.tensor([[0], [1], [2]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"topk_ids\[2, 0\] = 2 is not an expert id"):
+        ops.quant_fused_moe(x, w13, qtype, w2, qtype, 32, weights, ids)
+    with pytest.raises(RuntimeError, match=r"w13 has shape \[2, 4, 1, 544\], expected \[2, 8, 1"):
+        ops.quant_fused_moe(x, w13, qtype, w2, qtype, 64, weights, ids.clamp(max=1))  # I = 64
+    with pytest.raises(RuntimeError, match="w2 has shape"):
+        ops.quant_fused_moe(x, w13, qtype, w2[:1], qtype, 32, weights, ids.clamp(max=1))
+    with pytest.raises(RuntimeError, match="not a supported GGML type"):
+        ops.quant_fused_moe(x, w13, 1, w2, qtype, 32, weights, ids.clamp(max=1))

@@ -16,12 +16,13 @@ expert is split by its intermediate dimension either way, and its partial sum jo
 experts' before that single all-reduce.
 
 Quantized experts (a GGUF file's, or --quantization int8's): w13 and w2 are QuantizedExperts,
-each expert's rows kept as the file stores them and packed on their own; on the CPU each expert
-with tokens routed to it multiplies them through quantized_linear (fastgen's streaming kernel for
-few tokens, dequantize + oneDNN for many), expert by expert. That loop reads the routing in
-Python, so such a model's decode step is not captured as a step graph and runs eagerly. On CUDA
-they are dequantized to the model's dtype at load for the fused_moe kernel (whose grouped GEMM
-has no quantized path) and CUDA graphs.
+each expert's rows kept as the file stores them and packed, then stacked into one tensor of
+every expert's tiles; on the CPU one op (ops.quant_fused_moe) routes the tokens and multiplies
+each active expert's rows through fastgen's streaming kernel (few tokens) or dequantize + oneDNN
+(many), so a decode step is captured as a step graph like a dense model's. Experts whose rows
+mix types (none of the GGUF files seen) take the same sum expert by expert in Python, eagerly.
+On CUDA they are dequantized to the model's dtype at load for the fused_moe kernel (whose
+grouped GEMM has no quantized path) and CUDA graphs.
 
 Routing variants are a MoERouting value (the families differ only there): softmax or sigmoid
 scores, renormalised or not, group-limited selection, a scale, and whether the router weight
@@ -131,8 +132,15 @@ class FusedMoE(nn.Module):
 
     def _quantized_experts(self, x: torch.Tensor, weights: torch.Tensor,
                            ids: torch.Tensor) -> torch.Tensor:
-        """fused_moe's sum over packed experts, one expert at a time (the pairs sorted by expert
-        with moe_align); accumulated in float32.   x: [T, H]; weights, ids: [T, k] -> [T, H]"""
+        """fused_moe's sum over packed experts: one op when every expert is stacked
+        (ops.quant_fused_moe), else one expert at a time here (the pairs sorted by expert with
+        moe_align), accumulated in float32.   x: [T, H]; weights, ids: [T, k] -> [T, H]"""
+        w13, w2 = self.w13, self.w2
+        if w13.stacked is not None and w2.stacked is not None:
+            return ops.quant_fused_moe(x, w13.stacked, w13.stacked_qtype, w2.stacked,
+                                       w2.stacked_qtype, w2.in_features, weights, ids,
+                                       self.routing.weight_on_input,
+                                       quantization.QUANT_MAX_TOKENS)
         k = ids.shape[1]
         pairs_by_expert, offsets, _ = ops.moe_align(ids, self.local_experts)
         bounds = offsets.tolist()

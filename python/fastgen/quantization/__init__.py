@@ -178,6 +178,8 @@ class QuantizedExperts(QuantizedParameter):
         param = super().__new__(cls, out_features, in_features, method)
         param.experts = [QuantizedParameter(out_features, in_features, method)
                          for _ in range(num_experts)]
+        param.stacked: torch.Tensor | None = None  # every expert's tiles [E, ...], see finalize
+        param.stacked_qtype: int | None = None
         return param
 
     def __repr__(self) -> str:
@@ -187,8 +189,22 @@ class QuantizedExperts(QuantizedParameter):
                 f"{self.in_features}], {what})")
 
     def finalize(self, dtype: torch.dtype) -> None:
+        """Packs each expert; when every expert is one segment of one quantized type (a GGUF
+        ffn_*_exps tensor is one type; int8 is Q8_0), their tiles move into one stacked tensor
+        [E, tiles, blocks, chunk] (`stacked`, each expert's segment a view of it) for
+        ops.quant_fused_moe."""
         for expert in self.experts:
             expert.finalize(dtype)
+        segments = [expert.packed.segments for expert in self.experts]
+        if not segments or any(len(s) != 1 or s[0].qtype is None for s in segments):
+            return
+        first = segments[0][0]
+        if any(s[0].qtype != first.qtype or s[0].data.shape != first.data.shape for s in segments):
+            return
+        self.stacked = torch.stack([s[0].data for s in segments])
+        self.stacked_qtype = first.qtype
+        for e, s in enumerate(segments):
+            s[0].data = self.stacked[e]
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """What was stored, dequantized, before finalize: [E, O, I] in dtype."""
