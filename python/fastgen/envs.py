@@ -56,7 +56,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "`fastgen.layers.linear` (at model load)"),
     EnvVar("FASTGEN_QUANT_MAX_TOKENS", "`32` where the CPU has AMX, else `64`",
            "most tokens for which a quantized linear layer on the CPU runs fastgen's int8 kernel "
-           "on its packed blocks; more dequantize the weight and use oneDNN",
+           "on its packed blocks (in a quantized MoE layer, rows per expert); more dequantize the "
+           "weight and use oneDNN",
            "`fastgen.quantization` (at model load)"),
     EnvVar("GOMP_SPINCOUNT", "`10000`, set by `import fastgen` when unset (libgomp's own: 300000)",
            "how long an idle OpenMP thread spins before it sleeps. libgomp's default keeps torch's "
