@@ -45,22 +45,30 @@ def sdpa_flash(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-def bench_point(device: str, time_us, length: int, head_dim: int, total_tokens: int) -> dict:
-    batch = max(1, total_tokens // length)
+def paged_cache(device: str, batch: int, length: int, kv_heads: int, head_dim: int):
+    """B sequences of L random bf16 keys and values in a paged cache (16-token pages in shuffled
+    order) -> (key_cache, value_cache [N, S, Hkv, D], block tables [B, M], seq_lens_k [B], and
+    the same keys and values contiguous, k and v [B, Hkv, L, D])."""
     blocks_per_seq = -(-length // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
-    dtype = torch.bfloat16
-    query = torch.randn(batch * length, HEADS, head_dim, device=device, dtype=dtype)
-    key_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, head_dim, device=device, dtype=dtype)
+    key_cache = torch.randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim, device=device,
+                            dtype=torch.bfloat16)
     value_cache = torch.randn_like(key_cache)
     tables = torch.randperm(num_blocks, device=device).view(batch, blocks_per_seq).int()
-    cu = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
     lens = torch.full((batch,), length, device=device, dtype=torch.int32)
-    scale = head_dim ** -0.5
-    # The same tensors, contiguous: q [B, Hq, L, D], k and v [B, Hkv, L, D].
-    q = query.view(batch, length, HEADS, head_dim).transpose(1, 2).contiguous()
     k = key_cache[tables.long()].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
     v = value_cache[tables.long()].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
+    return key_cache, value_cache, tables, lens, k, v
+
+
+def bench_point(device: str, time_us, length: int, head_dim: int, total_tokens: int) -> dict:
+    batch = max(1, total_tokens // length)
+    query = torch.randn(batch * length, HEADS, head_dim, device=device, dtype=torch.bfloat16)
+    key_cache, value_cache, tables, lens, k, v = paged_cache(device, batch, length, KV_HEADS,
+                                                             head_dim)
+    cu = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
+    scale = head_dim ** -0.5
+    q = query.view(batch, length, HEADS, head_dim).transpose(1, 2).contiguous()  # [B, Hq, L, D]
     out = torch.empty_like(query)
 
     def ours():
@@ -84,19 +92,12 @@ DECODE_POINTS = [(1, 4096), (1, 32768), (16, 2048), (64, 512), (256, 180), (256,
 
 def bench_decode_point(device: str, time_us, model: str, batch: int, length: int) -> dict:
     heads, kv_heads, head_dim = DECODE_HEADS[model]
-    blocks_per_seq = -(-length // BLOCK_SIZE)
-    num_blocks = batch * blocks_per_seq
-    dtype = torch.bfloat16
-    query = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
-    key_cache = torch.randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim, device=device, dtype=dtype)
-    value_cache = torch.randn_like(key_cache)
-    tables = torch.randperm(num_blocks, device=device).view(batch, blocks_per_seq).int()
+    query = torch.randn(batch, heads, head_dim, device=device, dtype=torch.bfloat16)
+    key_cache, value_cache, tables, lens, k, v = paged_cache(device, batch, length, kv_heads,
+                                                             head_dim)
     cu = torch.arange(batch + 1, device=device, dtype=torch.int32)
-    lens = torch.full((batch,), length, device=device, dtype=torch.int32)
     scale = head_dim ** -0.5
     q = query.unsqueeze(2)  # [B, Hq, 1, D]
-    k = key_cache[tables.long()].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
-    v = value_cache[tables.long()].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
     out = torch.empty_like(query)
 
     def ours():

@@ -569,26 +569,31 @@ void check_packed_experts(const char* op, const char* name, const at::Tensor& w,
   }
 }
 
-// rows [c, n] of T (or float) = x [c, k] @ W_e^T for expert e's packed W: streamed through the
-// quantized kernel for up to max_stream rows, else dequantized to T and through at::linear.
-template <typename T, typename OutT>
-void expert_linear(OutT* rows, const at::Tensor& x, const at::Tensor& stack, int64_t e,
-                   quant::QType q, int64_t n, int64_t max_stream) {
+// x [c, k] @ W_e^T for expert e's packed W -> [c, n] in out_dtype (x's dtype or float32):
+// streamed through the quantized kernel for up to max_stream rows, else W dequantized to x's
+// dtype and through at::linear (as quantized_linear's prefill path, rounded to x's dtype first).
+at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& stack, int64_t e, quant::QType q,
+                         int64_t n, at::ScalarType out_dtype, int64_t max_stream) {
   const int64_t c = x.size(0), k = x.size(1);
   const uint8_t* packed = stack[e].data_ptr<uint8_t>();
-  if (c <= max_stream) {
-    quant_linear_launch<T, OutT>(rows, n, x.data_ptr<T>(), k, packed, q, nullptr, c, n, k, false);
-    return;
+  if (c > max_stream) {
+    at::Tensor w = at::empty({n, k}, x.options());
+    FASTGEN_DISPATCH_FLOAT(x.scalar_type(), "quant_fused_moe", [&] {
+      quant_dequantize_launch<scalar_t>(w.data_ptr<scalar_t>(), packed, q, nullptr, n, k);
+    });
+    return at::linear(x, w).to(out_dtype);
   }
-  at::Tensor w = at::empty({n, k}, x.options());
-  quant_dequantize_launch<T>(w.data_ptr<T>(), packed, q, nullptr, n, k);
-  const at::Tensor y = at::linear(x, w);  // [c, n] of T, as quantized_linear's prefill path
-  if constexpr (std::is_same_v<OutT, T>) {
-    std::copy_n(y.data_ptr<T>(), c * n, rows);
-  } else {
-    const at::Tensor yf = y.to(at::kFloat);
-    std::copy_n(yf.data_ptr<float>(), c * n, rows);
-  }
+  at::Tensor y = at::empty({c, n}, x.options().dtype(out_dtype));
+  FASTGEN_DISPATCH_FLOAT(x.scalar_type(), "quant_fused_moe", [&] {
+    if (out_dtype == x.scalar_type()) {
+      quant_linear_launch<scalar_t, scalar_t>(y.data_ptr<scalar_t>(), n, x.data_ptr<scalar_t>(), k,
+                                              packed, q, nullptr, c, n, k, false);
+    } else {
+      quant_linear_launch<scalar_t, float>(y.data_ptr<float>(), n, x.data_ptr<scalar_t>(), k, packed,
+                                           q, nullptr, c, n, k, false);
+    }
+  });
+  return y;
 }
 
 }  // namespace
@@ -625,13 +630,11 @@ void quant_fused_moe(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13
     using T = scalar_t;
     experts_one_by_one<T>(out, x, topk_weights, topk_ids, sorted_ids, segments, weight_on_input,
                           [&](const Segment& seg, const at::Tensor& xs) {
-      at::Tensor gate_up = at::empty({seg.count, 2 * inter}, x.options());
-      expert_linear<T, T>(gate_up.data_ptr<T>(), xs, w13, seg.expert, q13, 2 * inter, max_stream_tokens);
+      const at::Tensor gate_up =
+          expert_linear(xs, w13, seg.expert, q13, 2 * inter, x.scalar_type(), max_stream_tokens);
       at::Tensor act = at::empty({seg.count, inter}, x.options());
       silu_and_mul_launch<T>(act.data_ptr<T>(), gate_up.data_ptr<T>(), seg.count, inter, 2 * inter);
-      at::Tensor ys = at::empty({seg.count, hidden}, x.options().dtype(at::kFloat));
-      expert_linear<T, float>(ys.data_ptr<float>(), act, w2, seg.expert, q2, hidden, max_stream_tokens);
-      return ys;
+      return expert_linear(act, w2, seg.expert, q2, hidden, at::kFloat, max_stream_tokens);
     });
   });
 }

@@ -253,10 +253,13 @@ def test_quant_fused_moe_bad_arguments_are_errors():
     x, weights = torch.randn(3, 32), torch.rand(3, 1)
     ids = torch.tensor([[0], [1], [2]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"topk_ids\[2, 0\] = 2 is not an expert id"):
-        ops.quant_fused_moe(x, w13, qtype, w2, qtype, 32, weights, ids)
+        ops.quant_fused_moe(x, w13, qtype, w2, qtype, 32, weights, ids, max_stream_tokens=8)
     with pytest.raises(RuntimeError, match=r"w13 has shape \[2, 4, 1, 544\], expected \[2, 8, 1"):
-        ops.quant_fused_moe(x, w13, qtype, w2, qtype, 64, weights, ids.clamp(max=1))  # I = 64
+        ops.quant_fused_moe(x, w13, qtype, w2, qtype, 64, weights, ids.clamp(max=1),
+                            max_stream_tokens=8)  # I = 64
     with pytest.raises(RuntimeError, match="w2 has shape"):
-        ops.quant_fused_moe(x, w13, qtype, w2[:1], qtype, 32, weights, ids.clamp(max=1))
+        ops.quant_fused_moe(x, w13, qtype, w2[:1], qtype, 32, weights, ids.clamp(max=1),
+                            max_stream_tokens=8)
     with pytest.raises(RuntimeError, match="not a supported GGML type"):
-        ops.quant_fused_moe(x, w13, 1, w2, qtype, 32, weights, ids.clamp(max=1))
+        ops.quant_fused_moe(x, w13, 1, w2, qtype, 32, weights, ids.clamp(max=1),
+                            max_stream_tokens=8)

@@ -140,7 +140,7 @@ class FusedMoE(nn.Module):
             return ops.quant_fused_moe(x, w13.stacked, w13.stacked_qtype, w2.stacked,
                                        w2.stacked_qtype, w2.in_features, weights, ids,
                                        self.routing.weight_on_input,
-                                       quantization.QUANT_MAX_TOKENS)
+                                       max_stream_tokens=quantization.QUANT_MAX_TOKENS)
         k = ids.shape[1]
         pairs_by_expert, offsets, _ = ops.moe_align(ids, self.local_experts)
         bounds = offsets.tolist()

@@ -208,13 +208,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 def quant_fused_moe(x: torch.Tensor, w13: torch.Tensor, w13_qtype: int, w2: torch.Tensor,
                     w2_qtype: int, inter: int, topk_weights: torch.Tensor,
-                    topk_ids: torch.Tensor, weight_on_input: bool = False,
-                    max_stream_tokens: int = 64, out: torch.Tensor | None = None) -> torch.Tensor:
+                    topk_ids: torch.Tensor, weight_on_input: bool = False, *,
+                    max_stream_tokens: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """fused_moe over block-quantized experts, CPU only (see the quant_fused_moe schema): w13,
     w2 are every expert's quant_linear tiles stacked, uint8 [E, ceil(2I / 16), H / SB, chunk] and
     [E, ceil(H / 16), I / SB, chunk] of GGML types w13_qtype, w2_qtype; an expert with up to
-    max_stream_tokens rows streams its weights, one with more is dequantized for oneDNN.
-    x: [T, H]; topk_weights: [T, k] float32; topk_ids: [T, k] int32 -> [T, H] in x's dtype"""
+    max_stream_tokens rows streams its weights, one with more is dequantized for oneDNN
+    (the model passes fastgen.quantization.QUANT_MAX_TOKENS). x: [T, H]; topk_weights: [T, k] float32; topk_ids: [T, k] int32 -> [T, H] in x's dtype"""
     if out is None:
         out = torch.empty_like(x)
     _ops.quant_fused_moe.default(out, x, w13, w13_qtype, w2, w2_qtype, inter, topk_weights,
